@@ -1,0 +1,227 @@
+"""`lowrank_attention`: the public op, with the argument semantics of F.scaled_dot_product_attention.
+
+This module owns what a caller sees: argument checking, the layouts SDPA accepts (any leading
+batch dimensions, GQA heads), masks turned into key weights, dtypes, and the choice of
+polynomial. The arithmetic lives in `lrcompile.factored`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from lrcompile.factored import FactoredAttention, centre_keys
+from lrcompile.features import feature_dim
+from lrcompile.polynomial import ExpPolynomial, exp_polynomial
+
+SUPPORTED_MASKS = "None, is_causal, or a key-padding mask broadcast over queries (shape (..., 1, n_k))"
+
+
+def lowrank_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    degree: int = 2,
+    approximation: str = "taylor",
+    *,
+    bound: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention with exp replaced by a degree-`degree` polynomial, in O(n r d).
+
+    Arguments follow `F.scaled_dot_product_attention`: q (..., [H_q,] n_q, d), k (..., [H_k,] n_k, d),
+    v (..., [H_k,] n_k, d_v); `enable_gqa` lets H_q be a multiple of H_k.
+
+    attn_mask: None, or a key-padding mask broadcast over the query axis, boolean (True = attend)
+        or additive float. Masks that vary along the query axis raise ValueError. Unlike SDPA,
+        a key-padding mask may be combined with `is_causal`.
+    is_causal: SDPA's top-left aligned causal mask, computed in chunks with a running state.
+    degree, approximation: the polynomial ("taylor" or "chebyshev", see lrcompile.polynomial).
+    bound: score range B the polynomial must be accurate and positive on. None: not needed for
+        even Taylor degrees (positive everywhere, coefficients independent of B); otherwise
+        estimated from the inputs as s max|q| max|k - mu| (eager mode only).
+    chunk_size: rows per chunk (memory/speed trade-off); None picks one.
+
+    Low-precision inputs are computed in float32 and returned in their own dtype.
+    """
+    _check_tensors(q, k, v, enable_gqa)
+    head_dim, d_v = q.shape[-1], v.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not scale > 0 or math.isinf(scale):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    q5, k4, v4, mask, restore = _to_kernel_layout(q, k, v, attn_mask, enable_gqa)
+    key_weight = None if mask is None else key_weights(mask, compute_dtype)
+    q5, k4, v4 = q5.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
+    polynomial = choose_polynomial(degree, approximation, bound, q5, k4, key_weight, scale)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(head_dim, degree, is_causal)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    out, _ = FactoredAttention.apply(q5, k4, v4, key_weight, polynomial.coefficients, scale, bool(is_causal), chunk)
+    return restore(out).to(q.dtype)
+
+
+def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:
+    """Rows per chunk: large enough for efficient matrix products, small enough that the
+    (chunk, r) feature block stays a few MB."""
+    if causal:
+        return 256
+    r = feature_dim(head_dim, degree)
+    return max(64, min(1024, (1 << 20) // r))
+
+
+def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale) -> ExpPolynomial:
+    """The polynomial the op will use, refusing one that is not positive on the score range."""
+    if bound is None and approximation == "taylor" and isinstance(degree, int) and degree % 2 == 0:
+        # Even Taylor polynomials are positive on all of R and their coefficients 1/m! do not
+        # depend on B, so no range is needed (and none is measured: no device sync).
+        return exp_polynomial(degree, 1.0, "taylor")
+    if bound is None:
+        if _is_tracing(q):
+            raise ValueError(
+                f"approximation={approximation!r} with degree={degree!r} needs an explicit bound= "
+                f"under torch.compile (the score range cannot be measured while tracing); only "
+                f"even-degree taylor works without one"
+            )
+        bound = score_bound(q, k, key_weight, scale)
+    polynomial = exp_polynomial(degree, bound, approximation)
+    positive_everywhere = approximation == "taylor" and degree % 2 == 0
+    if not positive_everywhere and not _is_tracing(q):
+        measured = score_bound(q, k, key_weight, scale)
+        if measured > polynomial.bound:
+            warnings.warn(
+                f"scores may reach {measured:.3g}, beyond bound={polynomial.bound:g} where the "
+                f"{approximation} polynomial of degree {degree} is known to be positive and accurate",
+                stacklevel=3,
+            )
+    return polynomial
+
+
+def score_bound(q: torch.Tensor, k: torch.Tensor, key_weight, scale: float) -> float:
+    """A rigorous bound B on |s q . (k - mu)| over all queries and valid keys (Cauchy-Schwarz)."""
+    k_centred, valid, _ = centre_keys(k, key_weight, scale)
+    key_norms = k_centred.norm(dim=-1)
+    if valid is not None:
+        key_norms = key_norms * valid.squeeze(-1)
+    return float((q.norm(dim=-1).amax() * math.sqrt(scale) * key_norms.amax()).item())
+
+
+def key_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A key-padding mask (..., n_k) as multiplicative key weights w >= 0.
+
+    Boolean: w = 1 where True (attend). Additive float m: softmax(x + m) weights key j by
+    e^{m_j}; shifting m by its maximum keeps w <= 1 and changes nothing after normalisation.
+    """
+    if mask.dtype == torch.bool:
+        return mask.to(dtype)
+    if not mask.is_floating_point():
+        raise ValueError(f"attn_mask must be boolean or floating point, got dtype {mask.dtype}")
+    mask = mask.to(dtype)
+    peak = mask.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()
+    return torch.exp(mask - peak)
+
+
+def _check_tensors(q, k, v, enable_gqa):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point (float16/bfloat16/float32/float64), got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., n, d), got {tuple(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same last dimension, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same number of keys, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[-2] == 0:
+        raise ValueError(f"k must hold at least one key, got shape {tuple(k.shape)}")
+    if enable_gqa:
+        if q.dim() < 3:
+            raise ValueError(f"enable_gqa needs a head axis (..., H, n, d), got q {tuple(q.shape)}")
+        if not q.dim() == k.dim() == v.dim() or q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
+            raise ValueError(
+                f"with enable_gqa, q, k, v must share their batch axes, got q {tuple(q.shape)}, "
+                f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if q.shape[-3] % k.shape[-3]:
+            raise ValueError(
+                f"with enable_gqa, query heads ({q.shape[-3]}) must be a multiple of key/value heads ({k.shape[-3]})"
+            )
+    elif not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+        raise ValueError(
+            f"q, k, v must share their batch and head axes, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}; for fewer key/value heads than query heads pass enable_gqa=True"
+        )
+
+
+def _to_kernel_layout(q, k, v, attn_mask, enable_gqa):
+    """Reshape to the kernel's (B, H, G, n_q, d) / (B, H, n_k, d) layout; return how to undo it."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if enable_gqa:
+        query_heads, heads = q.shape[-3], k.shape[-3]
+        lead = q.shape[:-3]
+    else:
+        query_heads = heads = 1
+        lead = q.shape[:-2]
+    groups = query_heads // heads
+    mask = None if attn_mask is None else _key_padding_mask(attn_mask, q, n_q, n_k)
+    if mask is not None and groups > 1 and mask.dim() >= 3 and mask.shape[-3] != 1:
+        # Heads of one group see different masks, so they cannot share a key state: give every
+        # query head its own copy of the keys.
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+        heads, groups = query_heads, 1
+    batch = math.prod(lead)
+    q5 = q.reshape(batch, heads, groups, n_q, q.shape[-1])
+    k4 = k.reshape(batch, heads, n_k, k.shape[-1])
+    v4 = v.reshape(batch, heads, n_k, v.shape[-1])
+    if mask is not None:
+        target = (*lead, query_heads, 1, n_k) if enable_gqa else (*lead, 1, n_k)
+        try:
+            mask = mask.expand(target)
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}") from None
+        mask = mask.reshape(batch, heads, groups, n_k)[:, :, 0]
+
+    def restore(out):  # (B, H, G, n_q, d_v) -> q's leading axes + (n_q, d_v)
+        return out.reshape(*q.shape[:-1], out.shape[-1])
+
+    return q5, k4, v4, mask, restore
+
+
+def _key_padding_mask(attn_mask, q, n_q, n_k):
+    """attn_mask reduced to (..., 1, n_k), or ValueError if it is not a key-padding mask."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() == 0 or attn_mask.dim() > q.dim() or shape[-1] not in (1, n_k):
+        raise ValueError(f"attn_mask of shape {shape} does not broadcast to {tuple(q.shape[:-1]) + (n_k,)}")
+    if attn_mask.dim() == 1:
+        return attn_mask.expand(n_k).unsqueeze(0)
+    if shape[-2] not in (1, n_q):
+        raise ValueError(f"attn_mask of shape {shape} does not broadcast to {tuple(q.shape[:-1]) + (n_k,)}")
+    if shape[-2] != 1:
+        if _is_tracing(attn_mask) or attn_mask.requires_grad:
+            raise ValueError(
+                f"attn_mask has a query axis (shape {shape}) that cannot be checked here; supported: "
+                f"{SUPPORTED_MASKS}"
+            )
+        if not torch.equal(attn_mask, attn_mask[..., :1, :].expand(shape)):
+            raise ValueError(f"attn_mask varies along the query axis (shape {shape}); supported: {SUPPORTED_MASKS}")
+        attn_mask = attn_mask[..., :1, :]
+    return attn_mask.expand(*attn_mask.shape[:-1], n_k)
+
+
+def _is_tracing(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or is_fake(t)

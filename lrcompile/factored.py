@@ -1,0 +1,276 @@
+"""The factored polynomial-attention kernels: forward and an explicit backward, O(n r d_v).
+
+Inputs arrive normalised by `lrcompile.attention` (compute dtype float32 or float64):
+
+    q           (B, H, G, n_q, d)   G query heads share each key/value head (GQA); G = 1 otherwise
+    k           (B, H, n_k, d)
+    v           (B, H, n_k, d_v)
+    key_weight  (B, H, n_k) or None  w_j >= 0 multiplies every weight of key j (key-padding mask)
+
+With q' = sqrt(s) q, k' = sqrt(s) k - mu (mu: mean of the valid keys; any fixed vector leaves
+softmax unchanged and centring shrinks the score range), the function computed is
+
+    A_ij = w_j P(q'_i . k'_j) [j <= i if causal],    out_i = sum_j A_ij v_j / D_i,   D_i = sum_j A_ij
+
+with P(q'.k') = phi(q') . psi(k') (see `lrcompile.features`). Writing V^ = [V | 1]:
+
+Forward, non-causal.  S = sum_j w_j psi(k'_j)^T V^_j   (r, d_v + 1);   O^ = phi(Q') S.
+Forward, causal.      Chunks of C positions: inside a chunk A is applied directly (C x C);
+                      across chunks a running S holds the keys of all earlier chunks.
+
+Backward (derived once).  With dO given, let g_i = dO_i / D_i and G^_i = [g_i | -(dO_i . out_i) / D_i]
+(the second entry is FlashAttention's "delta" term). Then
+    dA_ij = G^_i . V^_j                                        (rank d_v + 1)
+    dV_j  = sum_i A_ij g_i
+    dphi(q'_i) = sum_j dA_ij w_j psi(k'_j) = G^_i S^T          (non-causal: S as in the forward)
+    d[w_j psi(k'_j)] = V^_j R^T,   R = sum_i phi(q'_i)^T G^_i  (r, d_v + 1)
+    dV_j  = w_j psi(k'_j) R[:, :d_v]
+and the feature maps' vector-Jacobian products turn dphi, dpsi into dq', dk'. Centring adds
+dk'_j -> dk'_j - [j valid] sum_l dk'_l / n_valid (mu depends on the keys). Causally, each
+query chunk sees the state S of earlier chunks (a forward sweep rebuilds it) and each key chunk
+receives R from later query chunks (a reverse sweep accumulates it); the in-chunk block is
+differentiated directly through dX_ij = dA_ij w_j P'(x_ij).
+
+Features are recomputed chunk by chunk in the backward instead of saved: memory stays
+O(n d + r d_v) per head, never an n x n or an n x r tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrcompile.features import MonomialTable, monomial_table, monomials, monomials_backward, monomials_by_degree
+
+
+class FactoredAttention(torch.autograd.Function):
+    """out = polynomial attention(q, k, v); see the module docstring for layouts and math."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_weight, coefficients, scale, causal, chunk_size):
+        kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
+        k_centred = centre_keys(k, key_weight, scale)[0]
+        v_hat = _append_ones(v)
+        if causal:
+            out, denominator = kernel.causal_forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
+            state = None  # the backward rebuilds the running state chunk by chunk
+        else:
+            out, denominator, state = kernel.forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
+        ctx.save_for_backward(q, k, v, key_weight, out, denominator, state)
+        ctx.kernel = kernel
+        ctx.mark_non_differentiable(denominator)
+        return out, denominator
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_denominator):
+        q, k, v, key_weight, out, denominator, state = ctx.saved_tensors
+        kernel = ctx.kernel
+        k_centred, valid, valid_count = centre_keys(k, key_weight, kernel.scale)
+        g_hat = torch.cat(
+            [grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1
+        ) / denominator.unsqueeze(-1)  # (B, H, G, n_q, d_v + 1)
+        q_scaled = q * kernel.root_scale
+        v_hat = _append_ones(v)
+        kernel.need_key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
+        if kernel.causal:
+            dq, dk_centred, dv, dw = kernel.causal_backward(q_scaled, k_centred, v_hat, key_weight, g_hat)
+        else:
+            dq, dk_centred, dv, dw = kernel.backward(q_scaled, k_centred, v_hat, key_weight, g_hat, state)
+        dk = dk_centred - _valid_mean_correction(dk_centred, valid, valid_count)
+        return dq * kernel.root_scale, dk * kernel.root_scale, dv, dw, None, None, None, None
+
+
+def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float):
+    """sqrt(s) k - mu, mu the mean over valid keys (w_j > 0). Returns (k', valid, n_valid)."""
+    k_scaled = k * scale**0.5
+    if key_weight is None:
+        return k_scaled - k_scaled.mean(-2, keepdim=True), None, None
+    valid = (key_weight > 0).to(k.dtype).unsqueeze(-1)  # (B, H, n_k, 1)
+    valid_count = valid.sum(-2, keepdim=True).clamp_min(1)  # (B, H, 1, 1)
+    mu = (valid * k_scaled).sum(-2, keepdim=True) / valid_count
+    return k_scaled - mu, valid, valid_count
+
+
+def _valid_mean_correction(dk_centred, valid, valid_count):
+    if valid is None:
+        return dk_centred.mean(-2, keepdim=True)
+    return valid * dk_centred.sum(-2, keepdim=True) / valid_count
+
+
+def _append_ones(v):
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+
+
+def _horner(coefficients, x):
+    result = torch.full_like(x, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        result = result * x + c
+    return result
+
+
+def _weighted(features, key_weight, start, stop):
+    """Multiply key rows start:stop of (B, H, C, r) features by their key weights."""
+    if key_weight is None:
+        return features
+    return features * key_weight[..., start:stop, None]
+
+
+class _Kernel:
+    """The non-tensor configuration of one call, and the four chunked sweeps."""
+
+    def __init__(self, q, coefficients, scale, causal, chunk_size):
+        self.coefficients = tuple(coefficients)
+        self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
+        self.table: MonomialTable = monomial_table(q.shape[-1], len(self.coefficients) - 1)
+        self.feature_coefficients = self.table.coefficients(self.coefficients, q.dtype, q.device)  # (r,)
+        self.scale = scale
+        self.root_scale = scale**0.5
+        self.causal = causal
+        self.chunk = chunk_size
+        self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
+
+    def phi(self, q_rows):
+        return monomials(q_rows, self.table) * self.feature_coefficients
+
+    # ---- non-causal -------------------------------------------------------------------------
+
+    def forward(self, q, k, v_hat, key_weight):
+        batch, heads, groups, n_q, d = q.shape
+        state = self.key_state(k, v_hat, key_weight, 0, k.shape[-2])  # (B, H, r, d_v + 1)
+        rows = q.reshape(batch, heads, groups * n_q, d)
+        out_hat = torch.cat([self.phi(chunk) @ state for chunk in rows.split(self.chunk, dim=-2)], dim=-2)
+        out_hat = out_hat.unflatten(-2, (groups, n_q))  # (B, H, G, n_q, d_v + 1)
+        denominator = out_hat[..., -1]
+        return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator, state
+
+    def key_state(self, k, v_hat, key_weight, start, stop):
+        """sum over keys start:stop of w_j psi(k_j)^T [v_j | 1], chunk by chunk: (B, H, r, d_v + 1)."""
+        state = None
+        for a in range(start, stop, self.chunk):
+            b = min(a + self.chunk, stop)
+            psi = _weighted(monomials(k[..., a:b, :], self.table), key_weight, a, b)  # (B, H, C, r)
+            term = psi.mT @ v_hat[..., a:b, :]
+            state = term if state is None else state + term
+        return state
+
+    def backward(self, q, k, v_hat, key_weight, g_hat, state):
+        batch, heads, groups, n_q, d = q.shape
+        rows = q.reshape(batch, heads, groups * n_q, d)
+        g_rows = g_hat.reshape(batch, heads, groups * n_q, -1)
+        reverse_state, dq_chunks = None, []
+        for q_chunk, g_chunk in zip(rows.split(self.chunk, dim=-2), g_rows.split(self.chunk, dim=-2)):
+            by_degree = monomials_by_degree(q_chunk, self.table)
+            phi = torch.cat(by_degree, dim=-1) * self.feature_coefficients  # (B, H, C, r)
+            term = phi.mT @ g_chunk
+            reverse_state = term if reverse_state is None else reverse_state + term
+            d_phi = (g_chunk @ state.mT) * self.feature_coefficients
+            dq_chunks.append(monomials_backward(q_chunk, d_phi, self.table, by_degree))
+        dq = torch.cat(dq_chunks, dim=-2).reshape(q.shape)
+        dk, dv, dw = self.key_gradients(k, v_hat, key_weight, reverse_state, 0, k.shape[-2])
+        return dq, dk, dv, dw
+
+    def key_gradients(self, k, v_hat, key_weight, reverse_state, start, stop):
+        """dk', dv, dw for keys start:stop, given R = sum over the queries that see them of phi^T G^."""
+        d_v = v_hat.shape[-1] - 1
+        dk, dv, dw = [], [], []
+        for a in range(start, stop, self.chunk):
+            b = min(a + self.chunk, stop)
+            by_degree = monomials_by_degree(k[..., a:b, :], self.table)
+            psi = torch.cat(by_degree, dim=-1)  # (B, H, C, r)
+            d_weighted_psi = v_hat[..., a:b, :] @ reverse_state.mT  # (B, H, C, r)
+            dv.append(_weighted(psi @ reverse_state[..., :d_v], key_weight, a, b))
+            d_psi = _weighted(d_weighted_psi, key_weight, a, b)
+            dk.append(monomials_backward(k[..., a:b, :], d_psi, self.table, by_degree))
+            dw.append((d_weighted_psi * psi).sum(-1) if self.need_key_weight_grad else None)
+        dw = torch.cat(dw, dim=-1) if self.need_key_weight_grad else None
+        return torch.cat(dk, dim=-2), torch.cat(dv, dim=-2), dw
+
+    # ---- causal -----------------------------------------------------------------------------
+    # Position i of the queries and position j of the keys are aligned top-left, as in SDPA:
+    # query i sees key j iff j <= i. Chunk c holds query positions [a, b) and key positions
+    # [min(a, n_k), min(b, n_k)); keys past n_q are never seen.
+
+    def chunks(self, n_q, n_k):
+        for a in range(0, n_q, self.chunk):
+            b = min(a + self.chunk, n_q)
+            yield a, b, min(a, n_k), min(b, n_k)
+
+    def in_chunk_mask(self, a, b, key_start, key_stop, groups, device):
+        """(G * C_q, C_k) bool: query position >= key position, tiled over the G query heads."""
+        mask = torch.arange(a, b, device=device)[:, None] >= torch.arange(key_start, key_stop, device=device)
+        return mask.repeat(groups, 1)
+
+    def causal_forward(self, q, k, v_hat, key_weight):
+        batch, heads, groups, n_q, d = q.shape
+        state = q.new_zeros(batch, heads, self.table.feature_dim, v_hat.shape[-1])
+        out_hat = []
+        for a, b, ka, kb in self.chunks(n_q, k.shape[-2]):
+            q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
+            chunk_out = self.phi(q_rows) @ state  # earlier chunks, through the state
+            if kb > ka:
+                _, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
+                chunk_out = chunk_out + (p_scores * mask_weight) @ v_hat[..., ka:kb, :]
+                state = state + self.key_state(k, v_hat, key_weight, ka, kb)
+            out_hat.append(chunk_out.unflatten(-2, (groups, b - a)))
+        out_hat = torch.cat(out_hat, dim=-2)  # (B, H, G, n_q, d_v + 1)
+        denominator = out_hat[..., -1]
+        return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator
+
+    def in_chunk_weights(self, q_rows, k, key_weight, a, b, ka, kb):
+        """One chunk's block: scores X = q k^T, P(X) and mask * w, each (B, H, G C_q, C_k)."""
+        scores = q_rows @ k[..., ka:kb, :].mT
+        mask = self.in_chunk_mask(a, b, ka, kb, q_rows.shape[-2] // (b - a), q_rows.device)
+        mask_weight = mask.to(q_rows.dtype)
+        if key_weight is not None:
+            mask_weight = mask_weight * key_weight[..., None, ka:kb]
+        return scores, _horner(self.coefficients, scores), mask_weight
+
+    def causal_backward(self, q, k, v_hat, key_weight, g_hat):
+        batch, heads, groups, n_q, d = q.shape
+        n_k, d_v = k.shape[-2], v_hat.shape[-1] - 1
+        chunks = list(self.chunks(n_q, n_k))
+
+        # Forward sweep: each query chunk's dq through the state of earlier keys and through the
+        # in-chunk block; the block's share of dk', dv, dw waits for the reverse sweep.
+        state = q.new_zeros(batch, heads, self.table.feature_dim, d_v + 1)
+        dq, in_chunk = [], []
+        for a, b, ka, kb in chunks:
+            q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
+            g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
+            d_phi = (g_rows @ state.mT) * self.feature_coefficients
+            dq_rows = monomials_backward(q_rows, d_phi, self.table)
+            block = None
+            if kb > ka:
+                scores, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
+                weights = p_scores * mask_weight  # A
+                d_weights = g_rows @ v_hat[..., ka:kb, :].mT  # dA
+                d_scores = d_weights * mask_weight * _horner(self.derivative, scores)
+                dq_rows = dq_rows + d_scores @ k[..., ka:kb, :]
+                block = [d_scores.mT @ q_rows, weights.mT @ g_rows[..., :d_v], None]
+                if self.need_key_weight_grad:
+                    mask = self.in_chunk_mask(a, b, ka, kb, groups, q.device)
+                    block[2] = (d_weights * p_scores * mask).sum(-2)
+                state = state + self.key_state(k, v_hat, key_weight, ka, kb)
+            in_chunk.append(block)
+            dq.append(dq_rows.unflatten(-2, (groups, b - a)))
+
+        # Reverse sweep: R accumulates phi^T G^ over later query chunks, which see every key of
+        # this chunk through the state.
+        reverse_state = q.new_zeros(batch, heads, self.table.feature_dim, d_v + 1)
+        dk, dv, dw = [], [], []
+        for (a, b, ka, kb), block in zip(reversed(chunks), reversed(in_chunk)):
+            if block is not None:
+                dk_c, dv_c, dw_c = self.key_gradients(k, v_hat, key_weight, reverse_state, ka, kb)
+                dk.append(dk_c + block[0])
+                dv.append(dv_c + block[1])
+                dw.append(dw_c + block[2] if block[2] is not None else dw_c)
+            q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
+            g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
+            reverse_state = reverse_state + self.phi(q_rows).mT @ g_rows
+        unseen = n_k - min(n_q, n_k)  # keys past the last query: no query sees them
+        if unseen:
+            dk.insert(0, k.new_zeros(batch, heads, unseen, d))
+            dv.insert(0, k.new_zeros(batch, heads, unseen, d_v))
+            dw.insert(0, k.new_zeros(batch, heads, unseen) if self.need_key_weight_grad else None)
+        dk, dv = torch.cat(dk[::-1], dim=-2), torch.cat(dv[::-1], dim=-2)
+        dw = torch.cat(dw[::-1], dim=-1) if self.need_key_weight_grad else None
+        return torch.cat(dq, dim=-2), dk, dv, dw

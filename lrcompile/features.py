@@ -1,0 +1,139 @@
+"""Symmetric monomial feature maps: P(q . k) = phi(q) . psi(k) with r = C(d+g, g) features.
+
+This module owns the vector half of the polynomial method. For P(x) = sum_m c_m x^m,
+
+    (q . k)^m = sum_{|alpha| = m} (m choose alpha) q^alpha k^alpha
+
+so with mono(x) = [x^alpha for every multi-index alpha with |alpha| <= g],
+    psi(k) = mono(k)                         (no coefficient: keys stay sign-free)
+    phi(q) = coefficients * mono(q)          (c_m times the multinomial, sign included)
+gives phi(q) . psi(k) = P(q . k) exactly.
+
+Degree-m monomials are built from degree-(m-1) ones: every multi-index i_1 <= ... <= i_m is
+its parent (i_1..i_{m-1}) times x[i_m]. With the monomials of each degree ordered by their
+largest index, all of degree m is one gather from the outer product (mono_{m-1} x x), and its
+vector-Jacobian product is the matching gather back plus two small contractions. No scatter,
+no Python loop over d: Inductor turns both into plain indexed loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def feature_dim(head_dim: int, degree: int) -> int:
+    """r = C(d + g, g): the number of monomials of degree <= g in d variables."""
+    return math.comb(head_dim + degree, degree)
+
+
+@dataclass(frozen=True)
+class MonomialTable:
+    """Index tables for the monomials of degree <= `degree` in `head_dim` variables.
+
+    For each degree m >= 1, `gather[m-1]` picks the degree-m monomials out of the flattened
+    outer product (degree-(m-1) monomials) x (variables), and `scatter_back[m-1]` maps every
+    entry of that outer product to its monomial, or to one past the end where it has none.
+    `multinomial` holds (m choose alpha) for every monomial, in feature order.
+    """
+
+    head_dim: int
+    degree: int
+    sizes: tuple[int, ...]  # number of monomials of degree exactly m, m = 0..degree
+    gather: tuple[torch.Tensor, ...]
+    scatter_back: tuple[torch.Tensor, ...]
+    multinomial: torch.Tensor  # (r,) float64
+    degree_of_feature: torch.Tensor  # (r,) int64
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(self.sizes)
+
+    def coefficients(self, polynomial_coefficients, dtype, device) -> torch.Tensor:
+        """c_{|alpha|} (|alpha| choose alpha) per feature: the query-side weights of phi."""
+        c = torch.tensor(polynomial_coefficients, dtype=torch.float64)
+        return (c[self.degree_of_feature] * self.multinomial).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def monomial_table(head_dim: int, degree: int) -> MonomialTable:
+    if head_dim < 1 or degree < 0:
+        raise ValueError(f"need head_dim >= 1 and degree >= 0, got head_dim={head_dim}, degree={degree}")
+    # max_index[m][t]: largest variable index of degree-m monomial t; multinomial[m][t] likewise.
+    max_index = [[-1]]
+    counts = [[()]]  # exponent multiset per monomial, as a sorted tuple of variable indices
+    gather, scatter_back = [], []
+    for m in range(1, degree + 1):
+        parents = max_index[-1]
+        flat, new_max, new_counts = [], [], []
+        for last in range(head_dim):
+            for p, parent_max in enumerate(parents):
+                if parent_max <= last:
+                    flat.append(p * head_dim + last)
+                    new_max.append(last)
+                    new_counts.append(counts[-1][p] + (last,))
+        back = torch.full((len(parents) * head_dim,), len(flat), dtype=torch.int64)
+        back[torch.tensor(flat)] = torch.arange(len(flat))
+        gather.append(torch.tensor(flat, dtype=torch.int64))
+        scatter_back.append(back)
+        max_index.append(new_max)
+        counts.append(new_counts)
+
+    multinomial, degree_of_feature = [], []
+    for m, monomials in enumerate(counts):
+        for indices in monomials:
+            ways = math.factorial(m)
+            for i in set(indices):
+                ways //= math.factorial(indices.count(i))
+            multinomial.append(float(ways))
+            degree_of_feature.append(m)
+    return MonomialTable(
+        head_dim=head_dim,
+        degree=degree,
+        sizes=tuple(len(c) for c in counts),
+        gather=tuple(gather),
+        scatter_back=tuple(scatter_back),
+        multinomial=torch.tensor(multinomial, dtype=torch.float64),
+        degree_of_feature=torch.tensor(degree_of_feature, dtype=torch.int64),
+    )
+
+
+def monomials(x: torch.Tensor, table: MonomialTable) -> torch.Tensor:
+    """All monomials of degree <= g of the last axis of x: (..., d) -> (..., r)."""
+    return torch.cat(monomials_by_degree(x, table), dim=-1)
+
+
+def monomials_by_degree(x: torch.Tensor, table: MonomialTable) -> list[torch.Tensor]:
+    by_degree = [x.new_ones(x.shape[:-1] + (1,))]
+    for m in range(1, table.degree + 1):
+        outer = by_degree[-1].unsqueeze(-1) * x.unsqueeze(-2)  # (..., r_{m-1}, d)
+        by_degree.append(outer.flatten(-2).index_select(-1, table.gather[m - 1].to(x.device)))
+    return by_degree
+
+
+def monomials_backward(
+    x: torch.Tensor, grad: torch.Tensor, table: MonomialTable, by_degree: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Vector-Jacobian product of `monomials`: given dL/dmono (..., r), return dL/dx (..., d).
+
+    Degree by degree from the top: with F_m = gather(F_{m-1} (x) x) and G_m = dL/dF_m,
+    the outer product's gradient is G_m gathered back (zero where no monomial sits), so
+        dL/dx       += sum over parents of  F_{m-1} * G_outer
+        dL/dF_{m-1} += sum over variables of G_outer * x
+    `by_degree` may pass in monomials_by_degree(x) when the caller already has it.
+    """
+    if by_degree is None:
+        by_degree = monomials_by_degree(x, table)
+    grads = list(grad.split(table.sizes, dim=-1))
+    dx = torch.zeros_like(x)
+    for m in range(table.degree, 0, -1):
+        padded = torch.cat([grads[m], grads[m].new_zeros(grads[m].shape[:-1] + (1,))], dim=-1)
+        outer_grad = padded.index_select(-1, table.scatter_back[m - 1].to(x.device))
+        outer_grad = outer_grad.unflatten(-1, (table.sizes[m - 1], table.head_dim))  # (..., r_{m-1}, d)
+        dx = dx + (by_degree[m - 1].unsqueeze(-2) @ outer_grad).squeeze(-2)
+        if m > 1:
+            grads[m - 1] = grads[m - 1] + (outer_grad @ x.unsqueeze(-1)).squeeze(-1)
+    return dx
