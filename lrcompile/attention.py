@@ -46,7 +46,9 @@ def lowrank_attention(
     degree, approximation: the polynomial ("taylor" or "chebyshev", see lrcompile.polynomial).
     bound: score range B the polynomial must be accurate and positive on. None: not needed for
         even Taylor degrees (positive everywhere, coefficients independent of B); otherwise
-        estimated from the inputs as s max|q| max|k - mu| (eager mode only).
+        estimated from the inputs as s max|q| max|k - mu| (eager mode only). Non-causal keys
+        are centred on their mean (mu), which leaves softmax unchanged and narrows the range;
+        causal keys are not (mu = 0), since the mean would leak later keys into earlier outputs.
     chunk_size: rows per chunk (memory/speed trade-off); None picks one.
 
     Low-precision inputs are computed in float32 and returned in their own dtype.
@@ -61,7 +63,7 @@ def lowrank_attention(
     q5, k4, v4, mask, restore = _to_kernel_layout(q, k, v, attn_mask, enable_gqa)
     key_weight = None if mask is None else key_weights(mask, compute_dtype)
     q5, k4, v4 = q5.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
-    polynomial = choose_polynomial(degree, approximation, bound, q5, k4, key_weight, scale)
+    polynomial = choose_polynomial(degree, approximation, bound, q5, k4, key_weight, scale, bool(is_causal))
     chunk = chunk_size if chunk_size is not None else default_chunk_size(head_dim, degree, is_causal)
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -79,7 +81,7 @@ def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:
     return max(64, min(1024, (1 << 20) // r))
 
 
-def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale) -> ExpPolynomial:
+def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, causal) -> ExpPolynomial:
     """The polynomial the op will use, refusing one that is not positive on the score range."""
     if bound is None and approximation == "taylor" and isinstance(degree, int) and degree % 2 == 0:
         # Even Taylor polynomials are positive on all of R and their coefficients 1/m! do not
@@ -92,11 +94,11 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale) -> 
                 f"under torch.compile (the score range cannot be measured while tracing); only "
                 f"even-degree taylor works without one"
             )
-        bound = score_bound(q, k, key_weight, scale)
+        bound = score_bound(q, k, key_weight, scale, causal)
     polynomial = exp_polynomial(degree, bound, approximation)
     positive_everywhere = approximation == "taylor" and degree % 2 == 0
     if not positive_everywhere and not _is_tracing(q):
-        measured = score_bound(q, k, key_weight, scale)
+        measured = score_bound(q, k, key_weight, scale, causal)
         if measured > polynomial.bound:
             warnings.warn(
                 f"scores may reach {measured:.3g}, beyond bound={polynomial.bound:g} where the "
@@ -106,9 +108,9 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale) -> 
     return polynomial
 
 
-def score_bound(q: torch.Tensor, k: torch.Tensor, key_weight, scale: float) -> float:
+def score_bound(q: torch.Tensor, k: torch.Tensor, key_weight, scale: float, causal: bool) -> float:
     """A rigorous bound B on |s q . (k - mu)| over all queries and valid keys (Cauchy-Schwarz)."""
-    k_centred, valid, _ = centre_keys(k, key_weight, scale)
+    k_centred, valid, _ = centre_keys(k, key_weight, scale, causal)
     key_norms = k_centred.norm(dim=-1)
     if valid is not None:
         key_norms = key_norms * valid.squeeze(-1)

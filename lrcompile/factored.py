@@ -7,10 +7,13 @@ Inputs arrive normalised by `lrcompile.attention` (compute dtype float32 or floa
     v           (B, H, n_k, d_v)
     key_weight  (B, H, n_k) or None  w_j >= 0 multiplies every weight of key j (key-padding mask)
 
-With q' = sqrt(s) q, k' = sqrt(s) k - mu (mu: mean of the valid keys; any fixed vector leaves
-softmax unchanged and centring shrinks the score range), the function computed is
+With q' = sqrt(s) q, k' = sqrt(s) k - mu, the function computed is
 
     A_ij = w_j P(q'_i . k'_j) [j <= i if causal],    out_i = sum_j A_ij v_j / D_i,   D_i = sum_j A_ij
+
+mu is the mean of the valid keys when non-causal: any vector shared by all keys leaves softmax
+unchanged and centring shrinks the score range. Causal attention is not centred (mu = 0): a mean
+over all keys would let later keys change earlier outputs, a leak of the future in training.
 
 with P(q'.k') = phi(q') . psi(k') (see `lrcompile.features`). Writing V^ = [V | 1]:
 
@@ -48,7 +51,7 @@ class FactoredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_weight, coefficients, scale, causal, chunk_size):
         kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
-        k_centred = centre_keys(k, key_weight, scale)[0]
+        k_centred = centre_keys(k, key_weight, scale, causal)[0]
         v_hat = _append_ones(v)
         if causal:
             out, denominator = kernel.causal_forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
@@ -64,7 +67,7 @@ class FactoredAttention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_denominator):
         q, k, v, key_weight, out, denominator, state = ctx.saved_tensors
         kernel = ctx.kernel
-        k_centred, valid, valid_count = centre_keys(k, key_weight, kernel.scale)
+        k_centred, valid, valid_count = centre_keys(k, key_weight, kernel.scale, kernel.causal)
         g_hat = torch.cat(
             [grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1
         ) / denominator.unsqueeze(-1)  # (B, H, G, n_q, d_v + 1)
@@ -75,13 +78,18 @@ class FactoredAttention(torch.autograd.Function):
             dq, dk_centred, dv, dw = kernel.causal_backward(q_scaled, k_centred, v_hat, key_weight, g_hat)
         else:
             dq, dk_centred, dv, dw = kernel.backward(q_scaled, k_centred, v_hat, key_weight, g_hat, state)
-        dk = dk_centred - _valid_mean_correction(dk_centred, valid, valid_count)
+        dk = dk_centred if kernel.causal else dk_centred - _valid_mean_correction(dk_centred, valid, valid_count)
         return dq * kernel.root_scale, dk * kernel.root_scale, dv, dw, None, None, None, None
 
 
-def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float):
-    """sqrt(s) k - mu, mu the mean over valid keys (w_j > 0). Returns (k', valid, n_valid)."""
+def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float, causal: bool):
+    """sqrt(s) k - mu, mu the mean over valid keys (w_j > 0), or 0 if causal.
+
+    Returns (k', valid, n_valid); valid and n_valid are None where every key counts.
+    """
     k_scaled = k * scale**0.5
+    if causal:
+        return k_scaled, None, None
     if key_weight is None:
         return k_scaled - k_scaled.mean(-2, keepdim=True), None, None
     valid = (key_weight > 0).to(k.dtype).unsqueeze(-1)  # (B, H, n_k, 1)

@@ -29,14 +29,14 @@ def polynomial_attention(q, k, v, coefficients, attn_mask=None, is_causal=False,
 
         A_ij = w_j P(s q_i . k_j - sqrt(s) q_i . mu) [j <= i if causal],  out = A v / A 1
 
-    with w_j = exp(mask_j) and mu = sqrt(s) times the mean of the keys with w_j > 0.
+    with w_j = exp(mask_j) and mu the mean of the keys with w_j > 0 (non-causal) or 0 (causal).
     """
     q, k, v, scale = _prepare(q, k, v, scale, enable_gqa)
     weight = torch.ones(k.shape[:-1], dtype=torch.float64).unsqueeze(-2)  # (..., 1, n_k)
     if attn_mask is not None:
         weight = torch.exp(_additive(attn_mask)).expand(*q.shape[:-2], -1, -1)[..., :1, :]
     valid = (weight > 0).to(torch.float64).mT  # (..., n_k, 1)
-    mu = (valid * k).sum(-2, keepdim=True) / valid.sum(-2, keepdim=True).clamp_min(1)
+    mu = 0 if is_causal else (valid * k).sum(-2, keepdim=True) / valid.sum(-2, keepdim=True).clamp_min(1)
     x = scale * q @ (k - mu).mT
     p = sum(c * x**m for m, c in enumerate(coefficients)) * weight
     if is_causal:

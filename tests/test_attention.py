@@ -1,0 +1,248 @@
+"""lowrank_attention against quadratic float64 references.
+
+Factored vs. the same polynomial attention computed quadratically must agree to rounding (a
+kernel bug shows here); quadratic polynomial vs. exact softmax differs by approximation error,
+which must stay within the reported bound.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import attention_inputs, max_error
+from lrcompile import lowrank_attention
+from lrcompile.features import feature_dim
+from lrcompile.polynomial import exp_polynomial
+from lrcompile.reference import exact_attention, polynomial_attention
+
+CASES = {
+    "plain": dict(),
+    "chunked": dict(chunk_size=5),
+    "cross_attention": dict(n_q=11, n_k=29, chunk_size=8),
+    "value_dim_differs": dict(value_dim=5),
+    "scale": dict(scale=0.3),
+    "causal": dict(is_causal=True, chunk_size=8),
+    "causal_one_chunk": dict(is_causal=True),
+    "causal_more_keys": dict(is_causal=True, n_q=19, n_k=33, chunk_size=6),
+    "causal_more_queries": dict(is_causal=True, n_q=33, n_k=19, chunk_size=6),
+    "bool_padding": dict(mask="bool", chunk_size=7),
+    "float_padding": dict(mask="float", chunk_size=7),
+    "causal_padding": dict(mask="bool", is_causal=True, chunk_size=7),
+    "gqa": dict(kv_heads=1, enable_gqa=True, chunk_size=9),
+    "gqa_causal_padding": dict(heads=4, kv_heads=2, enable_gqa=True, is_causal=True, mask="float", chunk_size=9),
+    "degree_1": dict(degree=1, bound=0.9),
+    "degree_3_causal": dict(degree=3, bound=1.0, is_causal=True, chunk_size=10),
+    "degree_4": dict(degree=4),
+    "chebyshev": dict(approximation="chebyshev", degree=3, bound=1.0, mask="bool"),
+}
+
+
+def make_mask(kind, batch, n_k, seed=0):
+    if kind is None:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch, 1, 1, n_k, generator=generator) > 0.3
+    keep[..., 0] = True  # every row keeps a key: a fully masked row is NaN in SDPA and here
+    if kind == "bool":
+        return keep
+    return torch.where(keep, torch.randn(keep.shape, generator=generator, dtype=torch.float64), float("-inf"))
+
+
+def run_case(case, dtype=torch.float64):
+    case = dict(case)
+    shape = {key: case.pop(key) for key in ("heads", "kv_heads", "n_q", "n_k", "value_dim") if key in case}
+    q, k, v = attention_inputs(score_range=1.0, dtype=dtype, **shape)
+    mask = make_mask(case.pop("mask", None), q.shape[0], k.shape[-2])
+    out = lowrank_attention(q, k, v, attn_mask=mask, **case)
+    degree, approximation = case.get("degree", 2), case.get("approximation", "taylor")
+    polynomial = exp_polynomial(degree, case.get("bound", 1.0), approximation)
+    reference = polynomial_attention(
+        q, k, v, polynomial.coefficients, attn_mask=mask, is_causal=case.get("is_causal", False),
+        scale=case.get("scale"), enable_gqa=case.get("enable_gqa", False),
+    )
+    return (q, k, v), out, reference
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_factored_matches_quadratic_polynomial_attention(name):
+    inputs, out, reference = run_case(CASES[name])
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(reference)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    expected = torch.autograd.grad(reference, inputs, grad_out)
+    for name_, a, b in zip("qkv", got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"d{name_}")
+
+
+@pytest.mark.parametrize("name", ["plain", "causal", "gqa_causal_padding", "float_padding"])
+def test_float32_agrees_with_float64_reference_to_float32_rounding(name):
+    inputs, out, reference = run_case(CASES[name], dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert max_error(out, reference) < 2e-5
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    expected = torch.autograd.grad(reference, inputs, grad_out.double())
+    for a, b in zip(got, expected):
+        assert max_error(a, b) < 1e-4 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gradcheck_including_float_mask(is_causal):
+    q, k, v = attention_inputs(1, 2, 6, 6, 3, score_range=1.0)
+    mask = torch.randn(1, 1, 1, 6, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v, m: lowrank_attention(q, k, v, attn_mask=m, is_causal=is_causal, chunk_size=4)
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+@pytest.mark.parametrize("approximation", ["taylor", "chebyshev"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_error_against_exact_attention_falls_as_degree_rises(approximation, is_causal):
+    q, k, v = attention_inputs(n_q=64, n_k=64, head_dim=16, score_range=2.0, requires_grad=False)
+    exact = exact_attention(q, k, v, is_causal=is_causal)
+    errors = [
+        max_error(lowrank_attention(q, k, v, is_causal=is_causal, degree=g, approximation=approximation, bound=2.0), exact)
+        for g in (2, 4, 6)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-2
+
+
+# (degree, score range) pairs whose Taylor polynomial is positive with relative error < 1
+BOUNDED = [(2, 0.5), (2, 1.0), (3, 0.5), (3, 1.0), (4, 1.0), (6, 2.0)]
+
+
+@pytest.mark.parametrize("degree, score_range", BOUNDED)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_measured_error_never_exceeds_reported_bound(degree, score_range, is_causal):
+    q, k, v = attention_inputs(n_q=48, n_k=48, head_dim=16, score_range=score_range, requires_grad=False)
+    polynomial = exp_polynomial(degree, score_range, "taylor")
+    assert polynomial.output_error_factor < math.inf
+    out = lowrank_attention(q, k, v, is_causal=is_causal, degree=degree, bound=score_range)
+    error = max_error(out, exact_attention(q, k, v, is_causal=is_causal))
+    assert error <= polynomial.output_error_factor * v.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_computes_in_float32_and_returns_its_dtype(dtype):
+    q, k, v = attention_inputs(n_q=40, n_k=40, head_dim=16, dtype=dtype)
+    out = lowrank_attention(q, k, v, is_causal=True, chunk_size=16)
+    assert out.dtype == dtype
+    reference = lowrank_attention(q.float(), k.float(), v.float(), is_causal=True, chunk_size=16)
+    assert max_error(out, reference) < 4 * torch.finfo(dtype).eps
+    out.float().sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+
+
+def test_three_dimensional_inputs_and_extra_batch_axes():
+    q, k, v = attention_inputs(2, 3, 10, 12, 4)
+    expected = lowrank_attention(q, k, v)
+    torch.testing.assert_close(lowrank_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)), expected.flatten(0, 1))
+    torch.testing.assert_close(lowrank_attention(q[None], k[None], v[None])[0], expected)
+
+
+def test_key_padding_mask_is_exact_on_padded_keys():
+    q, k, v = attention_inputs(1, 2, 16, 16, 4)
+    mask = torch.ones(1, 1, 1, 16, dtype=torch.bool)
+    mask[..., 10:] = False
+    out = lowrank_attention(q, k, v, attn_mask=mask, is_causal=True, chunk_size=5)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[..., 10:, :] = 100.0  # garbage in padded keys changes nothing, not even the centring
+    v2[..., 10:, :] = -7.0
+    torch.testing.assert_close(lowrank_attention(q, k2, v2, attn_mask=mask, is_causal=True, chunk_size=5), out)
+    out.sum().backward()
+    assert k.grad[..., 10:, :].abs().max() == 0 and v.grad[..., 10:, :].abs().max() == 0
+
+
+def test_causal_output_does_not_depend_on_later_keys():
+    q, k, v = attention_inputs(1, 1, 20, 20, 4, requires_grad=False)
+    out = lowrank_attention(q, k, v, is_causal=True, chunk_size=6)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 13:, :] *= -2
+    v2[..., 13:, :] += 5
+    torch.testing.assert_close(lowrank_attention(q, k2, v2, is_causal=True, chunk_size=6)[..., :13, :], out[..., :13, :])
+
+
+def test_mask_with_a_constant_query_axis_is_accepted_in_eager_mode():
+    q, k, v = attention_inputs(2, 2, 9, 9, 4, requires_grad=False)
+    mask = make_mask("float", 2, 9)
+    expanded = mask.expand(2, 1, 9, 9)  # how transformers hands over padding masks
+    torch.testing.assert_close(lowrank_attention(q, k, v, attn_mask=expanded), lowrank_attention(q, k, v, attn_mask=mask))
+
+
+def test_default_degree_2_follows_sdpa_semantics_in_float32():
+    q, k, v = attention_inputs(2, 4, 50, 50, 16, score_range=0.5, dtype=torch.float32, requires_grad=False)
+    mask = make_mask("bool", 2, 50)
+    for kwargs in (dict(), dict(is_causal=True), dict(attn_mask=mask), dict(scale=0.1)):
+        expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert max_error(lowrank_attention(q, k, v, **kwargs), expected) < 0.05, kwargs
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return result
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal):
+    n, head_dim, chunk = 4096, 8, 256
+    r = feature_dim(head_dim, 2)
+    q, k, v = attention_inputs(1, 1, n, n, head_dim, dtype=torch.float32)
+    with LargestAllocation() as mode:
+        lowrank_attention(q, k, v, is_causal=is_causal, chunk_size=chunk).sum().backward()
+    # the largest tensors: a chunk of features (chunk x d x d in the backward), the causal
+    # in-chunk block (chunk x chunk), and O(n d) inputs and gradients
+    assert mode.largest <= max(chunk * head_dim * head_dim, chunk * chunk, n * (head_dim + 1))
+    assert mode.largest < n * r
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(attn_mask=torch.ones(2, 3, 10, 10).tril().bool()), ValueError, "varies along the query axis"),
+        (dict(attn_mask=torch.ones(2, 3, 1, 7)), ValueError, "does not broadcast"),
+        (dict(attn_mask=torch.ones(2, 3, 1, 10, dtype=torch.int64)), ValueError, "boolean or floating point"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(degree=3, approximation="taylor", bound=5.0), ValueError, "not positive"),
+        (dict(approximation="pade"), ValueError, "approximation"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, message):
+    q, k, v = attention_inputs(2, 3, 10, 10, 4, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(error, match=message):
+        lowrank_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, message",
+    [
+        (((2, 4, 8, 4), (2, 4, 8, 5), (2, 4, 8, 4)), {}, "same last dimension"),
+        (((2, 4, 8, 4), (2, 4, 8, 4), (2, 4, 9, 4)), {}, "same number of keys"),
+        (((2, 4, 8, 4), (2, 2, 8, 4), (2, 2, 8, 4)), {}, "enable_gqa=True"),
+        (((2, 4, 8, 4), (2, 3, 8, 4), (2, 3, 8, 4)), dict(enable_gqa=True), "multiple"),
+        (((2, 4, 8, 4), (2, 4, 0, 4), (2, 4, 0, 4)), {}, "at least one key"),
+    ],
+)
+def test_bad_shapes_raise_clear_errors(shapes, kwargs, message):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        lowrank_attention(q, k, v, **kwargs)
+
+
+def test_scores_beyond_the_given_bound_warn():
+    q, k, v = attention_inputs(1, 1, 12, 12, 4, score_range=3.0, requires_grad=False)
+    with pytest.warns(UserWarning, match="beyond bound"):
+        lowrank_attention(q, k, v, degree=3, approximation="chebyshev", bound=1.0)
