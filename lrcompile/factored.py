@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from lrcompile.features import MonomialTable, monomial_table, monomials, monomials_backward, monomials_by_degree
+from lrcompile.features import MonomialTable, monomial_table, monomials_backward_t, monomials_by_degree_t, monomials_t
 
 
 class FactoredAttention(torch.autograd.Function):
@@ -115,29 +115,36 @@ def _horner(coefficients, x):
     return result
 
 
-def _weighted(features, key_weight, start, stop):
-    """Multiply key rows start:stop of (B, H, C, r) features by their key weights."""
+def _weighted(features_t, key_weight, start, stop):
+    """Multiply key columns start:stop of (B, H, r, C) feature-major features by their weights."""
     if key_weight is None:
-        return features
-    return features * key_weight[..., start:stop, None]
+        return features_t
+    return features_t * key_weight[..., None, start:stop]
 
 
 class _Kernel:
-    """The non-tensor configuration of one call, and the four chunked sweeps."""
+    """The non-tensor configuration of one call, and the chunked sweeps.
+
+    Features are feature-major: phi_t, psi_t are (B, H, r, C) for a chunk of C rows.
+    """
 
     def __init__(self, q, coefficients, scale, causal, chunk_size):
         self.coefficients = tuple(coefficients)
         self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
         self.table: MonomialTable = monomial_table(q.shape[-1], len(self.coefficients) - 1)
-        self.feature_coefficients = self.table.coefficients(self.coefficients, q.dtype, q.device)  # (r,)
+        self.feature_coefficients = self.table.coefficients(self.coefficients, q.dtype, q.device)[:, None]  # (r, 1)
         self.scale = scale
         self.root_scale = scale**0.5
         self.causal = causal
         self.chunk = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
 
-    def phi(self, q_rows):
-        return monomials(q_rows, self.table) * self.feature_coefficients
+    def phi_t(self, q_rows):
+        return monomials_t(q_rows.mT, self.table) * self.feature_coefficients
+
+    def query_backward(self, q_rows, d_phi_t, by_degree=None):
+        """dq' rows (B, H, C, d) from dL/dphi (B, H, r, C)."""
+        return monomials_backward_t(q_rows.mT, d_phi_t * self.feature_coefficients, self.table, by_degree).mT
 
     # ---- non-causal -------------------------------------------------------------------------
 
@@ -145,7 +152,7 @@ class _Kernel:
         batch, heads, groups, n_q, d = q.shape
         state = self.key_state(k, v_hat, key_weight, 0, k.shape[-2])  # (B, H, r, d_v + 1)
         rows = q.reshape(batch, heads, groups * n_q, d)
-        out_hat = torch.cat([self.phi(chunk) @ state for chunk in rows.split(self.chunk, dim=-2)], dim=-2)
+        out_hat = torch.cat([self.phi_t(chunk).mT @ state for chunk in rows.split(self.chunk, dim=-2)], dim=-2)
         out_hat = out_hat.unflatten(-2, (groups, n_q))  # (B, H, G, n_q, d_v + 1)
         denominator = out_hat[..., -1]
         return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator, state
@@ -155,8 +162,8 @@ class _Kernel:
         state = None
         for a in range(start, stop, self.chunk):
             b = min(a + self.chunk, stop)
-            psi = _weighted(monomials(k[..., a:b, :], self.table), key_weight, a, b)  # (B, H, C, r)
-            term = psi.mT @ v_hat[..., a:b, :]
+            psi_t = _weighted(monomials_t(k[..., a:b, :].mT, self.table), key_weight, a, b)  # (B, H, r, C)
+            term = psi_t @ v_hat[..., a:b, :]
             state = term if state is None else state + term
         return state
 
@@ -166,12 +173,11 @@ class _Kernel:
         g_rows = g_hat.reshape(batch, heads, groups * n_q, -1)
         reverse_state, dq_chunks = None, []
         for q_chunk, g_chunk in zip(rows.split(self.chunk, dim=-2), g_rows.split(self.chunk, dim=-2)):
-            by_degree = monomials_by_degree(q_chunk, self.table)
-            phi = torch.cat(by_degree, dim=-1) * self.feature_coefficients  # (B, H, C, r)
-            term = phi.mT @ g_chunk
+            by_degree = monomials_by_degree_t(q_chunk.mT, self.table)
+            phi_t = torch.cat(by_degree, dim=-2) * self.feature_coefficients  # (B, H, r, C)
+            term = phi_t @ g_chunk
             reverse_state = term if reverse_state is None else reverse_state + term
-            d_phi = (g_chunk @ state.mT) * self.feature_coefficients
-            dq_chunks.append(monomials_backward(q_chunk, d_phi, self.table, by_degree))
+            dq_chunks.append(self.query_backward(q_chunk, state @ g_chunk.mT, by_degree))
         dq = torch.cat(dq_chunks, dim=-2).reshape(q.shape)
         dk, dv, dw = self.key_gradients(k, v_hat, key_weight, reverse_state, 0, k.shape[-2])
         return dq, dk, dv, dw
@@ -182,13 +188,14 @@ class _Kernel:
         dk, dv, dw = [], [], []
         for a in range(start, stop, self.chunk):
             b = min(a + self.chunk, stop)
-            by_degree = monomials_by_degree(k[..., a:b, :], self.table)
-            psi = torch.cat(by_degree, dim=-1)  # (B, H, C, r)
-            d_weighted_psi = v_hat[..., a:b, :] @ reverse_state.mT  # (B, H, C, r)
-            dv.append(_weighted(psi @ reverse_state[..., :d_v], key_weight, a, b))
-            d_psi = _weighted(d_weighted_psi, key_weight, a, b)
-            dk.append(monomials_backward(k[..., a:b, :], d_psi, self.table, by_degree))
-            dw.append((d_weighted_psi * psi).sum(-1) if self.need_key_weight_grad else None)
+            k_t = k[..., a:b, :].mT
+            by_degree = monomials_by_degree_t(k_t, self.table)
+            psi_t = torch.cat(by_degree, dim=-2)  # (B, H, r, C)
+            d_weighted_psi_t = reverse_state @ v_hat[..., a:b, :].mT  # (B, H, r, C)
+            dv.append(_weighted(psi_t, key_weight, a, b).mT @ reverse_state[..., :d_v])
+            d_psi_t = _weighted(d_weighted_psi_t, key_weight, a, b)
+            dk.append(monomials_backward_t(k_t, d_psi_t, self.table, by_degree).mT)
+            dw.append((d_weighted_psi_t * psi_t).sum(-2) if self.need_key_weight_grad else None)
         dw = torch.cat(dw, dim=-1) if self.need_key_weight_grad else None
         return torch.cat(dk, dim=-2), torch.cat(dv, dim=-2), dw
 
@@ -213,7 +220,7 @@ class _Kernel:
         out_hat = []
         for a, b, ka, kb in self.chunks(n_q, k.shape[-2]):
             q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
-            chunk_out = self.phi(q_rows) @ state  # earlier chunks, through the state
+            chunk_out = self.phi_t(q_rows).mT @ state  # earlier chunks, through the state
             if kb > ka:
                 _, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
                 chunk_out = chunk_out + (p_scores * mask_weight) @ v_hat[..., ka:kb, :]
@@ -244,8 +251,7 @@ class _Kernel:
         for a, b, ka, kb in chunks:
             q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
             g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
-            d_phi = (g_rows @ state.mT) * self.feature_coefficients
-            dq_rows = monomials_backward(q_rows, d_phi, self.table)
+            dq_rows = self.query_backward(q_rows, state @ g_rows.mT)
             block = None
             if kb > ka:
                 scores, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
@@ -273,7 +279,7 @@ class _Kernel:
                 dw.append(dw_c + block[2] if block[2] is not None else dw_c)
             q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
             g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
-            reverse_state = reverse_state + self.phi(q_rows).mT @ g_rows
+            reverse_state = reverse_state + self.phi_t(q_rows) @ g_rows
         unseen = n_k - min(n_q, n_k)  # keys past the last query: no query sees them
         if unseen:
             dk.insert(0, k.new_zeros(batch, heads, unseen, d))

@@ -103,37 +103,51 @@ def monomial_table(head_dim: int, degree: int) -> MonomialTable:
 
 def monomials(x: torch.Tensor, table: MonomialTable) -> torch.Tensor:
     """All monomials of degree <= g of the last axis of x: (..., d) -> (..., r)."""
-    return torch.cat(monomials_by_degree(x, table), dim=-1)
+    return monomials_t(x.mT, table).mT
 
 
-def monomials_by_degree(x: torch.Tensor, table: MonomialTable) -> list[torch.Tensor]:
-    by_degree = [x.new_ones(x.shape[:-1] + (1,))]
+def monomials_backward(x: torch.Tensor, grad: torch.Tensor, table: MonomialTable) -> torch.Tensor:
+    """Vector-Jacobian product of `monomials`: dL/dmono (..., r) -> dL/dx (..., d)."""
+    return monomials_backward_t(x.mT, grad.mT, table).mT
+
+
+# The kernels work feature-major, (..., r, C) for a chunk of C rows: each gather then copies
+# whole contiguous rows of length C, and the matrix products take the transposed operand for free.
+
+
+def monomials_t(x_t: torch.Tensor, table: MonomialTable) -> torch.Tensor:
+    """Feature-major monomials: (..., d, C) -> (..., r, C)."""
+    return torch.cat(monomials_by_degree_t(x_t, table), dim=-2)
+
+
+def monomials_by_degree_t(x_t: torch.Tensor, table: MonomialTable) -> list[torch.Tensor]:
+    by_degree = [x_t.new_ones(x_t.shape[:-2] + (1, x_t.shape[-1]))]
     for m in range(1, table.degree + 1):
-        outer = by_degree[-1].unsqueeze(-1) * x.unsqueeze(-2)  # (..., r_{m-1}, d)
-        by_degree.append(outer.flatten(-2).index_select(-1, table.gather[m - 1].to(x.device)))
+        outer = by_degree[-1].unsqueeze(-2) * x_t.unsqueeze(-3)  # (..., r_{m-1}, d, C)
+        by_degree.append(outer.flatten(-3, -2).index_select(-2, table.gather[m - 1].to(x_t.device)))
     return by_degree
 
 
-def monomials_backward(
-    x: torch.Tensor, grad: torch.Tensor, table: MonomialTable, by_degree: list[torch.Tensor] | None = None
+def monomials_backward_t(
+    x_t: torch.Tensor, grad_t: torch.Tensor, table: MonomialTable, by_degree: list[torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Vector-Jacobian product of `monomials`: given dL/dmono (..., r), return dL/dx (..., d).
+    """Feature-major vector-Jacobian product: dL/dmono (..., r, C) -> dL/dx (..., d, C).
 
     Degree by degree from the top: with F_m = gather(F_{m-1} (x) x) and G_m = dL/dF_m,
     the outer product's gradient is G_m gathered back (zero where no monomial sits), so
         dL/dx       += sum over parents of  F_{m-1} * G_outer
         dL/dF_{m-1} += sum over variables of G_outer * x
-    `by_degree` may pass in monomials_by_degree(x) when the caller already has it.
+    `by_degree` may pass in monomials_by_degree_t(x_t) when the caller already has it.
     """
     if by_degree is None:
-        by_degree = monomials_by_degree(x, table)
-    grads = list(grad.split(table.sizes, dim=-1))
-    dx = torch.zeros_like(x)
+        by_degree = monomials_by_degree_t(x_t, table)
+    grads = list(grad_t.split(table.sizes, dim=-2))
+    dx = torch.zeros_like(x_t)
     for m in range(table.degree, 0, -1):
-        padded = torch.cat([grads[m], grads[m].new_zeros(grads[m].shape[:-1] + (1,))], dim=-1)
-        outer_grad = padded.index_select(-1, table.scatter_back[m - 1].to(x.device))
-        outer_grad = outer_grad.unflatten(-1, (table.sizes[m - 1], table.head_dim))  # (..., r_{m-1}, d)
-        dx = dx + (by_degree[m - 1].unsqueeze(-2) @ outer_grad).squeeze(-2)
+        padded = torch.cat([grads[m], grads[m].new_zeros(grads[m].shape[:-2] + (1, grads[m].shape[-1]))], dim=-2)
+        outer_grad = padded.index_select(-2, table.scatter_back[m - 1].to(x_t.device))
+        outer_grad = outer_grad.unflatten(-2, (table.sizes[m - 1], table.head_dim))  # (..., r_{m-1}, d, C)
+        dx = dx + (by_degree[m - 1].unsqueeze(-2) * outer_grad).sum(-3)
         if m > 1:
-            grads[m - 1] = grads[m - 1] + (outer_grad @ x.unsqueeze(-1)).squeeze(-1)
+            grads[m - 1] = grads[m - 1] + (outer_grad * x_t.unsqueeze(-3)).sum(-2)
     return dx
