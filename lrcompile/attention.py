@@ -101,8 +101,9 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, cau
         measured = score_bound(q, k, key_weight, scale, causal)
         if measured > polynomial.bound:
             warnings.warn(
-                f"scores may reach {measured:.3g}, beyond bound={polynomial.bound:g} where the "
-                f"{approximation} polynomial of degree {degree} is known to be positive and accurate",
+                f"the Cauchy-Schwarz estimate of the score range, {measured:.3g}, exceeds bound="
+                f"{polynomial.bound:g}, where the {approximation} polynomial of degree {degree} is known "
+                f"to be positive and accurate; if scores really go beyond it, weights may be wrong",
                 stacklevel=3,
             )
     return polynomial

@@ -60,3 +60,34 @@ def _additive(mask):
 
 def _causal(q, k):
     return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+
+
+def random_attention_inputs(
+    batch=2, heads=3, n_q=37, n_k=37, head_dim=8, value_dim=None, *, score_range=1.0, attained=False,
+    kv_heads=None, dtype=torch.float64, seed=None, requires_grad=True,
+):
+    """Fresh random q, k, v whose scores |s q_i . (k_j - mu)| stay within `score_range`.
+
+    s = 1/sqrt(d), mu the mean key. Rows of q and k have equal norms a with s a (2a) = score_range,
+    so the range is a rigorous bound. With attained=True, q is rescaled so that the largest
+    centred score equals score_range exactly, so tables labelled with a range really reach it.
+    A seed of None draws a fresh one on every call.
+    """
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    kv_heads = heads if kv_heads is None else kv_heads
+    value_dim = head_dim if value_dim is None else value_dim
+    scale = 1 / math.sqrt(head_dim)
+    norm = math.sqrt(score_range / (2 * scale))
+
+    def rows(*shape):
+        x = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        return x / x.norm(dim=-1, keepdim=True) * norm
+
+    q = rows(batch, heads, n_q, head_dim)
+    k = rows(batch, kv_heads, n_k, head_dim)
+    v = torch.randn(batch, kv_heads, n_k, value_dim, generator=generator, dtype=torch.float64)
+    if attained:
+        groups = heads // kv_heads
+        k_centred = (k - k.mean(-2, keepdim=True)).repeat_interleave(groups, dim=-3)
+        q = q * (score_range / (scale * q @ k_centred.mT).abs().amax())
+    return tuple(t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v))

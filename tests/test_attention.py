@@ -244,5 +244,5 @@ def test_bad_shapes_raise_clear_errors(shapes, kwargs, message):
 
 def test_scores_beyond_the_given_bound_warn():
     q, k, v = attention_inputs(1, 1, 12, 12, 4, score_range=3.0, requires_grad=False)
-    with pytest.warns(UserWarning, match="beyond bound"):
+    with pytest.warns(UserWarning, match="exceeds bound"):
         lowrank_attention(q, k, v, degree=3, approximation="chebyshev", bound=1.0)
