@@ -118,6 +118,28 @@ def score_bound(q: torch.Tensor, k: torch.Tensor, key_weight, scale: float, caus
     return float((q.norm(dim=-1).amax() * math.sqrt(scale) * key_norms.amax()).item())
 
 
+def measured_score_range(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False) -> float:
+    """The largest |score| lowrank_attention would see on these inputs: max |s q_i . (k_j - mu)| over
+    the pairs that attend (valid keys; j <= i if causal). Exact, in query chunks: O(n^2 d) work
+    but O(n d) memory; meant for a one-time measurement, not the hot path."""
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    q5, k4, _, mask, _ = _to_kernel_layout(q, k, v, attn_mask, enable_gqa)
+    key_weight = None if mask is None else key_weights(mask, torch.float32)
+    k_centred = centre_keys(k4.float(), key_weight, scale, is_causal)[0]  # (B, H, n_k, d)
+    q_scaled = q5.float() * math.sqrt(scale)  # (B, H, G, n_q, d)
+    largest = torch.zeros(())
+    for start in range(0, q5.shape[-2], 1024):
+        scores = (q_scaled[..., start:start + 1024, :] @ k_centred.unsqueeze(2).mT).abs()  # (B, H, G, C, n_k)
+        if key_weight is not None:
+            scores = scores * (key_weight > 0)[:, :, None, None, :]
+        if is_causal:
+            rows = torch.arange(start, start + scores.shape[-2])[:, None]
+            scores = scores * (rows >= torch.arange(k4.shape[-2]))
+        largest = torch.maximum(largest, scores.amax())
+    return float(largest)
+
+
 def key_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A key-padding mask (..., n_k) as multiplicative key weights w >= 0.
 

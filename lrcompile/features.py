@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def feature_dim(head_dim: int, degree: int) -> int:
@@ -38,28 +39,52 @@ class MonomialTable:
     outer product (degree-(m-1) monomials) x (variables), and `scatter_back[m-1]` maps every
     entry of that outer product to its monomial, or to one past the end where it has none.
     `multinomial` holds (m choose alpha) for every monomial, in feature order.
+
+    Tables are plain tuples; `index(...)` turns them into tensors. Under tracing (torch.compile)
+    a fresh tensor is made on every call, so it is recorded as a constant of the traced graph; in
+    eager mode the tensors are cached per device.
     """
 
     head_dim: int
     degree: int
     sizes: tuple[int, ...]  # number of monomials of degree exactly m, m = 0..degree
-    gather: tuple[torch.Tensor, ...]
-    scatter_back: tuple[torch.Tensor, ...]
-    multinomial: torch.Tensor  # (r,) float64
-    degree_of_feature: torch.Tensor  # (r,) int64
+    gather: tuple[tuple[int, ...], ...]
+    scatter_back: tuple[tuple[int, ...], ...]
+    multinomial: tuple[float, ...]
+    degree_of_feature: tuple[int, ...]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def feature_dim(self) -> int:
         return sum(self.sizes)
 
+    def index(self, name: str, m: int, like: torch.Tensor) -> torch.Tensor:
+        """The int64 tensor of table `name` ("gather" or "scatter_back") for degree m."""
+        values = getattr(self, name)[m - 1]
+        if _is_tracing(like):
+            return torch.tensor(values, dtype=torch.int64, device=like.device)
+        key = (name, m, like.device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(values, dtype=torch.int64, device=like.device)
+        return self._cache[key]
+
     def coefficients(self, polynomial_coefficients, dtype, device) -> torch.Tensor:
         """c_{|alpha|} (|alpha| choose alpha) per feature: the query-side weights of phi."""
-        c = torch.tensor(polynomial_coefficients, dtype=torch.float64)
-        return (c[self.degree_of_feature] * self.multinomial).to(dtype=dtype, device=device)
+        values = [polynomial_coefficients[m] * w for m, w in zip(self.degree_of_feature, self.multinomial)]
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _is_tracing(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or is_fake(t)
+
+
+def monomial_table(head_dim: int, degree: int) -> MonomialTable:
+    """The (cached) tables for d = head_dim, g = degree."""
+    return _monomial_table(int(head_dim), int(degree))
 
 
 @functools.lru_cache(maxsize=None)
-def monomial_table(head_dim: int, degree: int) -> MonomialTable:
+def _monomial_table(head_dim: int, degree: int) -> MonomialTable:
     if head_dim < 1 or degree < 0:
         raise ValueError(f"need head_dim >= 1 and degree >= 0, got head_dim={head_dim}, degree={degree}")
     # max_index[m][t]: largest variable index of degree-m monomial t; multinomial[m][t] likewise.
@@ -75,10 +100,11 @@ def monomial_table(head_dim: int, degree: int) -> MonomialTable:
                     flat.append(p * head_dim + last)
                     new_max.append(last)
                     new_counts.append(counts[-1][p] + (last,))
-        back = torch.full((len(parents) * head_dim,), len(flat), dtype=torch.int64)
-        back[torch.tensor(flat)] = torch.arange(len(flat))
-        gather.append(torch.tensor(flat, dtype=torch.int64))
-        scatter_back.append(back)
+        back = [len(flat)] * (len(parents) * head_dim)
+        for position, entry in enumerate(flat):
+            back[entry] = position
+        gather.append(tuple(flat))
+        scatter_back.append(tuple(back))
         max_index.append(new_max)
         counts.append(new_counts)
 
@@ -96,8 +122,8 @@ def monomial_table(head_dim: int, degree: int) -> MonomialTable:
         sizes=tuple(len(c) for c in counts),
         gather=tuple(gather),
         scatter_back=tuple(scatter_back),
-        multinomial=torch.tensor(multinomial, dtype=torch.float64),
-        degree_of_feature=torch.tensor(degree_of_feature, dtype=torch.int64),
+        multinomial=tuple(multinomial),
+        degree_of_feature=tuple(degree_of_feature),
     )
 
 
@@ -124,7 +150,7 @@ def monomials_by_degree_t(x_t: torch.Tensor, table: MonomialTable) -> list[torch
     by_degree = [x_t.new_ones(x_t.shape[:-2] + (1, x_t.shape[-1]))]
     for m in range(1, table.degree + 1):
         outer = by_degree[-1].unsqueeze(-2) * x_t.unsqueeze(-3)  # (..., r_{m-1}, d, C)
-        by_degree.append(outer.flatten(-3, -2).index_select(-2, table.gather[m - 1].to(x_t.device)))
+        by_degree.append(outer.flatten(-3, -2).index_select(-2, table.index("gather", m, x_t)))
     return by_degree
 
 
@@ -145,7 +171,7 @@ def monomials_backward_t(
     dx = torch.zeros_like(x_t)
     for m in range(table.degree, 0, -1):
         padded = torch.cat([grads[m], grads[m].new_zeros(grads[m].shape[:-2] + (1, grads[m].shape[-1]))], dim=-2)
-        outer_grad = padded.index_select(-2, table.scatter_back[m - 1].to(x_t.device))
+        outer_grad = padded.index_select(-2, table.index("scatter_back", m, x_t))
         outer_grad = outer_grad.unflatten(-2, (table.sizes[m - 1], table.head_dim))  # (..., r_{m-1}, d, C)
         dx = dx + (by_degree[m - 1].unsqueeze(-2) * outer_grad).sum(-3)
         if m > 1:

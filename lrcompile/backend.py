@@ -1,0 +1,167 @@
+"""The torch.compile backend: find attention sites, decide per site, rewrite, hand to Inductor.
+
+    model = torch.compile(model, backend="lrcompile")                 # default Policy()
+    model = torch.compile(model, backend=lrcompile.backend(policy))
+
+Dynamo hands us its FX graph and the example inputs. We copy the graph, find the sites
+(`passes.find_attention_sites`), measure their score ranges on the example inputs when the policy
+needs them, decide (`lrcompile.policy.decide`), replace the chosen sites with
+`lrcompile.lowrank_attention` (`passes.replace_attention_site`) and give the result to
+`torch._inductor.compile_fx.compile_fx`. Our rewrite runs on the Dynamo graph, before Inductor's
+own attention fusion, which would otherwise turn explicit softmax spellings into exact SDPA.
+`lowrank_attention` is an autograd.Function, so AOTAutograd traces its explicit backward and
+Inductor compiles both the factored forward and the factored backward.
+
+If anything in our part fails, the original graph is compiled instead, with a warning naming the
+site: a training run never dies because of this backend (unless Policy(on_unsupported="error")
+asks for exactly that).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import is_fake
+
+from lrcompile.attention import lowrank_attention, measured_score_range
+from lrcompile.policy import Decision, Policy, decide
+from passes import AttentionSite, find_attention_sites, replace_attention_site
+
+
+class UnsupportedSiteError(RuntimeError):
+    """Raised under Policy(on_unsupported="error") for a site that cannot be rewritten."""
+
+
+@dataclass
+class Rewrite:
+    """What the backend did to one Dynamo graph."""
+
+    graph_module: torch.fx.GraphModule  # the rewritten copy (the original is left untouched)
+    decisions: list[tuple[AttentionSite, Decision]] = field(default_factory=list)
+    code_before: str = ""
+    code_after: str = ""
+
+    @property
+    def rewritten(self) -> list[AttentionSite]:
+        return [site for site, decision in self.decisions if decision.rewrite]
+
+
+def backend(policy: Policy | None = None):
+    """A torch.compile backend applying `policy` (default: Policy())."""
+    policy = Policy() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise TypeError(f"backend() takes an lrcompile.Policy, got {type(policy).__name__}")
+
+    def lrcompile(gm: torch.fx.GraphModule, example_inputs):
+        return compile_graph(gm, example_inputs, policy)
+
+    return lrcompile
+
+
+def lrcompile_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The backend registered as torch.compile(backend="lrcompile"): the default policy."""
+    return compile_graph(gm, example_inputs, Policy())
+
+
+def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=None):
+    """Rewrite `gm` per `policy` and compile it with `inner` (default: Inductor's compile_fx)."""
+    if inner is None:
+        from torch._inductor.compile_fx import compile_fx as inner
+    try:
+        result = rewrite_graph(gm, example_inputs, policy)
+    except UnsupportedSiteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of ours falls back to the original graph
+        warnings.warn(f"lrcompile: rewriting failed ({type(error).__name__}: {error}); compiling the graph "
+                      f"unchanged", stacklevel=2)
+        return inner(gm, example_inputs)
+    if on_rewrite is not None:
+        on_rewrite(result)
+    if not result.rewritten:
+        return inner(gm, example_inputs)
+    try:
+        return inner(result.graph_module, example_inputs)
+    except Exception as error:  # noqa: BLE001
+        names = ", ".join(f"{site.name} ({site.module_path or 'root'})" for site in result.rewritten)
+        warnings.warn(f"lrcompile: compiling the rewritten graph failed ({type(error).__name__}: {error}); "
+                      f"sites {names} stay exact attention", stacklevel=2)
+        return inner(gm, example_inputs)
+
+
+def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, measure: bool | None = None) -> Rewrite:
+    """Find, decide and replace on a copy of `gm`. `measure`: measure score ranges on the example
+    inputs (default: when the policy's decisions depend on them)."""
+    working = copy_graph_module(gm)
+    sites = find_attention_sites(working)
+    result = Rewrite(working, code_before=gm.code)
+    if not sites:
+        result.code_after = working.code
+        return result
+    if measure is None:
+        measure = policy.needs_score_range and policy.bound is None
+    ranges = score_ranges(gm, example_inputs) if measure else {}
+    for site in sites:
+        decision = decide(site, policy, ranges.get(site.name))
+        result.decisions.append((site, decision))
+        if not decision.rewrite and not site.supported:
+            _on_unsupported(site, policy)
+    for site, decision in result.decisions:
+        if decision.rewrite:
+            try:
+                replace_attention_site(working, site, lowrank_attention, **decision.lowrank_kwargs)
+            except Exception as error:
+                raise RuntimeError(f"replacing site {site.name} ({site.module_path or 'root'}) failed: {error}") from error
+    result.code_after = working.code
+    return result
+
+
+def _on_unsupported(site: AttentionSite, policy: Policy):
+    message = f"attention site {site.name} in {site.module_path or 'the root module'} kept exact: {site.reason}"
+    if policy.on_unsupported == "error":
+        raise UnsupportedSiteError(message)
+    if policy.on_unsupported == "warn":
+        warnings.warn(f"lrcompile: {message}", stacklevel=3)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of gm's graph over the same parameters and buffers."""
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    graph._codegen = gm.graph._codegen
+    return torch.fx.GraphModule(gm, graph)
+
+
+def score_ranges(gm: torch.fx.GraphModule, example_inputs) -> dict[str, float]:
+    """Each supported site's largest |score| on the example inputs (see measured_score_range).
+
+    Runs a copy of the graph once, in which every site is replaced by a probe that records the
+    range and returns exact attention. Inputs are cloned so in-place updates in the graph (buffers)
+    do not touch the model. Returns {} when the inputs are not real tensors.
+    """
+    if any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs):
+        return {}
+    probe = copy_graph_module(gm)
+    for site in find_attention_sites(probe):
+        if site.supported:
+            replace_attention_site(probe, site, _range_probe, site_name=site.name)
+    inputs = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    _PROBED.clear()
+    with torch.no_grad():
+        torch.fx.Interpreter(probe).run(*inputs)
+    ranges = dict(_PROBED)
+    _PROBED.clear()
+    return ranges
+
+
+_PROBED: dict[str, float] = {}
+
+
+def _range_probe(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, site_name):
+    _PROBED[site_name] = max(_PROBED.get(site_name, 0.0),
+                             measured_score_range(q, k, v, attn_mask, is_causal, scale, enable_gqa))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

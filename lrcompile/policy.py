@@ -1,0 +1,170 @@
+"""`Policy`: what the user decides, and `decide`: the per-site decision it implies (DESIGN section 6).
+
+Order, per site: include/exclude -> supported? -> key length >= min_seq_len -> degree (fixed, or
+"auto" from tolerance and bound) -> cost model -> rewrite. Conditions on sequence lengths are
+evaluated on the graph's sizes; when those are symbolic (dynamic shapes), evaluating them installs
+a guard, so a new shape on the other side of the threshold recompiles instead of taking the
+wrong path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from lrcompile import cost
+from lrcompile.attention import default_chunk_size
+from lrcompile.features import feature_dim
+from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
+
+ON_UNSUPPORTED = ("keep", "warn", "error")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which attention sites to rewrite, and how. See README, "Policies"."""
+
+    degree: int | str = 2
+    approximation: str = "taylor"
+    bound: float | None = None
+    tolerance: float | None = None
+    min_seq_len: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    causal_chunk: int | None = None
+    on_unsupported: str = "keep"
+    cost_model: bool = True  # False: rewrite every eligible site, even where exact is cheaper
+
+    def __post_init__(self):
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{name} must be a string or a sequence of fnmatch patterns, got {value!r}")
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if self.degree != "auto" and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
+                                      or not 1 <= self.degree <= MAX_DEGREE):
+            raise ValueError(f"degree must be an int in [1, {MAX_DEGREE}] or 'auto', got {self.degree!r}")
+        if self.degree == "auto" and self.tolerance is None:
+            raise ValueError("degree='auto' needs a tolerance (target entrywise relative error of exp)")
+        if self.approximation not in APPROXIMATIONS:
+            raise ValueError(f"approximation must be one of {APPROXIMATIONS}, got {self.approximation!r}")
+        if self.bound is not None and not (0 < self.bound < math.inf):
+            raise ValueError(f"bound must be a finite positive number or None, got {self.bound!r}")
+        if self.tolerance is not None and not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1) or None, got {self.tolerance!r}")
+        if isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+            raise ValueError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
+        if self.causal_chunk is not None and (not isinstance(self.causal_chunk, int) or self.causal_chunk < 1):
+            raise ValueError(f"causal_chunk must be a positive int or None, got {self.causal_chunk!r}")
+        if self.on_unsupported not in ON_UNSUPPORTED:
+            raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {self.on_unsupported!r}")
+
+    @property
+    def needs_score_range(self) -> bool:
+        """Whether decisions depend on the sites' score ranges (measured when bound is None)."""
+        return (self.degree == "auto" or self.approximation != "taylor" or self.tolerance is not None
+                or (isinstance(self.degree, int) and self.degree % 2 == 1))
+
+
+@dataclass
+class Decision:
+    rewrite: bool
+    reason: str = ""  # why kept; "" when rewritten
+    degree: int | None = None
+    polynomial: ExpPolynomial | None = None
+    feature_dim: int | None = None
+    score_range: float | None = None  # the B the decision used (policy's bound or measured)
+    chunk_size: int | None = None
+    flops_exact: float | None = None
+    flops_lowrank: float | None = None
+    lowrank_kwargs: dict = field(default_factory=dict)  # passed to lowrank_attention
+
+
+def decide(site, policy: Policy, measured_range: float | None = None) -> Decision:
+    """The decision for one `passes.AttentionSite` under `policy`."""
+    path = site.module_path or "<root>"
+    if policy.include and not any(fnmatch.fnmatchcase(path, p) for p in policy.include):
+        return Decision(False, f"module {path} matches no include pattern {list(policy.include)}")
+    matched = [p for p in policy.exclude if fnmatch.fnmatchcase(path, p)]
+    if matched:
+        return Decision(False, f"module {path} excluded by pattern {matched[0]!r}")
+    if not site.supported:
+        return Decision(False, site.reason)
+
+    q_shape, k_shape, v_shape = _shapes(site)
+    n_q, n_k, head_dim, value_dim = q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
+    if _holds(n_k < policy.min_seq_len):
+        return Decision(False, f"key length {n_k} < min_seq_len {policy.min_seq_len}")
+
+    score_range = policy.bound if policy.bound is not None else measured_range
+    decision = _choose_degree(policy, score_range)
+    if not decision.rewrite:
+        return decision
+    degree = decision.degree
+    decision.feature_dim = feature_dim(int(head_dim), degree)
+    decision.score_range = score_range
+
+    causal = site.is_causal
+    chunk = policy.causal_chunk if causal and policy.causal_chunk else default_chunk_size(int(head_dim), degree, causal)
+    batch_heads = math.prod(q_shape[:-2])
+    kv_ratio = math.prod(k_shape[:-2]) / batch_heads
+    decision.chunk_size = chunk
+    decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
+    decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
+    if policy.cost_model and not _holds(
+        decision.flops_lowrank / cost.LOWRANK_RATE_RATIO < decision.flops_exact
+    ):
+        decision.rewrite = False
+        crossover = cost.crossover_length(int(head_dim), int(value_dim), causal, degree, chunk)
+        decision.reason = (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about "
+                           f"n = {crossover} for d = {head_dim}, degree {degree}); Policy(cost_model=False) forces it")
+        return decision
+    decision.lowrank_kwargs = dict(degree=degree, approximation=policy.approximation, bound=score_range,
+                                   chunk_size=chunk)
+    return decision
+
+
+def _choose_degree(policy: Policy, score_range: float | None) -> Decision:
+    approximation = policy.approximation
+    if policy.degree == "auto":
+        if score_range is None:
+            return Decision(False, "degree='auto' needs a score range: set Policy(bound=...) or compile with real inputs")
+        try:
+            degree = degree_for(policy.tolerance, score_range, approximation)
+        except ValueError as error:
+            return Decision(False, f"score range {score_range:.3g} too wide: {error}")
+        return Decision(True, degree=degree, polynomial=exp_polynomial(degree, score_range, approximation))
+    degree = policy.degree
+    if score_range is None:
+        if approximation == "taylor" and degree % 2 == 0:
+            return Decision(True, degree=degree)  # positive everywhere; no range needed
+        return Decision(False, f"{approximation} degree {degree} needs a score range to be used safely: set "
+                               f"Policy(bound=...) or compile with real inputs")
+    try:
+        polynomial = exp_polynomial(degree, score_range, approximation)
+    except NotPositiveError:
+        return Decision(False, f"the {approximation} polynomial of degree {degree} is not positive on the "
+                               f"score range [-{score_range:.3g}, {score_range:.3g}]")
+    if policy.tolerance is not None and polynomial.relative_error > policy.tolerance:
+        return Decision(False, f"error bound {polynomial.relative_error:.2g} at score range {score_range:.3g} "
+                               f"exceeds tolerance {policy.tolerance:g}")
+    return Decision(True, degree=degree, polynomial=polynomial)
+
+
+def _shapes(site):
+    plan = site.replacement
+    if plan is not None:
+        shapes = (plan.q.shape(), plan.k.shape(), plan.v.shape())
+        if None not in shapes:
+            return shapes
+    return site.query_shape, site.key_shape, site.value_shape
+
+
+def _holds(condition) -> bool:
+    """bool() of a size condition. On a torch.SymBool (dynamic shapes) bool() records a guard in
+    the shape environment, so inputs on the other side of the threshold recompile."""
+    return bool(condition)
