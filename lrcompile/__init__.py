@@ -1,7 +1,19 @@
-"""lrcompile: sub-quadratic attention for any PyTorch model, as a torch.compile backend."""
+"""lrcompile: sub-quadratic attention for any PyTorch model, as a torch.compile backend.
+
+    model = torch.compile(model, backend="lrcompile")                   # default policy
+    model = torch.compile(model, backend=lrcompile.backend(lrcompile.Policy(degree=4)))
+    print(lrcompile.explain(model, *example_inputs))                    # what is rewritten, and why
+    out = lrcompile.lowrank_attention(q, k, v, is_causal=True)          # the op itself
+"""
 
 from lrcompile.attention import lowrank_attention
+from lrcompile.compiler import UnsupportedSiteError, backend
 from lrcompile.features import feature_dim
+from lrcompile.policy import Policy
 from lrcompile.polynomial import degree_for, exp_polynomial
+from lrcompile.report import Report, Site, explain
 
-__all__ = ["lowrank_attention", "feature_dim", "degree_for", "exp_polynomial"]
+__all__ = [
+    "Policy", "Report", "Site", "UnsupportedSiteError", "backend", "degree_for", "exp_polynomial", "explain",
+    "feature_dim", "lowrank_attention",
+]

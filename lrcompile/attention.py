@@ -118,6 +118,7 @@ def score_bound(q: torch.Tensor, k: torch.Tensor, key_weight, scale: float, caus
     return float((q.norm(dim=-1).amax() * math.sqrt(scale) * key_norms.amax()).item())
 
 
+@torch.no_grad()
 def measured_score_range(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False) -> float:
     """The largest |score| lowrank_attention would see on these inputs: max |s q_i . (k_j - mu)| over
     the pairs that attend (valid keys; j <= i if causal). Exact, in query chunks: O(n^2 d) work

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo.exc
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
@@ -33,6 +34,11 @@ from passes import AttentionSite, find_attention_sites, replace_attention_site
 
 class UnsupportedSiteError(RuntimeError):
     """Raised under Policy(on_unsupported="error") for a site that cannot be rewritten."""
+
+
+# Not failures: the user's explicit choice, and Dynamo's own control flow (it raises these from
+# inside compilation to re-trace the frame; swallowing them would break the restart).
+_MUST_PROPAGATE = (UnsupportedSiteError, torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 
 
 @dataclass
@@ -72,7 +78,7 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
         from torch._inductor.compile_fx import compile_fx as inner
     try:
         result = rewrite_graph(gm, example_inputs, policy)
-    except UnsupportedSiteError:
+    except _MUST_PROPAGATE:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of ours falls back to the original graph
         warnings.warn(f"lrcompile: rewriting failed ({type(error).__name__}: {error}); compiling the graph "
@@ -84,6 +90,8 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
         return inner(gm, example_inputs)
     try:
         return inner(result.graph_module, example_inputs)
+    except _MUST_PROPAGATE:
+        raise
     except Exception as error:  # noqa: BLE001
         names = ", ".join(f"{site.name} ({site.module_path or 'root'})" for site in result.rewritten)
         warnings.warn(f"lrcompile: compiling the rewritten graph failed ({type(error).__name__}: {error}); "

@@ -1,0 +1,188 @@
+"""`explain`: what the backend finds and does in a model, as a `Report` a person can read.
+
+    report = lrcompile.explain(model, *example_args, policy=policy, **example_kwargs)
+    print(report)          # one row per attention site
+    report.sites           # list[Site]
+    report.graphs          # {"dynamo_before": [...], "dynamo_after": [...], "aot_forward": [...], "aot_backward": [...]}
+
+It compiles the model with a recording backend and runs one forward pass on the example inputs
+(Dynamo needs it to trace). Score ranges are measured on those inputs. AOTAutograd's forward and
+backward graphs are recorded when the joint graph is partitioned, so no backward pass, and no
+training step, is run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lrcompile.compiler import Rewrite, rewrite_graph
+from lrcompile.policy import Policy
+
+
+@dataclass
+class Site:
+    """One attention site as the report shows it."""
+
+    module: str                 # module path, e.g. "transformer.h.0.attn" ("<root>" for the model itself)
+    rewritten: bool
+    reason: str                 # why kept; "" when rewritten
+    mask: str                   # none | causal | key_padding | causal+key_padding | general
+    degree: int | None
+    feature_dim: int | None     # r = C(d + g, g)
+    spelling: str = ""          # sdpa | matmul+softmax | einsum+softmax | ...
+    query_shape: tuple = ()
+    key_shape: tuple = ()
+    value_shape: tuple = ()
+    score_range: float | None = None      # largest |score| measured on the example inputs
+    error_bound: float | None = None      # bound on |out - exact| / max|v| at that range
+    flops_exact: float | None = None      # forward + backward
+    flops_lowrank: float | None = None
+    notes: str = ""
+
+
+@dataclass
+class Report:
+    sites: list[Site] = field(default_factory=list)
+    graphs: dict[str, list[str]] = field(default_factory=lambda: {
+        "dynamo_before": [], "dynamo_after": [], "aot_forward": [], "aot_backward": []})
+    policy: Policy | None = None
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+    def graph_code(self) -> str:
+        """Every recorded graph as code, with headers."""
+        titles = {"dynamo_before": "Dynamo graph, before rewriting", "dynamo_after": "Dynamo graph, after rewriting",
+                  "aot_forward": "AOTAutograd forward graph (what Inductor compiles)",
+                  "aot_backward": "AOTAutograd backward graph (what Inductor compiles)"}
+        parts = []
+        for key, title in titles.items():
+            for index, code in enumerate(self.graphs[key]):
+                parts.append(f"# ==== {title}, graph {index} ====\n{code.strip()}\n")
+        return "\n".join(parts)
+
+
+def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
+    """Compile `model` with a recording backend, run it once on the example inputs, return the Report."""
+    policy = Policy() if policy is None else policy
+    report = Report(policy=policy)
+
+    def recording_backend(gm, example_inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+        from torch._functorch.partitioners import default_partition
+
+        rewrite = rewrite_graph(gm, example_inputs, policy, measure=True)
+        report.sites.extend(_sites_of(rewrite))
+        report.graphs["dynamo_before"].append(rewrite.code_before)
+        report.graphs["dynamo_after"].append(rewrite.code_after)
+
+        def partition(joint, joint_inputs, **partition_kwargs):
+            forward, backward = default_partition(joint, joint_inputs, **partition_kwargs)
+            report.graphs["aot_forward"].append(forward.code)
+            report.graphs["aot_backward"].append(backward.code)
+            return forward, backward
+
+        def keep_forward_only(graph, _inputs):  # inference graphs: no partition happens
+            if not report.graphs["aot_forward"] or report.graphs["aot_forward"][-1] != graph.code:
+                report.graphs["aot_forward"].append(graph.code)
+            return graph.forward
+
+        return aot_module_simplified(rewrite.graph_module, example_inputs, fw_compiler=keep_forward_only,
+                                     bw_compiler=lambda graph, _inputs: graph.forward, partition_fn=partition)
+
+    compiled = torch.compile(model, backend=recording_backend, dynamic=False)
+    compiled(*args, **kwargs)
+    return report
+
+
+def _sites_of(rewrite: Rewrite) -> list[Site]:
+    sites = []
+    for site, decision in rewrite.decisions:
+        polynomial = decision.polynomial
+        if polynomial is None and decision.degree is not None and decision.score_range:
+            from lrcompile.polynomial import NotPositiveError, exp_polynomial
+            try:
+                polynomial = exp_polynomial(decision.degree, decision.score_range, "taylor")
+            except NotPositiveError:
+                polynomial = None
+        sites.append(Site(
+            module=site.module_path or "<root>",
+            rewritten=decision.rewrite,
+            reason=decision.reason,
+            mask=site.mask,
+            degree=decision.degree,
+            feature_dim=decision.feature_dim,
+            spelling=site.spelling,
+            query_shape=tuple(site.query_shape),
+            key_shape=tuple(site.key_shape),
+            value_shape=tuple(site.value_shape),
+            score_range=decision.score_range,
+            error_bound=polynomial.output_error_factor if polynomial is not None else None,
+            flops_exact=_number(decision.flops_exact),
+            flops_lowrank=_number(decision.flops_lowrank),
+            notes=site.notes,
+        ))
+    return sites
+
+
+def _number(value):
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None  # symbolic
+
+
+def format_report(report: Report) -> str:
+    if not report.sites:
+        return "lrcompile: no softmax-attention site found in this model (nothing to rewrite)."
+    header = ("module", "spelling", "q shape", "k shape", "mask", "decision", "degree", "r",
+              "score range", "error bound", "GFLOP exact", "GFLOP low-rank")
+    rows = []
+    for s in report.sites:
+        rows.append((
+            s.module, s.spelling, _shape(s.query_shape), _shape(s.key_shape), s.mask,
+            "REWRITTEN" if s.rewritten else "kept exact",
+            str(s.degree) if s.degree is not None else "-",
+            str(s.feature_dim) if s.feature_dim is not None else "-",
+            f"{s.score_range:.3g}" if s.score_range is not None else "-",
+            _bound(s.error_bound),
+            _gflop(s.flops_exact), _gflop(s.flops_lowrank),
+        ))
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+    rewritten = sum(s.rewritten for s in report.sites)
+    out = [f"lrcompile: {len(report.sites)} attention site(s), {rewritten} rewritten, "
+           f"{len(report.sites) - rewritten} kept exact", line(header), line(["-" * w for w in widths])]
+    out += [line(row) for row in rows]
+    kept = [(s.module, s.reason) for s in report.sites if not s.rewritten]
+    if kept:
+        out.append("")
+        out.append("kept exact, and why:")
+        out += [f"  {module}: {reason}" for module, reason in kept]
+    notes = [(s.module, s.notes) for s in report.sites if s.notes]
+    if notes:
+        out.append("")
+        out.append("notes:")
+        out += [f"  {module}: {note}" for module, note in notes]
+    out.append("")
+    out.append("score range: largest |s q.k| measured on the example inputs (keys centred when non-causal); "
+               "error bound: max |out - exact| / max |v| implied by the polynomial's relative error on that "
+               "range; GFLOP: forward + backward, whole call.")
+    return "\n".join(out)
+
+
+def _shape(shape):
+    return "(" + ", ".join(str(x) for x in shape) + ")"
+
+
+def _bound(value):
+    if value is None:
+        return "-"
+    return "none (>= 1)" if math.isinf(value) else f"{value:.2g}"
+
+
+def _gflop(value):
+    return "-" if value is None else f"{value / 1e9:.3g}"

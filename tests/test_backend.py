@@ -1,0 +1,200 @@
+"""The backend end to end: compiled models against eager ones, forward and parameter gradients."""
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.backends.debugging import aot_eager
+
+import lrcompile
+from attention_corpus import CASES, CausalAndKeyPadding, NanoGptCausal
+from lrcompile.compiler import UnsupportedSiteError, compile_graph
+from lrcompile.policy import Policy
+from lrcompile.polynomial import exp_polynomial
+
+SUPPORTED = [case for case in CASES if case.expected.supported and all(case.expected.supported)]
+KEPT = [case for case in CASES if case.expected.supported and not all(case.expected.supported)]
+FORCE = dict(cost_model=False)
+HIGH_DEGREE_ERROR = exp_polynomial(8, 1.5).relative_error  # about 1e-6
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def traced_backend(policy, calls=None):
+    """Our rewrite, then AOTAutograd with eager kernels: traces the op's explicit backward like
+    Inductor's path does, without Inductor's code generation time."""
+    def compiler(gm, example_inputs):
+        if calls is not None:
+            calls.append(gm)
+        return compile_graph(gm, example_inputs, policy, inner=aot_eager)
+    return compiler
+
+
+def loss_and_grads(module, inputs):
+    module.zero_grad()
+    out = module(*inputs)
+    loss = (out.float() ** 2).sum()
+    loss.backward()
+    return out.detach(), {name.removeprefix("_orig_mod."): p.grad.clone()
+                          for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_model_close(compiled, eager, inputs, tolerance):
+    out, grads = loss_and_grads(compiled, inputs)
+    expected_out, expected_grads = loss_and_grads(eager, inputs)
+    assert (out - expected_out).abs().max() <= tolerance * max(1.0, expected_out.abs().max())
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        scale = max(1.0, expected_grads[name].abs().max().item())
+        assert (grad - expected_grads[name]).abs().max() <= tolerance * scale, name
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=lambda case: case.name)
+def test_every_supported_spelling_compiles_to_the_same_function_at_high_degree(case):
+    # The corpus's random models keep |scores| below 1.5, where degree 8 is within
+    # HIGH_DEGREE_ERROR of exp: outputs and gradients must agree to a small multiple of it.
+    module, inputs = case.build()
+    compiled = torch.compile(module, backend=traced_backend(Policy(degree=8, **FORCE)))
+    tolerance = 20 * HIGH_DEGREE_ERROR if case.dtype == torch.float64 else 1e-3
+    assert_model_close(compiled, module, inputs, tolerance)
+
+
+@pytest.mark.parametrize("case", SUPPORTED[:12], ids=lambda case: case.name)
+def test_degree_2_error_stays_within_the_reported_bound(case):
+    module, inputs = case.build()
+    report = lrcompile.explain(module, *inputs, policy=Policy(**FORCE))
+    assert report.sites and all(site.rewritten for site in report.sites)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=traced_backend(Policy(**FORCE)))
+    with torch.no_grad():
+        error = (compiled(*inputs) - module(*inputs)).abs().max().item()
+    assert error > 0  # really rewritten: degree 2 is not exact
+    # Output error per site is at most error_bound * max|v|; through the output projection and
+    # the other layers it grows by their norms, so compare against a generous multiple.
+    worst_bound = max(site.error_bound for site in report.sites)
+    assert error <= 50 * worst_bound
+
+
+@pytest.mark.parametrize("case", KEPT, ids=lambda case: case.name)
+def test_kept_sites_leave_the_model_exact(case):
+    module, inputs = case.build()
+    compiled = torch.compile(module, backend=traced_backend(Policy(**FORCE)))
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same dropout draws for both (cases kept for dropout in training)
+        out = compiled(*inputs)
+        torch.manual_seed(1)
+        torch.testing.assert_close(out, module(*inputs))
+
+
+@pytest.mark.parametrize("name", ["nanogpt_causal_buffer", "sdpa_causal_and_key_padding", "gqa_repeat_interleave",
+                                  "additive_key_padding_bert_style"])
+def test_inductor_compiles_the_factored_forward_and_backward(name):
+    case = next(case for case in SUPPORTED if case.name == name)
+    module, inputs = case.build()
+    compiled = torch.compile(module, backend=lrcompile.backend(Policy(degree=8, **FORCE)))
+    assert_model_close(compiled, module, inputs, 20 * HIGH_DEGREE_ERROR)
+
+
+def test_excluding_every_site_gives_exactly_the_inductor_result():
+    module, inputs = CASES[9].build()  # nanogpt
+    module = module.float()
+    inputs = tuple(x.float() if x.is_floating_point() else x for x in inputs)
+    ours = torch.compile(module, backend=lrcompile.backend(Policy(exclude=("*",))))(*inputs)
+    torch._dynamo.reset()
+    inductor = torch.compile(module, backend="inductor")(*inputs)
+    assert torch.equal(ours, inductor)
+
+
+def test_model_without_attention_is_unchanged():
+    module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    calls = []
+    compiled = torch.compile(module, backend=traced_backend(Policy(**FORCE), calls))
+    torch.testing.assert_close(compiled(x), module(x))
+    assert calls  # the backend was really used
+
+
+def test_backend_is_registered_by_name():
+    module, inputs = NanoGptCausal().float().eval(), (torch.randn(2, 8, 16),)
+    compiled = torch.compile(module, backend="lrcompile")
+    # Default policy: at n = 8 the cost model keeps exact attention.
+    torch.testing.assert_close(compiled(*inputs), module(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_runs_and_updates_parameters():
+    torch.manual_seed(0)
+    module = CausalAndKeyPadding().float()
+    x, keep = torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool)
+    compiled = torch.compile(module, backend=lrcompile.backend(Policy(**FORCE)))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in module.parameters()]
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = compiled(x, keep).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(a, p) for a, p in zip(before, module.parameters()))
+
+
+def test_a_failing_rewrite_falls_back_to_the_original_graph_with_a_warning(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr("lrcompile.compiler.replace_attention_site", broken)
+    module, inputs = CASES[9].build()
+    compiled = torch.compile(module, backend=traced_backend(Policy(**FORCE)))
+    with pytest.warns(UserWarning, match=r"lrcompile: rewriting failed .*replacing site \w+ \(root\) failed: simulated failure"):
+        out = compiled(*inputs)
+    torch.testing.assert_close(out, module(*inputs))
+
+
+def test_on_unsupported_error_and_warn():
+    case = next(case for case in KEPT if case.name == "alibi_bias")
+    module, inputs = case.build()
+    with pytest.raises(Exception, match="kept exact: .*varies along the query axis"):
+        torch.compile(module, backend=traced_backend(Policy(on_unsupported="error")))(*inputs)
+    assert issubclass(UnsupportedSiteError, RuntimeError)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="kept exact"):
+        torch.compile(module, backend=traced_backend(Policy(on_unsupported="warn")))(*inputs)
+
+
+def test_min_seq_len_is_a_guard_under_dynamic_shapes():
+    module = NanoGptCausalLong().double()
+    calls = []
+    compiled = torch.compile(module, backend=traced_backend(Policy(min_seq_len=48, **FORCE), calls), dynamic=True)
+    short, long = torch.randn(2, 40, 16, dtype=torch.float64), torch.randn(2, 64, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(short), module(short))  # kept: exact
+        long_error = (compiled(long) - module(long)).abs().max().item()
+        torch.testing.assert_close(compiled(short), module(short))
+    assert long_error > 1e-9  # rewritten: degree 2 differs from exact
+    assert len(calls) == 2  # the second shape recompiled instead of reusing the first decision
+
+
+class NanoGptCausalLong(nn.Module):
+    """nanoGPT attention with a causal buffer long enough for the dynamic-shape test."""
+
+    def __init__(self, dim=16, heads=2, block=128):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=2)
+        q, k, v = (t.view(batch, n, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / (dim // self.heads) ** 0.5)
+        att = att.masked_fill(self.bias[:, :, :n, :n] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(batch, n, dim))

@@ -1,0 +1,113 @@
+from types import SimpleNamespace
+
+import pytest
+
+from lrcompile import cost
+from lrcompile.policy import Policy, decide
+from lrcompile.polynomial import degree_for
+
+
+def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason=""):
+    return SimpleNamespace(
+        module_path=path, supported=supported, reason=reason, replacement=None, is_causal=causal,
+        query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(degree=0), "degree"),
+        (dict(degree="three"), "degree"),
+        (dict(degree="auto"), "tolerance"),
+        (dict(approximation="pade"), "approximation"),
+        (dict(bound=-1.0), "bound"),
+        (dict(tolerance=2.0), "tolerance"),
+        (dict(min_seq_len=-5), "min_seq_len"),
+        (dict(causal_chunk=0), "causal_chunk"),
+        (dict(on_unsupported="ignore"), "on_unsupported"),
+    ],
+)
+def test_bad_policy_says_what_is_accepted(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Policy(**kwargs)
+
+
+def test_a_single_pattern_string_is_accepted():
+    assert Policy(include="h.*.attn").include == ("h.*.attn",)
+
+
+def test_include_and_exclude_match_module_paths():
+    policy = Policy(include=("h.*.attn",), exclude=("h.1.*",), cost_model=False)
+    assert decide(site(path="h.0.attn"), policy).rewrite
+    kept = decide(site(path="h.1.attn"), policy)
+    assert not kept.rewrite and "excluded by pattern 'h.1.*'" in kept.reason
+    kept = decide(site(path="encoder.attn"), policy)
+    assert not kept.rewrite and "matches no include pattern" in kept.reason
+
+
+def test_unsupported_site_is_kept_with_its_reason():
+    decision = decide(site(supported=False, reason="mask is general"), Policy())
+    assert not decision.rewrite and decision.reason == "mask is general"
+
+
+def test_min_seq_len_keeps_short_sequences():
+    policy = Policy(min_seq_len=1024, cost_model=False)
+    assert "key length 512 < min_seq_len 1024" in decide(site(n=512), policy).reason
+    assert decide(site(n=1024), policy).rewrite
+
+
+def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
+    crossover = cost.crossover_length(64, 64, False, 2)
+    short = decide(site(n=crossover // 2), Policy())
+    assert not short.rewrite and f"about n = {crossover}" in short.reason
+    assert decide(site(n=crossover * 2), Policy()).rewrite
+    assert decide(site(n=crossover // 2), Policy(cost_model=False)).rewrite
+
+
+def test_crossover_falls_with_head_dim_and_rises_with_degree():
+    assert cost.crossover_length(16, 16, False, 2) < cost.crossover_length(64, 64, False, 2)
+    assert cost.crossover_length(32, 32, False, 2) < cost.crossover_length(32, 32, False, 3)
+
+
+def test_auto_degree_is_the_smallest_meeting_the_tolerance_for_the_measured_range():
+    policy = Policy(degree="auto", tolerance=1e-3, cost_model=False)
+    decision = decide(site(), policy, measured_range=1.5)
+    assert decision.rewrite and decision.degree == degree_for(1e-3, 1.5, "taylor")
+    assert decision.lowrank_kwargs["bound"] == 1.5
+
+
+def test_auto_degree_without_a_range_is_kept():
+    decision = decide(site(), Policy(degree="auto", tolerance=1e-3, cost_model=False))
+    assert not decision.rewrite and "needs a score range" in decision.reason
+
+
+def test_range_too_wide_for_any_degree_is_kept_exact():
+    decision = decide(site(), Policy(degree="auto", tolerance=1e-6, cost_model=False), measured_range=40.0)
+    assert not decision.rewrite and "too wide" in decision.reason
+
+
+def test_polynomial_not_positive_on_measured_range_is_kept():
+    decision = decide(site(), Policy(degree=3, cost_model=False), measured_range=3.0)
+    assert not decision.rewrite and "not positive" in decision.reason
+
+
+def test_fixed_degree_over_tolerance_is_kept():
+    decision = decide(site(), Policy(degree=2, tolerance=1e-3, cost_model=False), measured_range=2.0)
+    assert not decision.rewrite and "exceeds tolerance" in decision.reason
+
+
+def test_policy_bound_overrides_the_measured_range():
+    decision = decide(site(), Policy(degree=4, bound=0.5, cost_model=False), measured_range=9.0)
+    assert decision.rewrite and decision.score_range == 0.5
+
+
+def test_even_taylor_needs_no_range_but_odd_does():
+    assert decide(site(), Policy(degree=2, cost_model=False)).rewrite
+    kept = decide(site(), Policy(degree=3, cost_model=False))
+    assert not kept.rewrite and "needs a score range" in kept.reason
+
+
+def test_causal_chunk_is_passed_to_the_op():
+    decision = decide(site(causal=True), Policy(causal_chunk=64, cost_model=False))
+    assert decision.lowrank_kwargs["chunk_size"] == 64
