@@ -198,3 +198,33 @@ class NanoGptCausalLong(nn.Module):
         att = att.masked_fill(self.bias[:, :, :n, :n] == 0, float("-inf"))
         y = F.softmax(att, dim=-1) @ v
         return self.proj(y.transpose(1, 2).contiguous().view(batch, n, dim))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_transformers_models_compile_to_the_same_function_within_the_degree_4_bound(name):
+    # head dim 32: degree 4 has r = C(36, 4) = 58905 features (degree 8 would have 77 million).
+    # These random models keep |scores| < 0.5, where degree 4 is within DEGREE_4_ERROR of exp.
+    from lrcompile.models import BUILT_IN, first_tensor
+
+    model, inputs = BUILT_IN[name](n=24)
+    model = model.double().train()  # training mode: gradients flow; dropout is 0 in these configs
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    calls = []
+    compiled = torch.compile(model, backend=traced_backend(Policy(degree=4, **FORCE), calls))
+
+    def output_and_grads(module):
+        module.zero_grad()
+        out = first_tensor(module(*inputs))
+        (out**2).mean().backward()
+        named = getattr(module, "_orig_mod", module).named_parameters()
+        return out.detach(), {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+    out, grads = output_and_grads(compiled)
+    expected, expected_grads = output_and_grads(model)
+    tolerance = 20 * exp_polynomial(4, 0.5).relative_error
+    assert 0 < (out - expected).abs().max() <= tolerance * max(1, expected.abs().max().item())
+    for key, grad in expected_grads.items():
+        assert (grads[key] - grad).abs().max() <= tolerance * max(1, grad.abs().max().item()), key
+    assert calls
