@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from lrcompile.features import MonomialTable, monomial_table, monomials_backward_t, monomials_by_degree_t, monomials_t
+from lrcompile.features import MonomialTable, monomial_table, monomials_backward_t, monomials_t
 
 
 class FactoredAttention(torch.autograd.Function):
@@ -125,7 +125,9 @@ def _weighted(features_t, key_weight, start, stop):
 class _Kernel:
     """The non-tensor configuration of one call, and the chunked sweeps.
 
-    Features are feature-major: phi_t, psi_t are (B, H, r, C) for a chunk of C rows.
+    Features are feature-major: (B, H, r, C) for a chunk of C rows. The query-side coefficients
+    of phi never touch an n-sized tensor: phi(q) S = mono(q) (c * S) and
+    phi^T G^ = c * (mono^T G^), so they scale the (r, d_v + 1) states instead.
     """
 
     def __init__(self, q, coefficients, scale, causal, chunk_size):
@@ -139,12 +141,12 @@ class _Kernel:
         self.chunk = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
 
-    def phi_t(self, q_rows):
-        return monomials_t(q_rows.mT, self.table) * self.feature_coefficients
+    def mono_t(self, rows):
+        return monomials_t(rows.mT, self.table)
 
-    def query_backward(self, q_rows, d_phi_t, by_degree=None):
-        """dq' rows (B, H, C, d) from dL/dphi (B, H, r, C)."""
-        return monomials_backward_t(q_rows.mT, d_phi_t * self.feature_coefficients, self.table, by_degree).mT
+    def query_backward(self, q_rows, d_mono_t, monomials=None):
+        """dq' rows (B, H, C, d) from dL/dmono(q) (B, H, r, C)."""
+        return monomials_backward_t(q_rows.mT, d_mono_t, self.table, monomials).mT
 
     # ---- non-causal -------------------------------------------------------------------------
 
@@ -152,7 +154,8 @@ class _Kernel:
         batch, heads, groups, n_q, d = q.shape
         state = self.key_state(k, v_hat, key_weight, 0, k.shape[-2])  # (B, H, r, d_v + 1)
         rows = q.reshape(batch, heads, groups * n_q, d)
-        out_hat = torch.cat([self.phi_t(chunk).mT @ state for chunk in rows.split(self.chunk, dim=-2)], dim=-2)
+        query_state = state * self.feature_coefficients
+        out_hat = torch.cat([self.mono_t(chunk).mT @ query_state for chunk in rows.split(self.chunk, dim=-2)], dim=-2)
         out_hat = out_hat.unflatten(-2, (groups, n_q))  # (B, H, G, n_q, d_v + 1)
         denominator = out_hat[..., -1]
         return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator, state
@@ -171,13 +174,14 @@ class _Kernel:
         batch, heads, groups, n_q, d = q.shape
         rows = q.reshape(batch, heads, groups * n_q, d)
         g_rows = g_hat.reshape(batch, heads, groups * n_q, -1)
+        query_state = state * self.feature_coefficients
         reverse_state, dq_chunks = None, []
         for q_chunk, g_chunk in zip(rows.split(self.chunk, dim=-2), g_rows.split(self.chunk, dim=-2)):
-            by_degree = monomials_by_degree_t(q_chunk.mT, self.table)
-            phi_t = torch.cat(by_degree, dim=-2) * self.feature_coefficients  # (B, H, r, C)
-            term = phi_t @ g_chunk
+            mono_t = self.mono_t(q_chunk)  # (B, H, r, C)
+            term = mono_t @ g_chunk
             reverse_state = term if reverse_state is None else reverse_state + term
-            dq_chunks.append(self.query_backward(q_chunk, state @ g_chunk.mT, by_degree))
+            dq_chunks.append(self.query_backward(q_chunk, query_state @ g_chunk.mT, mono_t))
+        reverse_state = reverse_state * self.feature_coefficients
         dq = torch.cat(dq_chunks, dim=-2).reshape(q.shape)
         dk, dv, dw = self.key_gradients(k, v_hat, key_weight, reverse_state, 0, k.shape[-2])
         return dq, dk, dv, dw
@@ -189,12 +193,11 @@ class _Kernel:
         for a in range(start, stop, self.chunk):
             b = min(a + self.chunk, stop)
             k_t = k[..., a:b, :].mT
-            by_degree = monomials_by_degree_t(k_t, self.table)
-            psi_t = torch.cat(by_degree, dim=-2)  # (B, H, r, C)
+            psi_t = monomials_t(k_t, self.table)  # (B, H, r, C)
             d_weighted_psi_t = reverse_state @ v_hat[..., a:b, :].mT  # (B, H, r, C)
             dv.append(_weighted(psi_t, key_weight, a, b).mT @ reverse_state[..., :d_v])
             d_psi_t = _weighted(d_weighted_psi_t, key_weight, a, b)
-            dk.append(monomials_backward_t(k_t, d_psi_t, self.table, by_degree).mT)
+            dk.append(monomials_backward_t(k_t, d_psi_t, self.table, psi_t).mT)
             dw.append((d_weighted_psi_t * psi_t).sum(-2) if self.need_key_weight_grad else None)
         dw = torch.cat(dw, dim=-1) if self.need_key_weight_grad else None
         return torch.cat(dk, dim=-2), torch.cat(dv, dim=-2), dw
@@ -220,7 +223,7 @@ class _Kernel:
         out_hat = []
         for a, b, ka, kb in self.chunks(n_q, k.shape[-2]):
             q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
-            chunk_out = self.phi_t(q_rows).mT @ state  # earlier chunks, through the state
+            chunk_out = self.mono_t(q_rows).mT @ (state * self.feature_coefficients)  # earlier chunks, through the state
             if kb > ka:
                 _, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
                 chunk_out = chunk_out + (p_scores * mask_weight) @ v_hat[..., ka:kb, :]
@@ -251,7 +254,7 @@ class _Kernel:
         for a, b, ka, kb in chunks:
             q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
             g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
-            dq_rows = self.query_backward(q_rows, state @ g_rows.mT)
+            dq_rows = self.query_backward(q_rows, (state * self.feature_coefficients) @ g_rows.mT)
             block = None
             if kb > ka:
                 scores, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
@@ -279,7 +282,7 @@ class _Kernel:
                 dw.append(dw_c + block[2] if block[2] is not None else dw_c)
             q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
             g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
-            reverse_state = reverse_state + self.phi_t(q_rows) @ g_rows
+            reverse_state = reverse_state + (self.mono_t(q_rows) @ g_rows) * self.feature_coefficients
         unseen = n_k - min(n_q, n_k)  # keys past the last query: no query sees them
         if unseen:
             dk.insert(0, k.new_zeros(batch, heads, unseen, d))

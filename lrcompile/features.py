@@ -10,10 +10,15 @@ so with mono(x) = [x^alpha for every multi-index alpha with |alpha| <= g],
 gives phi(q) . psi(k) = P(q . k) exactly.
 
 Degree-m monomials are built from degree-(m-1) ones: every multi-index i_1 <= ... <= i_m is
-its parent (i_1..i_{m-1}) times x[i_m]. With the monomials of each degree ordered by their
-largest index, all of degree m is one gather from the outer product (mono_{m-1} x x), and its
-vector-Jacobian product is the matching gather back plus two small contractions. No scatter,
-no Python loop over d: Inductor turns both into plain indexed loads.
+its parent (i_1..i_{m-1}) times x[i_m]. The monomials of each degree are ordered by their
+largest index, so those of degree m whose largest index is j are exactly a prefix of degree m-1
+(the N_{m-1}(j) = C(j+m-1, m-1) monomials with largest index <= j) times x[j]. Two evaluations
+of that one structure:
+
+- eager: d slice products per degree, written straight into one buffer; the vector-Jacobian
+  product is one in-place multiply-add and one reduction per slice (few passes over memory);
+- traced (torch.compile): one gather from the outer product (mono_{m-1} x x) per degree, and the
+  matching gather back, which Inductor fuses into single kernels instead of unrolling d slices.
 """
 
 from __future__ import annotations
@@ -52,11 +57,17 @@ class MonomialTable:
     scatter_back: tuple[tuple[int, ...], ...]
     multinomial: tuple[float, ...]
     degree_of_feature: tuple[int, ...]
+    prefix: tuple[tuple[int, ...], ...]  # prefix[m-1][j] = N_{m-1}(j): degree m-1 monomials with largest index <= j
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def feature_dim(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Row where the monomials of each degree start, and the end: (0, 1, 1 + d, ...)."""
+        return tuple(sum(self.sizes[:m]) for m in range(self.degree + 2))
 
     def index(self, name: str, m: int, like: torch.Tensor) -> torch.Tensor:
         """The int64 tensor of table `name` ("gather" or "scatter_back") for degree m."""
@@ -124,6 +135,7 @@ def _monomial_table(head_dim: int, degree: int) -> MonomialTable:
         scatter_back=tuple(scatter_back),
         multinomial=tuple(multinomial),
         degree_of_feature=tuple(degree_of_feature),
+        prefix=tuple(tuple(math.comb(j + m - 1, m - 1) for j in range(head_dim)) for m in range(1, degree + 1)),
     )
 
 
@@ -143,10 +155,50 @@ def monomials_backward(x: torch.Tensor, grad: torch.Tensor, table: MonomialTable
 
 def monomials_t(x_t: torch.Tensor, table: MonomialTable) -> torch.Tensor:
     """Feature-major monomials: (..., d, C) -> (..., r, C)."""
-    return torch.cat(monomials_by_degree_t(x_t, table), dim=-2)
+    if _is_tracing(x_t) or (x_t.requires_grad and torch.is_grad_enabled()):  # out= writes are not differentiable
+        return torch.cat(_gathered_monomials_t(x_t, table), dim=-2)
+    offsets = table.offsets
+    out = x_t.new_empty(x_t.shape[:-2] + (table.feature_dim, x_t.shape[-1]))
+    out[..., 0, :] = 1
+    out[..., 1:offsets[2], :] = x_t
+    for m in range(2, table.degree + 1):
+        parents, row = out[..., offsets[m - 1]:offsets[m], :], offsets[m]
+        for j, count in enumerate(table.prefix[m - 1]):
+            torch.mul(parents[..., :count, :], x_t[..., j:j + 1, :], out=out[..., row:row + count, :])
+            row += count
+    return out
 
 
-def monomials_by_degree_t(x_t: torch.Tensor, table: MonomialTable) -> list[torch.Tensor]:
+def monomials_backward_t(
+    x_t: torch.Tensor, grad_t: torch.Tensor, table: MonomialTable, features_t: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feature-major vector-Jacobian product: dL/dmono (..., r, C) -> dL/dx (..., d, C).
+
+    Degree by degree from the top: block j of degree m is F_{m-1}[:N(j)] * x[j], so with G its
+    gradient,  dL/dx[j] += sum over the block of G * F_{m-1}[:N(j)]  and
+    dL/dF_{m-1}[:N(j)] += G * x[j].  Degree 1 is x itself.
+    `features_t` may pass in monomials_t(x_t) when the caller already has it.
+    """
+    if _is_tracing(x_t) or (torch.is_grad_enabled() and (x_t.requires_grad or grad_t.requires_grad)):
+        return _gathered_monomials_backward_t(x_t, grad_t, table)
+    if features_t is None:
+        features_t = monomials_t(x_t, table)
+    offsets = table.offsets
+    grad = grad_t.clone()  # lower degrees accumulate the gradients flowing down from higher ones
+    dx = torch.zeros_like(x_t)
+    for m in range(table.degree, 1, -1):
+        parents = features_t[..., offsets[m - 1]:offsets[m], :]
+        d_parents = grad[..., offsets[m - 1]:offsets[m], :]
+        row = offsets[m]
+        for j, count in enumerate(table.prefix[m - 1]):
+            block = grad[..., row:row + count, :]
+            dx[..., j, :] += (block * parents[..., :count, :]).sum(-2)
+            d_parents[..., :count, :].addcmul_(block, x_t[..., j:j + 1, :])
+            row += count
+    return dx + grad[..., offsets[1]:offsets[2], :]
+
+
+def _gathered_monomials_t(x_t: torch.Tensor, table: MonomialTable) -> list[torch.Tensor]:
     by_degree = [x_t.new_ones(x_t.shape[:-2] + (1, x_t.shape[-1]))]
     for m in range(1, table.degree + 1):
         outer = by_degree[-1].unsqueeze(-2) * x_t.unsqueeze(-3)  # (..., r_{m-1}, d, C)
@@ -154,19 +206,11 @@ def monomials_by_degree_t(x_t: torch.Tensor, table: MonomialTable) -> list[torch
     return by_degree
 
 
-def monomials_backward_t(
-    x_t: torch.Tensor, grad_t: torch.Tensor, table: MonomialTable, by_degree: list[torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Feature-major vector-Jacobian product: dL/dmono (..., r, C) -> dL/dx (..., d, C).
-
-    Degree by degree from the top: with F_m = gather(F_{m-1} (x) x) and G_m = dL/dF_m,
-    the outer product's gradient is G_m gathered back (zero where no monomial sits), so
-        dL/dx       += sum over parents of  F_{m-1} * G_outer
-        dL/dF_{m-1} += sum over variables of G_outer * x
-    `by_degree` may pass in monomials_by_degree_t(x_t) when the caller already has it.
-    """
-    if by_degree is None:
-        by_degree = monomials_by_degree_t(x_t, table)
+def _gathered_monomials_backward_t(x_t: torch.Tensor, grad_t: torch.Tensor, table: MonomialTable) -> torch.Tensor:
+    """The same VJP as gathers: the outer product's gradient is G_m gathered back (zero where no
+    monomial sits); dL/dx += sum over parents of F_{m-1} * G_outer, dL/dF_{m-1} += sum over
+    variables of G_outer * x."""
+    by_degree = _gathered_monomials_t(x_t, table)
     grads = list(grad_t.split(table.sizes, dim=-2))
     dx = torch.zeros_like(x_t)
     for m in range(table.degree, 0, -1):

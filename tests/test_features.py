@@ -47,3 +47,15 @@ def test_explicit_backward_matches_autograd(head_dim, degree):
     grad = torch.randn(2, 6, table.feature_dim, dtype=torch.float64)
     (expected,) = torch.autograd.grad(monomials(x, table), x, grad)
     torch.testing.assert_close(monomials_backward(x.detach(), grad, table), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("head_dim, degree", [(3, 1), (4, 2), (5, 3), (3, 5), (64, 2)])
+def test_eager_slices_and_traced_gathers_agree(head_dim, degree):
+    from lrcompile.features import (_gathered_monomials_backward_t, _gathered_monomials_t, monomials_backward_t,
+                                    monomials_t)
+
+    table = monomial_table(head_dim, degree)
+    x_t = torch.randn(2, head_dim, 7, dtype=torch.float64)
+    grad_t = torch.randn(2, table.feature_dim, 7, dtype=torch.float64)
+    torch.testing.assert_close(monomials_t(x_t, table), torch.cat(_gathered_monomials_t(x_t, table), dim=-2))
+    torch.testing.assert_close(monomials_backward_t(x_t, grad_t, table), _gathered_monomials_backward_t(x_t, grad_t, table))
