@@ -32,8 +32,9 @@ def lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool, degr
     """
     r = feature_dim(head_dim, degree)
     columns = value_dim + 1
-    query_side = n_q * (2 * r * columns * 3 + 4 * r * head_dim)  # phi S; R += phi^T G; G S^T; feature VJP
-    key_side = n_k * kv_ratio * (2 * r * columns * 3 + 4 * r * head_dim)  # S; dV; dpsi; feature VJP
+    elementwise = 8 * r  # building the features twice (forward, backward) and their VJP, per row
+    query_side = n_q * (2 * r * columns * 3 + elementwise)  # phi S; R += phi^T G; G S^T
+    key_side = n_k * kv_ratio * (2 * r * columns * 3 + elementwise)  # S; dV; d psi
     total = query_side + key_side
     if causal:
         block = min(chunk, n_q)
