@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from lrcompile.factored import FactoredAttention, centre_keys
+from lrcompile.factored import centre_keys, factored_attention
 from lrcompile.features import feature_dim
 from lrcompile.polynomial import ExpPolynomial, exp_polynomial
 
@@ -68,7 +68,7 @@ def lowrank_attention(
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
-    out, _ = FactoredAttention.apply(q5, k4, v4, key_weight, polynomial.coefficients, scale, bool(is_causal), chunk)
+    out = factored_attention(q5, k4, v4, key_weight, list(polynomial.coefficients), scale, bool(is_causal), chunk)[0]
     return restore(out).to(q.dtype)
 
 

@@ -42,44 +42,86 @@ from __future__ import annotations
 
 import torch
 
-from lrcompile.features import MonomialTable, monomial_table, monomials_backward_t, monomials_t
+from lrcompile.features import MonomialTable, feature_dim, monomial_table, monomials_backward_t, monomials_t
 
 
-class FactoredAttention(torch.autograd.Function):
-    """out = polynomial attention(q, k, v); see the module docstring for layouts and math."""
+# The op is registered with torch.library, forward and explicit backward as two custom ops, so
+# that under torch.compile AOTAutograd's forward graph holds one `lrcompile.factored_attention`
+# call and its backward graph one `lrcompile.factored_attention_backward` call: Inductor runs the
+# same chunked kernels as eager mode, nothing unrolls with n, and sizes stay symbolic.
 
-    @staticmethod
-    def forward(ctx, q, k, v, key_weight, coefficients, scale, causal, chunk_size):
-        kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
-        k_centred = centre_keys(k, key_weight, scale, causal)[0]
-        v_hat = _append_ones(v)
-        if causal:
-            out, denominator = kernel.causal_forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
-            state = None  # the backward rebuilds the running state chunk by chunk
-        else:
-            out, denominator, state = kernel.forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
-        ctx.save_for_backward(q, k, v, key_weight, out, denominator, state)
-        ctx.kernel = kernel
-        ctx.mark_non_differentiable(denominator)
-        return out, denominator
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_denominator):
-        q, k, v, key_weight, out, denominator, state = ctx.saved_tensors
-        kernel = ctx.kernel
-        k_centred, valid, valid_count = centre_keys(k, key_weight, kernel.scale, kernel.causal)
-        g_hat = torch.cat(
-            [grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1
-        ) / denominator.unsqueeze(-1)  # (B, H, G, n_q, d_v + 1)
-        q_scaled = q * kernel.root_scale
-        v_hat = _append_ones(v)
-        kernel.need_key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
-        if kernel.causal:
-            dq, dk_centred, dv, dw = kernel.causal_backward(q_scaled, k_centred, v_hat, key_weight, g_hat)
-        else:
-            dq, dk_centred, dv, dw = kernel.backward(q_scaled, k_centred, v_hat, key_weight, g_hat, state)
-        dk = dk_centred if kernel.causal else dk_centred - _valid_mean_correction(dk_centred, valid, valid_count)
-        return dq * kernel.root_scale, dk * kernel.root_scale, dv, dw, None, None, None, None
+@torch.library.custom_op("lrcompile::factored_attention", mutates_args=())
+def factored_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
+    coefficients: list[float], scale: float, causal: bool, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state (B, H, r, d_v + 1); empty if causal)."""
+    kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
+    k_centred = centre_keys(k, key_weight, scale, causal)[0]
+    v_hat = _append_ones(v)
+    if causal:
+        out, denominator = kernel.causal_forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
+        state = q.new_empty(0)  # the backward rebuilds the running state
+    else:
+        out, denominator, state = kernel.forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
+    # contiguous, as the fake kernel promises (the denominator is a column of a wider buffer)
+    return out.contiguous(), denominator.contiguous(), state.contiguous()
+
+
+@factored_attention.register_fake
+def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size):
+    r = feature_dim(q.shape[-1], len(coefficients) - 1)
+    state = q.new_empty(0) if causal else q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state
+
+
+@torch.library.custom_op("lrcompile::factored_attention_backward", mutates_args=())
+def factored_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
+    out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor,
+    coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
+    kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
+    kernel.need_key_weight_grad = key_weight_grad
+    k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
+    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / denominator.unsqueeze(-1)
+    q_scaled = q * kernel.root_scale  # g_hat: (B, H, G, n_q, d_v + 1)
+    v_hat = _append_ones(v)
+    if causal:
+        dq, dk_centred, dv, dw = kernel.causal_backward(q_scaled, k_centred, v_hat, key_weight, g_hat)
+        dk = dk_centred
+    else:
+        dq, dk_centred, dv, dw = kernel.backward(q_scaled, k_centred, v_hat, key_weight, g_hat, state)
+        dk = dk_centred - _valid_mean_correction(dk_centred, valid, valid_count)
+    dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
+    return (dq * kernel.root_scale).contiguous(), (dk * kernel.root_scale).contiguous(), dv.contiguous(), dw
+
+
+@factored_attention_backward.register_fake
+def _(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale, causal, chunk_size, key_weight_grad):
+    dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_weight, coefficients, scale, causal, chunk_size = inputs
+    out, denominator, state = output
+    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state)
+    ctx.config = (list(coefficients), scale, causal, chunk_size)
+    ctx.mark_non_differentiable(denominator, state)
+
+
+def _backward(ctx, grad_out, _grad_denominator, _grad_state):
+    q, k, v, key_weight, out, denominator, state = ctx.saved_tensors
+    key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dw = torch.ops.lrcompile.factored_attention_backward(
+        grad_out, q, k, v, key_weight, out, denominator, state, *ctx.config, key_weight_grad)
+    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None
+
+
+factored_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float, causal: bool):

@@ -246,3 +246,13 @@ def test_scores_beyond_the_given_bound_warn():
     q, k, v = attention_inputs(1, 1, 12, 12, 4, score_range=3.0, requires_grad=False)
     with pytest.warns(UserWarning, match="exceeds bound"):
         lowrank_attention(q, k, v, degree=3, approximation="chebyshev", bound=1.0)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_custom_ops_pass_torch_library_opcheck(is_causal):
+    from lrcompile.factored import factored_attention
+
+    q, k, v = attention_inputs(1, 2, 9, 9, 4)
+    q5 = q.detach().reshape(1, 2, 1, 9, 4).requires_grad_()
+    weight = torch.rand(1, 2, 9, dtype=torch.float64)
+    torch.library.opcheck(factored_attention, (q5, k, v, weight, [1.0, 1.0, 0.5], 0.5, is_causal, 4))

@@ -40,7 +40,8 @@ def test_explain_shows_the_factored_backward_that_inductor_receives():
     assert "lowrank_attention" in report.graphs["dynamo_after"][0]
     assert "softmax" not in report.graphs["dynamo_after"][0]
     backward = report.graphs["aot_backward"][0]
-    assert "_softmax_backward_data" not in backward and "index_select" in backward
+    assert "_softmax_backward_data" not in backward and "lrcompile.factored_attention_backward" in backward
+    assert "lrcompile.factored_attention.default" in report.graphs["aot_forward"][0]
     assert "AOTAutograd backward graph" in report.graph_code()
     torch._dynamo.reset()
     exact = lrcompile.explain(model, *inputs, policy=lrcompile.Policy(exclude=("*",)))
