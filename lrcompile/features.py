@@ -184,18 +184,21 @@ def monomials_backward_t(
     if features_t is None:
         features_t = monomials_t(x_t, table)
     offsets = table.offsets
-    grad = grad_t.clone()  # lower degrees accumulate the gradients flowing down from higher ones
+    # Degrees below the top accumulate what flows down from above: only they need a copy.
+    lower = grad_t[..., :offsets[table.degree], :].clone()
     dx = torch.zeros_like(x_t)
     for m in range(table.degree, 1, -1):
         parents = features_t[..., offsets[m - 1]:offsets[m], :]
-        d_parents = grad[..., offsets[m - 1]:offsets[m], :]
+        d_parents = lower[..., offsets[m - 1]:offsets[m], :]
+        grad_m = grad_t if m == table.degree else lower
         row = offsets[m]
         for j, count in enumerate(table.prefix[m - 1]):
-            block = grad[..., row:row + count, :]
+            block = grad_m[..., row:row + count, :]
             dx[..., j, :] += (block * parents[..., :count, :]).sum(-2)
             d_parents[..., :count, :].addcmul_(block, x_t[..., j:j + 1, :])
             row += count
-    return dx + grad[..., offsets[1]:offsets[2], :]
+    degree_one = lower if table.degree > 1 else grad_t  # degree-1 monomials are x itself
+    return dx + degree_one[..., offsets[1]:offsets[2], :]
 
 
 def _gathered_monomials_t(x_t: torch.Tensor, table: MonomialTable) -> list[torch.Tensor]:
