@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -39,7 +40,6 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,10 +57,10 @@ METHODS = ("sdpa", "math", "inductor", "lowrank", "lowrank_compiled")
 LOWRANK_METHODS = ("lowrank", "lowrank_compiled")
 COMPILED_METHODS = ("inductor", "lowrank_compiled")
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384, 32768)
-# Inductor's compile time of the rewritten graph grows with n (the chunk loop of the op unrolls
-# into the graph: about 10 s per causal chunk of 256 rows on 2 cores), so compiled low-rank rows
-# stop here by default; measured rows beyond are "skipped", never extrapolated.
-DEFAULT_COMPILED_MAX_N = 4096
+# A cap on lowrank_compiled rows, to bound the full run's time. Since the op is a custom op its
+# compile time no longer grows with n (3-15 s measured at n = 1024 and 4096), and its steps run
+# the same chunked kernels as `lowrank`; rows beyond the cap are "skipped", never extrapolated.
+DEFAULT_COMPILED_MAX_N = 16384
 SLOPE_FROM_N = 4096  # below it, fixed per-call overheads bend the log-log line
 MATMUL_SIZE = 2048
 GIB = 2**30
@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--memory-budget-gib", type=float, default=4.0,
                         help="skip methods whose n x n float32 weights (all heads) exceed this")
     parser.add_argument("--compiled-max-n", type=int, default=DEFAULT_COMPILED_MAX_N,
-                        help="largest n for lowrank_compiled (Inductor compile time grows with n)")
+                        help="largest n for lowrank_compiled, to bound the run time, default %(default)s")
+    parser.add_argument("--matmul-size", type=int, default=MATMUL_SIZE,
+                        help="the float32 matmul rate is timed on a size^3 torch.mm, default %(default)s")
     parser.add_argument("--plot", metavar="PATH", help="PNG of time vs n (and PATH_memory.png with --memory)")
     parser.add_argument("--json", metavar="PATH", help="all raw numbers as JSON")
     return parser
@@ -113,10 +115,11 @@ class Settings:
     memory: bool
     memory_budget_bytes: float
     compiled_max_n: int
+    matmul_size: int = MATMUL_SIZE
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        for name in ("batch", "heads", "head_dim", "degree", "repeats", "compiled_max_n"):
+        for name in ("batch", "heads", "head_dim", "degree", "repeats", "compiled_max_n", "matmul_size"):
             value = getattr(args, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -135,6 +138,7 @@ class Settings:
             degree=args.degree, score_range=args.score_range, repeats=args.repeats, warmup=args.warmup,
             methods=tuple(m for m in METHODS if m in args.methods), causal=causal, memory=args.memory,
             memory_budget_bytes=args.memory_budget_gib * GIB, compiled_max_n=args.compiled_max_n,
+            matmul_size=args.matmul_size,
         )
 
     @property
@@ -152,15 +156,15 @@ class Settings:
 def run(args: argparse.Namespace) -> dict:
     """Time (and with --memory, measure) every method; print the report; write --json, --plot."""
     settings = Settings.from_args(args)
-    progress = _progress_bar()
+    progress_factory = progress_bar()
     print(f"lrcompile bench: {settings.describe()}", flush=True)
     print(f"  {machine_description()}", flush=True)
-    matmul = measure_matmul_rate()
+    matmul = measure_matmul_rate(settings.matmul_size)
     fused = {causal: inductor_fuses_math_attention(causal, settings.head_dim)
              for causal in settings.causal if "inductor" in settings.methods}
-    rows = time_all(settings, fused, progress)
+    rows = time_all(settings, fused, progress_factory)
     if settings.memory:
-        measure_all_memory(settings, rows, progress)
+        measure_all_memory(settings, rows, progress_factory)
     result = summarise(settings, rows, matmul, fused)
     print(format_report(result), flush=True)
     if getattr(args, "json", None):
@@ -197,20 +201,32 @@ def math_attention(q, k, v, is_causal: bool):
 
 
 class RewriteRecord:
-    """What the lrcompile backend did to each graph it compiled, so that a row labelled
-    lowrank_compiled is known to run the low-rank op, not a fallback to exact attention."""
+    """How many attention sites the lrcompile backend rewrote in graphs that Inductor then compiled.
+
+    So that a row labelled lowrank_compiled is known to run the low-rank op: when rewriting or
+    compiling the rewritten graph fails, the backend falls back to the original graph (with a
+    warning), and that graph's sites are not counted.
+    """
 
     def __init__(self):
         self.rewritten_sites = 0
 
     def backend(self, policy: Policy):
         """lrcompile.backend(policy), plus the record."""
-        def lrcompile_recorded(gm, example_inputs):
-            return compile_graph(gm, example_inputs, policy, on_rewrite=self._record)
-        return lrcompile_recorded
+        from torch._inductor.compile_fx import compile_fx
 
-    def _record(self, rewrite):
-        self.rewritten_sites += len(rewrite.rewritten)
+        def lrcompile_recorded(gm, example_inputs):
+            sites = []
+
+            def inductor(graph_module, inputs):
+                compiled = compile_fx(graph_module, inputs)
+                if graph_module is not gm:  # the rewritten copy compiled
+                    self.rewritten_sites += sum(sites)
+                return compiled
+
+            return compile_graph(gm, example_inputs, policy, inner=inductor,
+                                 on_rewrite=lambda rewrite: sites.append(len(rewrite.rewritten)))
+        return lrcompile_recorded
 
 
 def make_method(method: str, settings: Settings, causal: bool, record: RewriteRecord | None = None) -> Callable:
@@ -239,14 +255,18 @@ def weights_bytes(settings: Settings, n: int) -> int:
     return settings.batch * settings.heads * n * n * 4
 
 
+def format_bytes(size: float) -> str:
+    return f"{size / GIB:.1f} GiB" if size >= GIB / 10 else f"{size / 2**20:.1f} MiB"
+
+
 def skip_reason(method: str, n: int, causal: bool, settings: Settings, fused: dict) -> str:
     """Why (method, n) is not measured, or "" when it is."""
     quadratic = method == "math" or (method == "inductor" and not fused.get(causal, False))
     if quadratic and weights_bytes(settings, n) > settings.memory_budget_bytes:
-        return (f"skipped (needs {weights_bytes(settings, n) / GIB:.1f} GiB for the n x n weights; "
-                f"budget {settings.memory_budget_bytes / GIB:g} GiB)")
+        return (f"skipped (needs {format_bytes(weights_bytes(settings, n))} for the n x n weights; "
+                f"budget {format_bytes(settings.memory_budget_bytes)})")
     if method == "lowrank_compiled" and n > settings.compiled_max_n:
-        return f"skipped (n > --compiled-max-n {settings.compiled_max_n}: Inductor compile time)"
+        return f"skipped (n > --compiled-max-n {settings.compiled_max_n})"
     return ""
 
 
@@ -255,13 +275,18 @@ def inductor_fuses_math_attention(causal: bool, head_dim: int) -> bool:
 
     Then `inductor` runs SDPA's kernel and needs no n x n memory, so the memory budget does not
     apply to it. Probed once on a small shape; the counter is Inductor's record of replacements.
+    Inductor's caches are off for the probe: a cache hit skips the pattern matcher and its counter.
     """
+    import torch._functorch.config
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     before = counters["inductor"]["fuse_attention"]
     q, k, v = (torch.randn(1, 2, 256, head_dim, requires_grad=True) for _ in range(3))
-    torch.compile(math_attention, backend="inductor", dynamic=False)(q, k, v, causal).sum().backward()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch.compile(math_attention, backend="inductor", dynamic=False)(q, k, v, causal).sum().backward()
     torch._dynamo.reset()
     return counters["inductor"]["fuse_attention"] > before
 
@@ -345,14 +370,13 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
             continue
         records[method] = RewriteRecord()
         attend = make_method(method, settings, causal, records[method])
-        steps[method] = _checked_step(method, attend, (q, k, v, grad_out), row)
+        steps[method] = functools.partial(training_step_times, attend, q, k, v, grad_out)
     progress.set_postfix_str(f"n={n} {'causal' if causal else 'non-causal'}")
     results = interleaved_runs(steps, settings.warmup, settings.repeats, on_run=lambda name: progress.update())
     for method, measured in results.items():
         row = rows[method]
-        if method == "lowrank_compiled" and not row.skipped and records[method].rewritten_sites == 0:
-            row.skipped = "not measured: lrcompile did not rewrite the attention (see warnings)"
-        if row.skipped:
+        if method == "lowrank_compiled" and records[method].rewritten_sites == 0:
+            row.skipped = "not measured: lrcompile kept exact attention (see its warning)"
             continue
         row.forward_runs = [forward for forward, _ in measured["runs"]]
         row.total_runs = [total for _, total in measured["runs"]]
@@ -362,21 +386,6 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
     for row in rows.values():
         row.flops = model_flops(row.method, n, causal, settings)
     return list(rows.values())
-
-
-def _checked_step(method, attend, tensors, row: Row):
-    """The timed step; a fallback warning from the lrcompile backend marks the row as not measured."""
-    def step():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            times = training_step_times(attend, *tensors)
-        fallbacks = [str(w.message) for w in caught if str(w.message).startswith("lrcompile:")]
-        if fallbacks and method == "lowrank_compiled":
-            row.skipped = f"not measured: {fallbacks[0]}"
-        for w in caught:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        return times
-    return step
 
 
 def time_all(settings: Settings, fused: dict, progress_factory) -> list[Row]:
@@ -549,45 +558,63 @@ def crossover(ratios: list[tuple[int, float]]) -> dict:
 
 
 def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) -> dict:
+    """Everything measured, plus what is derived from it: slopes, crossovers, FLOP-rate ratios."""
     measured = {(row.method, row.n, row.causal): row for row in rows if row.total_s is not None}
-    slopes, crossovers, rate_ratios = [], [], []
-    for causal in settings.causal:
-        for method in settings.methods:
-            for phase in ("forward_s", "total_s"):
-                points = [(n, getattr(measured[method, n, causal], phase)) for n in settings.n
-                          if n >= SLOPE_FROM_N and (method, n, causal) in measured]
-                slopes.append({"method": method, "causal": causal, "phase": phase, "points": len(points),
-                               "slope": loglog_slope(points)})
-        for method in LOWRANK_METHODS:
-            if method not in settings.methods or "sdpa" not in settings.methods:
-                continue
-            for phase in ("forward_s", "total_s"):
-                ratios = [(n, getattr(measured[method, n, causal], phase) / getattr(measured["sdpa", n, causal], phase))
-                          for n in settings.n if (method, n, causal) in measured and ("sdpa", n, causal) in measured]
-                crossovers.append({"method": method, "causal": causal, "phase": phase, **crossover(ratios)})
-            # The quantity cost.LOWRANK_RATE_RATIO stands for: achieved FLOP rate of the low-rank
-            # path over exact attention's (SDPA), both by the FLOP model, at the longest common n.
-            common = [n for n in settings.n if (method, n, causal) in measured and ("sdpa", n, causal) in measured]
-            if common:
-                low, exact = measured[method, common[-1], causal], measured["sdpa", common[-1], causal]
-                rate_ratios.append({"method": method, "causal": causal, "n": common[-1],
-                                    "ratio": (low.flops / low.total_s) / (exact.flops / exact.total_s)})
-    predicted = [{"causal": causal, "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal,
-                                                               settings.degree,
-                                                               default_chunk_size(settings.head_dim, settings.degree, causal))}
-                 for causal in settings.causal]
+    chunk = {causal: default_chunk_size(settings.head_dim, settings.degree, causal) for causal in settings.causal}
     return {
         "settings": {**asdict(settings), "describe": settings.describe()},
         "machine": machine_info(),
         "matmul": matmul,
         "inductor_fuses_math_attention": {("causal" if c else "non-causal"): f for c, f in fused.items()},
         "rows": [asdict(row) for row in rows],
-        "slopes": slopes,
-        "crossovers": crossovers,
-        "rate_ratios": rate_ratios,
-        "predicted_crossovers": predicted,
+        "slopes": [slope_entry(measured, settings, method, causal, phase)
+                   for causal in settings.causal for method in settings.methods for phase in PHASES],
+        "crossovers": [crossover_entry(measured, settings, method, causal, phase)
+                       for causal in settings.causal for method in _lowrank_against_sdpa(settings)
+                       for phase in PHASES],
+        "rate_ratios": [entry for causal in settings.causal for method in _lowrank_against_sdpa(settings)
+                        if (entry := rate_ratio_entry(measured, settings, method, causal))],
+        "predicted_crossovers": [
+            {"causal": causal, "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal,
+                                                          settings.degree, chunk[causal])}
+            for causal in settings.causal],
         "cost_model_rate_ratio": cost.LOWRANK_RATE_RATIO,
     }
+
+
+PHASES = ("forward_s", "total_s")
+
+
+def _lowrank_against_sdpa(settings: Settings) -> list[str]:
+    return [m for m in LOWRANK_METHODS if m in settings.methods and "sdpa" in settings.methods]
+
+
+def slope_entry(measured: dict, settings: Settings, method: str, causal: bool, phase: str) -> dict:
+    points = [(n, getattr(measured[method, n, causal], phase)) for n in settings.n
+              if n >= SLOPE_FROM_N and (method, n, causal) in measured]
+    return {"method": method, "causal": causal, "phase": phase, "points": len(points),
+            "slope": loglog_slope(points)}
+
+
+def _both_measured(measured: dict, settings: Settings, method: str, causal: bool) -> list[int]:
+    return [n for n in settings.n if (method, n, causal) in measured and ("sdpa", n, causal) in measured]
+
+
+def crossover_entry(measured: dict, settings: Settings, method: str, causal: bool, phase: str) -> dict:
+    ratios = [(n, getattr(measured[method, n, causal], phase) / getattr(measured["sdpa", n, causal], phase))
+              for n in _both_measured(measured, settings, method, causal)]
+    return {"method": method, "causal": causal, "phase": phase, **crossover(ratios)}
+
+
+def rate_ratio_entry(measured: dict, settings: Settings, method: str, causal: bool) -> dict | None:
+    """What cost.LOWRANK_RATE_RATIO stands for: the low-rank path's achieved FLOP rate over exact
+    attention's (sdpa), both by the FLOP model, fwd+bwd, at the largest n both were measured."""
+    common = _both_measured(measured, settings, method, causal)
+    if not common:
+        return None
+    low, exact = measured[method, common[-1], causal], measured["sdpa", common[-1], causal]
+    return {"method": method, "causal": causal, "n": common[-1],
+            "ratio": (low.flops / low.total_s) / (exact.flops / exact.total_s)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,45 +673,63 @@ def table_lines(result: dict) -> list[str]:
     return lines
 
 
+def _mask(causal: bool) -> str:
+    return "causal" if causal else "non-causal"
+
+
 def format_report(result: dict) -> str:
+    """The report as Markdown: what was measured, the table, slopes, crossovers, rate ratios."""
     settings = result["settings"]
+    matmul = result["matmul"]
     lines = [
-        f"Attention, {settings['describe']}; median of {settings['repeats']} interleaved runs after "
-        f"{settings['warmup']} warm-up; forward = forward of a training step.",
-        f"Matmul rate (float32 torch.mm {result['matmul']['size']}^3, measured): {result['matmul']['gflops']:.1f} GFLOP/s. "
-        f"GFLOP/s (model) = lrcompile.cost FLOPs (forward + backward) / measured fwd+bwd time.",
+        f"Attention, {settings['describe']}. Median of {settings['repeats']} interleaved runs after "
+        f"{settings['warmup']} warm-up; \"forward\" is the forward of a training step, \"fwd+bwd\" the whole "
+        f"step; speed-up vs sdpa = sdpa's time / the method's, same run. Matmul rate (float32 torch.mm "
+        f"{matmul['size']}^3, measured): **{matmul['gflops']:.1f} GFLOP/s**. GFLOP/s (model) = FLOPs of "
+        f"forward + backward by the FLOP model (lrcompile.cost) / measured fwd+bwd time.",
         "",
         *table_lines(result),
         "",
-        "first call s: compile + one step (compiled methods).",
+        "- first call s: compile + one step (compiled methods).",
     ]
     for mask, fuses in result["inductor_fuses_math_attention"].items():
-        lines.append(f"inductor, {mask}: Inductor {'replaces' if fuses else 'does not replace'} the math spelling "
-                     f"by SDPA (its fuse_attention pass){'' if fuses else '; it materialises the n x n weights'}.")
-    lines += ["", f"Slope of log(time) vs log(n), least squares over measured n >= {SLOPE_FROM_N} (fwd+bwd / forward):"]
-    by_key = {(s["method"], s["causal"], s["phase"]): s for s in result["slopes"]}
-    for causal in settings["causal"]:
-        parts = []
-        for method in settings["methods"]:
-            total, forward = by_key[method, causal, "total_s"], by_key[method, causal, "forward_s"]
-            if total["slope"] is not None:
-                parts.append(f"{method} {total['slope']:.2f} / {forward['slope']:.2f} ({total['points']} points)")
-            else:
-                parts.append(f"{method} - (fewer than 2 points)")
-        lines.append(f"  {'causal' if causal else 'non-causal'}: " + "; ".join(parts))
-    lines += ["", "Crossover (measured): n from which the method stays faster than sdpa, log-log interpolation:"]
+        lines.append(f"- inductor, {mask}: Inductor {'replaces' if fuses else 'does not replace'} the math spelling "
+                     f"by SDPA (its fuse_attention pass){'' if fuses else ', so it materialises the n x n weights'}.")
+    lines += [f"- {r['method']} n = {r['n']} {_mask(r['causal'])}: memory {r['memory_note']}"
+              for r in result["rows"] if r["memory_note"]]
+    lines += ["", *slope_table_lines(result), "", "Crossover with sdpa, measured: the n from which the method stays "
+              "faster, interpolated in log-log between the measured points around it.", ""]
     for c in result["crossovers"]:
         phase = "fwd+bwd" if c["phase"] == "total_s" else "forward"
-        lines.append(f"  {c['method']}, {'causal' if c['causal'] else 'non-causal'}, {phase}: {c['text']}")
+        lines.append(f"- {c['method']}, {_mask(c['causal'])}, {phase}: {c['text']}")
     for p in result["predicted_crossovers"]:
-        lines.append(f"  FLOP model (lrcompile.cost, LOWRANK_RATE_RATIO = {result['cost_model_rate_ratio']}), "
-                     f"{'causal' if p['causal'] else 'non-causal'}, fwd+bwd: n = {p['n']}")
+        lines.append(f"- predicted by the FLOP model (lrcompile.cost, LOWRANK_RATE_RATIO = "
+                     f"{result['cost_model_rate_ratio']}), {_mask(p['causal'])}, fwd+bwd: n = {p['n']}")
     if result["rate_ratios"]:
-        lines += ["", "Achieved FLOP rate of low-rank over sdpa (FLOP model / measured time, fwd+bwd; "
-                      f"cost.LOWRANK_RATE_RATIO assumes {result['cost_model_rate_ratio']}):"]
-        for r in result["rate_ratios"]:
-            lines.append(f"  {r['method']}, {'causal' if r['causal'] else 'non-causal'}, n = {r['n']}: {r['ratio']:.2f}")
+        lines += ["", "Achieved FLOP rate of low-rank over sdpa's (FLOP model / measured fwd+bwd time, at the "
+                      f"largest n both measured; lrcompile.cost.LOWRANK_RATE_RATIO assumes "
+                      f"{result['cost_model_rate_ratio']}):", ""]
+        lines += [f"- {r['method']}, {_mask(r['causal'])}, n = {r['n']}: {r['ratio']:.2f}"
+                  for r in result["rate_ratios"]]
     return "\n".join(lines)
+
+
+def slope_table_lines(result: dict) -> list[str]:
+    """Slope of log(time) vs log(n) per method, mask and phase, as a Markdown table."""
+    settings = result["settings"]
+    by_key = {(s["method"], s["causal"], s["phase"]): s for s in result["slopes"]}
+    columns = [(causal, phase) for causal in settings["causal"] for phase in ("total_s", "forward_s")]
+    header = ["method"] + [f"{_mask(c)} {'fwd+bwd' if p == 'total_s' else 'forward'}" for c, p in columns]
+    lines = [f"Slope of log(time) vs log(n), least squares over the measured n >= {SLOPE_FROM_N} (2 = quadratic, "
+             f"1 = linear; '-': fewer than two such n):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in settings["methods"]:
+        cells = [method]
+        for causal, phase in columns:
+            entry = by_key[method, causal, phase]
+            cells.append("-" if entry["slope"] is None else f"{entry['slope']:.2f} ({entry['points']} n)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def memory_plot_path(path: str) -> str:
@@ -759,7 +804,8 @@ def plot_lines(grid: list[list[tuple[str, dict]]], path: str, ylabel: str, supti
     plt.close(figure)
 
 
-def _progress_bar():
+def progress_bar():
+    """A factory of tqdm bars on stderr (the report goes to stdout), gone when finished."""
     try:
         from tqdm import tqdm
     except ImportError:
