@@ -575,8 +575,8 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
         "rate_ratios": [entry for causal in settings.causal for method in _lowrank_against_sdpa(settings)
                         if (entry := rate_ratio_entry(measured, settings, method, causal))],
         "predicted_crossovers": [
-            {"causal": causal, "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal,
-                                                          settings.degree, chunk[causal])}
+            {"causal": causal, "rate_ratio": cost.rate_ratio(causal),
+             "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal])}
             for causal in settings.causal],
         "cost_model_rate_ratio": cost.LOWRANK_RATE_RATIO,
     }
@@ -703,12 +703,12 @@ def format_report(result: dict) -> str:
         phase = "fwd+bwd" if c["phase"] == "total_s" else "forward"
         lines.append(f"- {c['method']}, {_mask(c['causal'])}, {phase}: {c['text']}")
     for p in result["predicted_crossovers"]:
-        lines.append(f"- predicted by the FLOP model (lrcompile.cost, LOWRANK_RATE_RATIO = "
-                     f"{result['cost_model_rate_ratio']}), {_mask(p['causal'])}, fwd+bwd: n = {p['n']}")
+        lines.append(f"- predicted by the FLOP model (lrcompile.cost, rate ratio "
+                     f"{p.get('rate_ratio', result['cost_model_rate_ratio'])}), {_mask(p['causal'])}, fwd+bwd: n = {p['n']}")
     if result["rate_ratios"]:
         lines += ["", "Achieved FLOP rate of low-rank over sdpa's (FLOP model / measured fwd+bwd time, at the "
-                      f"largest n both measured; lrcompile.cost.LOWRANK_RATE_RATIO assumes "
-                      f"{result['cost_model_rate_ratio']}):", ""]
+                      f"largest n both measured; lrcompile.cost assumes {cost.LOWRANK_RATE_RATIO} non-causal, "
+                      f"{cost.CAUSAL_LOWRANK_RATE_RATIO} causal, near the crossover):", ""]
         lines += [f"- {r['method']}, {_mask(r['causal'])}, n = {r['n']}: {r['ratio']:.2f}"
                   for r in result["rate_ratios"]]
     return "\n".join(lines)

@@ -5,9 +5,12 @@ query heads), for one forward and one backward: the work a training step does. E
 is left out of the exact count (it is O(n^2), dominated by the products) but kept for the
 low-rank feature maps, whose elementwise work is O(n r) like its products.
 
-`LOWRANK_RATE_RATIO` is the measured ratio (low-rank path's achieved FLOP rate) / (exact
-attention's) on the reference machine; the crossover compares times, not FLOPs. It is
-calibrated by benchmarks/op_speed.py (see benchmarks/RESULTS.md).
+`LOWRANK_RATE_RATIO` (non-causal) and `CAUSAL_LOWRANK_RATE_RATIO` are the ratios (low-rank
+path's achieved FLOP rate) / (SDPA's) near the crossover, so the crossover compares predicted
+times, not FLOPs. Calibrated by benchmarks/op_speed.py on the 2-core CPU of RESULTS.md (d = 64,
+degree 2, forward + backward): measured crossovers n = 3955-4031 non-causal (model: 3812) and
+n = 12611-14309 causal (model with 0.36: about 13500). Causal is lower because SDPA skips the
+masked half of the work while the in-chunk blocks and the backward's rebuilt state add to ours.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from lrcompile.features import feature_dim
 
 LOWRANK_RATE_RATIO = 0.5
+CAUSAL_LOWRANK_RATE_RATIO = 0.36
 
 
 def exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
@@ -46,7 +50,11 @@ def lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool, degr
 def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0) -> bool:
     exact = exact_flops(n_q, n_k, head_dim, value_dim, 1, causal)
     lowrank = lowrank_flops(n_q, n_k, head_dim, value_dim, 1, causal, degree, chunk, kv_ratio)
-    return lowrank / LOWRANK_RATE_RATIO < exact
+    return lowrank / rate_ratio(causal) < exact
+
+
+def rate_ratio(causal: bool) -> float:
+    return CAUSAL_LOWRANK_RATE_RATIO if causal else LOWRANK_RATE_RATIO
 
 
 def crossover_length(head_dim, value_dim, causal, degree, chunk=256) -> int:

@@ -116,7 +116,7 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
     decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
     if policy.cost_model and not _holds(
-        decision.flops_lowrank / cost.LOWRANK_RATE_RATIO < decision.flops_exact
+        decision.flops_lowrank / cost.rate_ratio(causal) < decision.flops_exact
     ):
         decision.rewrite = False
         crossover = cost.crossover_length(int(head_dim), int(value_dim), causal, degree, chunk)

@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
 from attention_corpus import CASES, CausalAndKeyPadding, NanoGptCausal
 from lrcompile.compiler import UnsupportedSiteError, compile_graph
+from lrcompile.models import CausalSelfAttention
 from lrcompile.policy import Policy
 from lrcompile.polynomial import exp_polynomial
 
@@ -169,7 +169,7 @@ def test_on_unsupported_error_and_warn():
 
 
 def test_min_seq_len_is_a_guard_under_dynamic_shapes():
-    module = NanoGptCausalLong().double()
+    module = CausalSelfAttention(n_embd=16, n_head=2, block_size=128).double()  # nanoGPT attention
     calls = []
     compiled = torch.compile(module, backend=traced_backend(Policy(min_seq_len=48, **FORCE), calls), dynamic=True)
     short, long = torch.randn(2, 40, 16, dtype=torch.float64), torch.randn(2, 64, 16, dtype=torch.float64)
@@ -179,25 +179,6 @@ def test_min_seq_len_is_a_guard_under_dynamic_shapes():
         torch.testing.assert_close(compiled(short), module(short))
     assert long_error > 1e-9  # rewritten: degree 2 differs from exact
     assert len(calls) == 2  # the second shape recompiled instead of reusing the first decision
-
-
-class NanoGptCausalLong(nn.Module):
-    """nanoGPT attention with a causal buffer long enough for the dynamic-shape test."""
-
-    def __init__(self, dim=16, heads=2, block=128):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
-
-    def forward(self, x):
-        batch, n, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=2)
-        q, k, v = (t.view(batch, n, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) * (1.0 / (dim // self.heads) ** 0.5)
-        att = att.masked_fill(self.bias[:, :, :n, :n] == 0, float("-inf"))
-        y = F.softmax(att, dim=-1) @ v
-        return self.proj(y.transpose(1, 2).contiguous().view(batch, n, dim))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
