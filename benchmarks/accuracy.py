@@ -9,20 +9,20 @@ float64, so the figures are approximation error only. Cells read "output / gradi
 """
 
 import argparse
-import re
 import warnings
 from pathlib import Path
 
 import torch
 
 from lrcompile import lowrank_attention
+from lrcompile.bench import write_results_section
 from lrcompile.polynomial import NotPositiveError, exp_polynomial
 from lrcompile.reference import exact_attention, random_attention_inputs
 
 RANGES = (0.5, 1.0, 2.0, 4.0)
 DEGREES = range(1, 7)
 README = Path(__file__).resolve().parents[1] / "README.md"
-MARKERS = ("<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->")
+SECTION = "accuracy-table"  # README.md holds <!-- accuracy-table:start/end --> markers
 
 
 def relative_error(a, b):
@@ -70,12 +70,7 @@ def main():
     result = table(args.seed)
     print(result)
     if args.update_readme:
-        text = README.read_text()
-        block = f"{MARKERS[0]}\n{result}\n{MARKERS[1]}"
-        new = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, text, flags=re.S)
-        if new == text and block not in text:
-            raise SystemExit(f"markers {MARKERS} not found in {README}")
-        README.write_text(new)
+        write_results_section(README, SECTION, result)
         print(f"updated {README}")
 
 

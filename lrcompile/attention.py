@@ -11,10 +11,9 @@ import math
 import warnings
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from lrcompile.factored import centre_keys, factored_attention
-from lrcompile.features import feature_dim
+from lrcompile.features import feature_dim, is_tracing
 from lrcompile.polynomial import ExpPolynomial, exp_polynomial
 
 SUPPORTED_MASKS = "None, is_causal, or a key-padding mask broadcast over queries (shape (..., 1, n_k))"
@@ -87,8 +86,9 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, cau
         # Even Taylor polynomials are positive on all of R and their coefficients 1/m! do not
         # depend on B, so no range is needed (and none is measured: no device sync).
         return exp_polynomial(degree, 1.0, "taylor")
-    if bound is None:
-        if _is_tracing(q):
+    given = bound is not None
+    if not given:
+        if is_tracing(q):
             raise ValueError(
                 f"approximation={approximation!r} with degree={degree!r} needs an explicit bound= "
                 f"under torch.compile (the score range cannot be measured while tracing); only "
@@ -97,7 +97,8 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, cau
         bound = score_bound(q, k, key_weight, scale, causal)
     polynomial = exp_polynomial(degree, bound, approximation)
     positive_everywhere = approximation == "taylor" and degree % 2 == 0
-    if not positive_everywhere and not _is_tracing(q):
+    # An estimated bound is the measured range already; only a caller's bound can fall short of it.
+    if given and not positive_everywhere and not is_tracing(q):
         measured = score_bound(q, k, key_weight, scale, causal)
         if measured > polynomial.bound:
             warnings.warn(
@@ -238,7 +239,7 @@ def _key_padding_mask(attn_mask, q, n_q, n_k):
     if shape[-2] not in (1, n_q):
         raise ValueError(f"attn_mask of shape {shape} does not broadcast to {tuple(q.shape[:-1]) + (n_k,)}")
     if shape[-2] != 1:
-        if _is_tracing(attn_mask) or attn_mask.requires_grad:
+        if is_tracing(attn_mask) or attn_mask.requires_grad:
             raise ValueError(
                 f"attn_mask has a query axis (shape {shape}) that cannot be checked here; supported: "
                 f"{SUPPORTED_MASKS}"
@@ -247,7 +248,3 @@ def _key_padding_mask(attn_mask, q, n_q, n_k):
             raise ValueError(f"attn_mask varies along the query axis (shape {shape}); supported: {SUPPORTED_MASKS}")
         attn_mask = attn_mask[..., :1, :]
     return attn_mask.expand(*attn_mask.shape[:-1], n_k)
-
-
-def _is_tracing(t: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() or is_fake(t)

@@ -121,7 +121,8 @@ def _check(args) -> int:
             continue
         worst_name, worst = max(((name, _relative(grads[name], g)) for name, g in exact_grads.items()),
                                 key=lambda item: item[1][0])
-        print(f"{degree:>6}  {_relative(out, exact_out)[0]:>10.2e} | {_relative(out, exact_out)[1]:>9.2e}  "
+        output_error = _relative(out, exact_out)
+        print(f"{degree:>6}  {output_error[0]:>10.2e} | {output_error[1]:>9.2e}  "
               f"{worst[0]:>10.2e} | {worst[1]:>9.2e} ({worst_name})")
     print("\nper-parameter gradient error at the highest degree:")
     for name, grad in exact_grads.items():

@@ -72,7 +72,7 @@ class MonomialTable:
     def index(self, name: str, m: int, like: torch.Tensor) -> torch.Tensor:
         """The int64 tensor of table `name` ("gather" or "scatter_back") for degree m."""
         values = getattr(self, name)[m - 1]
-        if _is_tracing(like):
+        if is_tracing(like):
             return torch.tensor(values, dtype=torch.int64, device=like.device)
         key = (name, m, like.device)
         if key not in self._cache:
@@ -85,7 +85,8 @@ class MonomialTable:
         return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _is_tracing(t: torch.Tensor) -> bool:
+def is_tracing(t: torch.Tensor) -> bool:
+    """True under torch.compile or fake-tensor tracing, where data cannot be read."""
     return torch.compiler.is_compiling() or is_fake(t)
 
 
@@ -155,7 +156,7 @@ def monomials_backward(x: torch.Tensor, grad: torch.Tensor, table: MonomialTable
 
 def monomials_t(x_t: torch.Tensor, table: MonomialTable) -> torch.Tensor:
     """Feature-major monomials: (..., d, C) -> (..., r, C)."""
-    if _is_tracing(x_t) or (x_t.requires_grad and torch.is_grad_enabled()):  # out= writes are not differentiable
+    if is_tracing(x_t) or (x_t.requires_grad and torch.is_grad_enabled()):  # out= writes are not differentiable
         return torch.cat(_gathered_monomials_t(x_t, table), dim=-2)
     offsets = table.offsets
     out = x_t.new_empty(x_t.shape[:-2] + (table.feature_dim, x_t.shape[-1]))
@@ -179,7 +180,7 @@ def monomials_backward_t(
     dL/dF_{m-1}[:N(j)] += G * x[j].  Degree 1 is x itself.
     `features_t` may pass in monomials_t(x_t) when the caller already has it.
     """
-    if _is_tracing(x_t) or (torch.is_grad_enabled() and (x_t.requires_grad or grad_t.requires_grad)):
+    if is_tracing(x_t) or (torch.is_grad_enabled() and (x_t.requires_grad or grad_t.requires_grad)):
         return _gathered_monomials_backward_t(x_t, grad_t, table)
     if features_t is None:
         features_t = monomials_t(x_t, table)

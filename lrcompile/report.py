@@ -101,13 +101,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
 def _sites_of(rewrite: Rewrite) -> list[Site]:
     sites = []
     for site, decision in rewrite.decisions:
-        polynomial = decision.polynomial
-        if polynomial is None and decision.degree is not None and decision.score_range:
-            from lrcompile.polynomial import NotPositiveError, exp_polynomial
-            try:
-                polynomial = exp_polynomial(decision.degree, decision.score_range, "taylor")
-            except NotPositiveError:
-                polynomial = None
+        polynomial = decision.polynomial  # set by decide() whenever a score range is known
         sites.append(Site(
             module=site.module_path or "<root>",
             rewritten=decision.rewrite,
