@@ -12,11 +12,14 @@ gives phi(q) . psi(k) = P(q . k) exactly.
 Degree-m monomials are built from degree-(m-1) ones: every multi-index i_1 <= ... <= i_m is
 its parent (i_1..i_{m-1}) times x[i_m]. The monomials of each degree are ordered by their
 largest index, so those of degree m whose largest index is j are exactly a prefix of degree m-1
-(the N_{m-1}(j) = C(j+m-1, m-1) monomials with largest index <= j) times x[j]. Two evaluations
-of that one structure:
+(the N_{m-1}(j) = C(j+m-1, m-1) monomials with largest index <= j) times x[j]. Evaluations of that one
+structure:
 
-- eager: d slice products per degree, written straight into one buffer; the vector-Jacobian
-  product is one in-place multiply-add and one reduction per slice (few passes over memory);
+- `FeatureMap`, what the attention kernels call: on CPU the C kernels of `lrcompile.native`, one
+  pass over memory per map (each feature the product of its parent and one x, tile by tile);
+  elsewhere the torch evaluation below, written into the caller's buffer;
+- eager torch: d slice products per degree, written straight into one buffer; the vector-Jacobian
+  product is one in-place multiply-add and one reduction per slice;
 - traced (torch.compile): one gather from the outer product (mono_{m-1} x x) per degree, and the
   matching gather back, which Inductor fuses into single kernels instead of unrolling d slices.
 """
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from lrcompile import native
 
 
 def feature_dim(head_dim: int, degree: int) -> int:
@@ -58,11 +63,19 @@ class MonomialTable:
     multinomial: tuple[float, ...]
     degree_of_feature: tuple[int, ...]
     prefix: tuple[tuple[int, ...], ...]  # prefix[m-1][j] = N_{m-1}(j): degree m-1 monomials with largest index <= j
+    # feature t >= 1 is feature parent[t] times x[last[t]] (the recursion the C kernels run)
+    parent: tuple[int, ...]
+    last: tuple[int, ...]
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def feature_dim(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def lower_dim(self) -> int:
+        """Number of monomials of degree < g: the parents of the top degree."""
+        return self.feature_dim - self.sizes[-1]
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -103,8 +116,10 @@ def _monomial_table(head_dim: int, degree: int) -> MonomialTable:
     max_index = [[-1]]
     counts = [[()]]  # exponent multiset per monomial, as a sorted tuple of variable indices
     gather, scatter_back = [], []
+    parent_of, last_of = [0], [0]
     for m in range(1, degree + 1):
         parents = max_index[-1]
+        parent_offset = len(parent_of) - len(parents)
         flat, new_max, new_counts = [], [], []
         for last in range(head_dim):
             for p, parent_max in enumerate(parents):
@@ -112,6 +127,8 @@ def _monomial_table(head_dim: int, degree: int) -> MonomialTable:
                     flat.append(p * head_dim + last)
                     new_max.append(last)
                     new_counts.append(counts[-1][p] + (last,))
+                    parent_of.append(parent_offset + p)
+                    last_of.append(last)
         back = [len(flat)] * (len(parents) * head_dim)
         for position, entry in enumerate(flat):
             back[entry] = position
@@ -137,6 +154,8 @@ def _monomial_table(head_dim: int, degree: int) -> MonomialTable:
         multinomial=tuple(multinomial),
         degree_of_feature=tuple(degree_of_feature),
         prefix=tuple(tuple(math.comb(j + m - 1, m - 1) for j in range(head_dim)) for m in range(1, degree + 1)),
+        parent=tuple(parent_of),
+        last=tuple(last_of),
     )
 
 
@@ -225,3 +244,39 @@ def _gathered_monomials_backward_t(x_t: torch.Tensor, grad_t: torch.Tensor, tabl
         if m > 1:
             grads[m - 1] = grads[m - 1] + (outer_grad * x_t.unsqueeze(-3)).sum(-2)
     return dx
+
+
+class FeatureMap:
+    """phi (with `coefficients`) or psi (without) for rows of one dtype and device, into buffers.
+
+    Rows are (B, C, d) with unit last stride; features are feature-major (B, r, C), as the
+    attention's matrix products take them. The native C kernels serve float32/float64 CPU tensors;
+    anything else, or a machine without a C compiler, gets the torch evaluation (same values).
+    """
+
+    def __init__(self, table: MonomialTable, coefficients: torch.Tensor | None, like: torch.Tensor):
+        self.table = table
+        self.coefficients = coefficients  # (r,) or None
+        self.native = native.FeatureKernels(table, coefficients, like.dtype) if self.uses_native(like) else None
+
+    def uses_native(self, like: torch.Tensor) -> bool:
+        return self.table.degree >= 1 and native.supports(like)
+
+    def __call__(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, r, C) <- phi(rows) or psi(rows)."""
+        if self.native is not None:
+            self.native.features(rows, out)
+            return out
+        features = monomials_t(rows.mT, self.table)
+        if self.coefficients is not None:
+            features = features * self.coefficients[:, None]
+        return out.copy_(features)
+
+    def backward(self, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, C, d) <- dL/drows, given grad = dL/dfeatures (B, r, C)."""
+        if self.native is not None:
+            self.native.backward(rows, grad, out)
+            return out
+        if self.coefficients is not None:
+            grad = grad * self.coefficients[:, None]
+        return out.copy_(monomials_backward_t(rows.mT, grad, self.table).mT)

@@ -1,0 +1,199 @@
+"""The C kernels of the factored attention on CPU: built once per machine, loaded with ctypes.
+
+`cpu_kernels.c` is compiled on first use with the system C compiler (the one Inductor uses on
+CPU) into a cache directory, keyed by the source, the compiler and the CPU, and shared by every
+later process. Where no compiler works, or for tensors the kernels do not take (not on the CPU,
+not float32/float64), `lrcompile.features` computes the same maps with torch operations; `status()`
+says which path is in use and why.
+
+Environment: LRCOMPILE_NATIVE=0 turns the kernels off; LRCOMPILE_CACHE_DIR moves the cache
+(default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile); CC names the compiler (default cc).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -fopenmp links libgomp.so.1 by soname: inside a torch process that resolves to the libgomp torch
+# already loaded, so the kernels share torch's thread pool instead of starting a second one.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("LRCOMPILE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them if needed; None where they cannot be used (see status())."""
+    if not enabled():
+        return None
+    with _lock:
+        if "library" not in _state:
+            _state["library"], _state["reason"] = _load()
+            if _state["library"] is None:
+                warnings.warn(f"lrcompile: native feature kernels unavailable ({_state['reason']}); "
+                              f"using torch operations, several times slower on CPU", stacklevel=3)
+        return _state["library"]
+
+
+def status() -> str:
+    """One line: which feature-map implementation CPU tensors get, and why."""
+    if not enabled():
+        return "torch operations (LRCOMPILE_NATIVE=0)"
+    if library() is None:
+        return f"torch operations ({_state['reason']})"
+    return f"native C kernels ({_state['reason']})"
+
+
+def supports(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
+
+
+class FeatureKernels:
+    """The C feature map and its VJP for one (head_dim, degree), dtype and coefficient vector.
+
+    Arguments are bound once here; a call passes pointers and strides only (ctypes converts them
+    by the declared argument types), so a chunk costs a few microseconds of Python.
+    """
+
+    def __init__(self, table, coefficients: torch.Tensor | None, dtype: torch.dtype):
+        lib = library()
+        if lib is None:
+            raise RuntimeError(f"native kernels are unavailable: {status()}")
+        self.r, self.lower_dim = table.feature_dim, table.lower_dim
+        self._build = getattr(lib, f"lrc_features_{SUFFIX[dtype]}")
+        self._vjp = getattr(lib, f"lrc_features_vjp_{SUFFIX[dtype]}")
+        # kept alive by this object: the kernels only see their addresses
+        self._parent = torch.tensor(table.parent, dtype=torch.int32)
+        self._last = torch.tensor(table.last, dtype=torch.int32)
+        self._coefficients = None if coefficients is None else coefficients.to(dtype).contiguous()
+        self._tables = (self._parent.data_ptr(), self._last.data_ptr(),
+                        None if self._coefficients is None else self._coefficients.data_ptr())
+
+    def features(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (B, r, C) <- monomials of x (B, C, d), times the coefficients if any."""
+        _check_unit_stride(x, out)
+        self._build(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], x.stride(0), x.stride(1),
+                    out.data_ptr(), self.r, out.stride(0), out.stride(1), self.lower_dim, *self._tables,
+                    torch.get_num_threads())
+
+    def backward(self, x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
+        """out (B, C, d) <- vector-Jacobian product of `features` at x for grad (B, r, C)."""
+        _check_unit_stride(x, grad, out)
+        failed = self._vjp(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], x.stride(0), x.stride(1),
+                           grad.data_ptr(), self.r, grad.stride(0), grad.stride(1),
+                           out.data_ptr(), out.stride(0), out.stride(1), self.lower_dim, *self._tables,
+                           torch.get_num_threads())
+        if failed:
+            raise MemoryError(f"lrcompile: no memory for the scratch tiles of the feature VJP "
+                              f"({self.lower_dim} lower-degree features per tile)")
+
+
+def causal_block(scores: torch.Tensor, grad: torch.Tensor | None, offset: int, groups: int,
+                 coefficients: torch.Tensor) -> None:
+    """In place: scores X (B, rows, cols) -> P(X) * M; grad dL/dA -> dL/dX = dL/dA * M * P'(X).
+
+    M is the causal mask of position-major rows: row i is position offset + i // groups, relative
+    to the block's first key. coefficients: c_0..c_g of P, in scores' dtype.
+    """
+    _check_unit_stride(scores, *([] if grad is None else [grad]))
+    function = getattr(library(), f"lrc_causal_block_{SUFFIX[scores.dtype]}")
+    function(scores.data_ptr(), scores.shape[0], scores.shape[1], scores.shape[2], scores.stride(0), scores.stride(1),
+             None if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0),
+             0 if grad is None else grad.stride(1), offset, groups, coefficients.data_ptr(),
+             coefficients.numel() - 1, torch.get_num_threads())
+
+
+def _check_unit_stride(*tensors) -> None:
+    # the kernels index with the strides they are given but need unit stride along the last axis
+    for t in tensors:
+        if t.dim() != 3 or t.stride(-1) != 1:
+            raise ValueError(f"native kernels take 3-d tensors with unit last stride, got shape "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+
+
+_POINTER, _INT64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    # name: (return type, argument types), as in cpu_kernels.c
+    "lrc_features": (None, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 4, _POINTER, _POINTER, _POINTER, _INT]),
+    "lrc_features_vjp": (_INT, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 3, _POINTER, *[_INT64] * 3,
+                                _POINTER, _POINTER, _POINTER, _INT]),
+    "lrc_causal_block": (None, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 4, _POINTER, _INT64, _INT]),
+}
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        path = _cache_dir() / f"cpu_kernels-{_build_key(compiler, version)}.so"
+        if not path.exists():
+            _build(compiler, path)
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        return None, " ".join(str(error).split())[:500] or type(error).__name__
+    for name, (result, arguments) in _SIGNATURES.items():
+        for suffix in SUFFIX.values():
+            function = getattr(library, f"{name}_{suffix}")
+            function.restype, function.argtypes = result, arguments
+    return library, f"{version.splitlines()[0] if version else compiler}, {path}"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LRCOMPILE_CACHE_DIR")
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lrcompile"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_key(compiler: str, version: str) -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (compiler, version, " ".join(FLAGS), platform.machine(), _cpu_flags()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    # -march=native code is only valid on a CPU with the same instruction sets
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, path: Path) -> None:
+    # Build beside the target and rename: concurrent processes never load a half-written file.
+    handle, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
