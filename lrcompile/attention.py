@@ -72,12 +72,13 @@ def lowrank_attention(
 
 
 def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:
-    """Rows per chunk: large enough for efficient matrix products, small enough that the
-    (chunk, r) feature block stays a few MB."""
-    if causal:
-        return 256
+    """Rows per chunk: about 1 MiB of float32 features per head (r x C), which keeps a chunk's
+    feature block and a state in one core's cache; causal chunks are half that, since their
+    C x C blocks cost O(n C). Measured best on the 2-core CPU of benchmarks/RESULTS.md
+    (d = 64, degree 2: 128 and 64)."""
     r = feature_dim(head_dim, degree)
-    return max(64, min(1024, (1 << 20) // r))
+    budget, largest = (1 << 17, 256) if causal else (1 << 18, 512)
+    return max(32, min(largest, 16 * round(budget / r / 16)))
 
 
 def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, causal) -> ExpPolynomial:

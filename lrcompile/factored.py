@@ -15,34 +15,41 @@ mu is the mean of the valid keys when non-causal: any vector shared by all keys 
 unchanged and centring shrinks the score range. Causal attention is not centred (mu = 0): a mean
 over all keys would let later keys change earlier outputs, a leak of the future in training.
 
-with P(q'.k') = phi(q') . psi(k') (see `lrcompile.features`). Writing V^ = [V | 1]:
+with P(q'.k') = phi(q') . psi(k') (see `lrcompile.features`; phi carries the coefficients, psi
+none). Writing V^ = [V | 1] and W^ = w * V^ (the key weights never touch a feature):
 
-Forward, non-causal.  S = sum_j w_j psi(k'_j)^T V^_j   (r, d_v + 1);   O^ = phi(Q') S.
+Forward, non-causal.  S = sum_j psi(k'_j)^T W^_j   (r, d_v + 1);   O^ = phi(Q') S.
 Forward, causal.      Chunks of C positions: inside a chunk A is applied directly (C x C);
                       across chunks a running S holds the keys of all earlier chunks.
 
 Backward (derived once).  With dO given, let g_i = dO_i / D_i and G^_i = [g_i | -(dO_i . out_i) / D_i]
 (the second entry is FlashAttention's "delta" term). Then
-    dA_ij = G^_i . V^_j                                        (rank d_v + 1)
-    dV_j  = sum_i A_ij g_i
-    dphi(q'_i) = sum_j dA_ij w_j psi(k'_j) = G^_i S^T          (non-causal: S as in the forward)
-    d[w_j psi(k'_j)] = V^_j R^T,   R = sum_i phi(q'_i)^T G^_i  (r, d_v + 1)
-    dV_j  = w_j psi(k'_j) R[:, :d_v]
+    dA_ij / w_j = G^_i . V^_j                                  (rank d_v + 1)
+    dphi(q'_i) = sum_j dA_ij psi(k'_j) = S G^_i                (non-causal: S as in the forward)
+    dpsi(k'_j) = R W^_j,   R = sum_i phi(q'_i)^T G^_i          (r, d_v + 1)
+    U_j = R^T psi(k'_j):   dV_j = w_j U_j[:d_v],   dw_j = U_j . V^_j
 and the feature maps' vector-Jacobian products turn dphi, dpsi into dq', dk'. Centring adds
-dk'_j -> dk'_j - [j valid] sum_l dk'_l / n_valid (mu depends on the keys). Causally, each
-query chunk sees the state S of earlier chunks (a forward sweep rebuilds it) and each key chunk
-receives R from later query chunks (a reverse sweep accumulates it); the in-chunk block is
-differentiated directly through dX_ij = dA_ij w_j P'(x_ij).
+dk'_j -> dk'_j - [j valid] sum_l dk'_l / n_valid (mu depends on the keys). Causally, query chunk
+c sees the state S_<c of the keys of earlier chunks and key chunk c receives R_>c from the
+queries of later chunks: one reverse sweep carries both, R growing by each query chunk and S
+shrinking from the forward's total by each key chunk (S_<c = S - sum of later chunks' terms,
+so no forward sweep is repeated); the in-chunk block is differentiated directly through
+dX_ij = dA_ij w_j P'(x_ij).
 
-Features are recomputed chunk by chunk in the backward instead of saved: memory stays
-O(n d + r d_v) per head, never an n x n or an n x r tensor.
+Features are recomputed chunk by chunk in the backward instead of saved, into buffers allocated
+once per call: memory stays O(n d + r d_v) per head, never an n x n or an n x r tensor. Per
+chunk the work is a few large matrix products (MKL on CPU) and one pass of the feature kernels.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from lrcompile.features import MonomialTable, feature_dim, monomial_table, monomials_backward_t, monomials_t
+from lrcompile import native
+from lrcompile.features import FeatureMap, MonomialTable, feature_dim, monomial_table
+from lrcompile.threads import split_heads
 
 
 # The op is registered with torch.library, forward and explicit backward as two custom ops, so
@@ -56,15 +63,13 @@ def factored_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state (B, H, r, d_v + 1); empty if causal)."""
-    kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
+    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1)).
+
+    Causally, S sums the keys every query can see at the end: the backward peels it chunk by chunk.
+    """
+    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
     k_centred = centre_keys(k, key_weight, scale, causal)[0]
-    v_hat = _append_ones(v)
-    if causal:
-        out, denominator = kernel.causal_forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
-        state = q.new_empty(0)  # the backward rebuilds the running state
-    else:
-        out, denominator, state = kernel.forward(q * kernel.root_scale, k_centred, v_hat, key_weight)
+    out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
     # contiguous, as the fake kernel promises (the denominator is a column of a wider buffer)
     return out.contiguous(), denominator.contiguous(), state.contiguous()
 
@@ -72,7 +77,7 @@ def factored_attention(
 @factored_attention.register_fake
 def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size):
     r = feature_dim(q.shape[-1], len(coefficients) - 1)
-    state = q.new_empty(0) if causal else q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
+    state = q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state
 
 
@@ -83,20 +88,15 @@ def factored_attention_backward(
     coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
-    kernel = _Kernel(q, coefficients, scale, causal, chunk_size)
-    kernel.need_key_weight_grad = key_weight_grad
+    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
+    sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
     g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / denominator.unsqueeze(-1)
-    q_scaled = q * kernel.root_scale  # g_hat: (B, H, G, n_q, d_v + 1)
-    v_hat = _append_ones(v)
-    if causal:
-        dq, dk_centred, dv, dw = kernel.causal_backward(q_scaled, k_centred, v_hat, key_weight, g_hat)
-        dk = dk_centred
-    else:
-        dq, dk_centred, dv, dw = kernel.backward(q_scaled, k_centred, v_hat, key_weight, g_hat, state)
-        dk = dk_centred - _valid_mean_correction(dk_centred, valid, valid_count)
+    dq, dk, dv, dw = sweeps.backward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight, g_hat, state)
+    if not causal:
+        dk = dk - _valid_mean_correction(dk, valid, valid_count)
     dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
-    return (dq * kernel.root_scale).contiguous(), (dk * kernel.root_scale).contiguous(), dv.contiguous(), dw
+    return (dq * sweeps.root_scale).contiguous(), (dk * sweeps.root_scale).contiguous(), dv.contiguous(), dw
 
 
 @factored_attention_backward.register_fake
@@ -153,183 +153,233 @@ def _append_ones(v):
 def _horner(coefficients, x):
     result = torch.full_like(x, coefficients[-1])
     for c in reversed(coefficients[:-1]):
-        result = result * x + c
+        result = result.mul_(x).add_(c)
     return result
 
 
-def _weighted(features_t, key_weight, start, stop):
-    """Multiply key columns start:stop of (B, H, r, C) feature-major features by their weights."""
-    if key_weight is None:
-        return features_t
-    return features_t * key_weight[..., None, start:stop]
+def _spans(length, chunk):
+    for start in range(0, length, chunk):
+        yield start, min(start + chunk, length)
 
 
-class _Kernel:
-    """The non-tensor configuration of one call, and the chunked sweeps.
+class _Sweeps:
+    """One call's configuration, and the chunked sweeps over (BH, rows, .) tensors.
 
-    Features are feature-major: (B, H, r, C) for a chunk of C rows. The query-side coefficients
-    of phi never touch an n-sized tensor: phi(q) S = mono(q) (c * S) and
-    phi^T G^ = c * (mono^T G^), so they scale the (r, d_v + 1) states instead.
+    Batch and key/value heads are flattened into BH. Query rows are the G query heads of a key
+    head stacked: head-major (G n_q) when non-causal, where any split into chunks will do, and
+    position-major (n_q G) when causal, so that a chunk of C positions is C G consecutive rows.
+    Features are feature-major, (BH, r, rows), in buffers reused by every chunk.
     """
 
     def __init__(self, q, coefficients, scale, causal, chunk_size):
         self.coefficients = tuple(coefficients)
         self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
         self.table: MonomialTable = monomial_table(q.shape[-1], len(self.coefficients) - 1)
-        self.feature_coefficients = self.table.coefficients(self.coefficients, q.dtype, q.device)[:, None]  # (r, 1)
-        self.scale = scale
+        self.phi = FeatureMap(self.table, self.table.coefficients(self.coefficients, q.dtype, q.device), q)
+        self.psi = FeatureMap(self.table, None, q)
         self.root_scale = scale**0.5
         self.causal = causal
         self.chunk = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
+        self._masks = {}
+        # the in-chunk polynomial runs natively wherever the feature maps do
+        self.native_block = (torch.tensor(self.coefficients, dtype=q.dtype)
+                             if causal and self.psi.native is not None else None)
 
-    def mono_t(self, rows):
-        return monomials_t(rows.mT, self.table)
+    # ---- layout -------------------------------------------------------------------------------
 
-    def query_backward(self, q_rows, d_mono_t, monomials=None):
-        """dq' rows (B, H, C, d) from dL/dmono(q) (B, H, r, C)."""
-        return monomials_backward_t(q_rows.mT, d_mono_t, self.table, monomials).mT
+    def query_rows(self, x):
+        """(B, H, G, n_q, e) -> (BH, G n_q, e) non-causal, (BH, n_q G, e) causal."""
+        batch, heads, groups, n_q, width = x.shape
+        if self.causal:
+            x = x.transpose(2, 3)
+        return x.reshape(batch * heads, groups * n_q, width).contiguous()  # kernels want unit-stride rows
 
-    # ---- non-causal -------------------------------------------------------------------------
+    def from_query_rows(self, rows, shape):
+        """The inverse of query_rows, for rows (BH, G n_q or n_q G, e') and q's shape (B, H, G, n_q, .)."""
+        batch, heads, groups, n_q = shape[:4]
+        if self.causal:
+            return rows.reshape(batch, heads, n_q, groups, -1).transpose(2, 3)
+        return rows.reshape(batch, heads, groups, n_q, -1)
+
+    def buffer(self, like, rows):
+        """A feature block (BH, r, rows), reused by every chunk of a sweep."""
+        return like.new_empty(like.shape[0], self.table.feature_dim, rows)
+
+    # (r, d_v + 1) states and (rows, d_v + 1) outputs are column-major: with d_v + 1 = 65 columns,
+    # MKL's products run about 15% faster that way round (benchmarks/RESULTS.md).
+
+    @staticmethod
+    def new_state(like, columns):
+        return like.new_zeros(like.shape[0], columns, like.shape[1]).mT  # (BH, rows, columns)
+
+    @staticmethod
+    def new_rows(like, rows, columns, zero=False):
+        make = like.new_zeros if zero else like.new_empty
+        return make(like.shape[0], columns, rows).mT  # (BH, rows, columns)
+
+    # ---- entry points -------------------------------------------------------------------------
 
     def forward(self, q, k, v_hat, key_weight):
-        batch, heads, groups, n_q, d = q.shape
-        state = self.key_state(k, v_hat, key_weight, 0, k.shape[-2])  # (B, H, r, d_v + 1)
-        rows = q.reshape(batch, heads, groups * n_q, d)
-        query_state = state * self.feature_coefficients
-        out_hat = torch.cat([self.mono_t(chunk).mT @ query_state for chunk in rows.split(self.chunk, dim=-2)], dim=-2)
-        out_hat = out_hat.unflatten(-2, (groups, n_q))  # (B, H, G, n_q, d_v + 1)
+        batch, heads, groups = q.shape[:3]
+        rows, keys = self.query_rows(q), k.flatten(0, 1).contiguous()
+        weighted = _weighted(v_hat, key_weight).flatten(0, 1)  # W^ (BH, n_k, d_v + 1)
+        if self.causal:
+            out_hat, state = split_heads(functools.partial(self.causal_forward, groups=groups), rows, keys, weighted)
+        else:
+            out_hat, state = split_heads(self.non_causal_forward, rows, keys, weighted)
+        out_hat = self.from_query_rows(out_hat, q.shape)  # (B, H, G, n_q, d_v + 1)
         denominator = out_hat[..., -1]
-        return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator, state
-
-    def key_state(self, k, v_hat, key_weight, start, stop):
-        """sum over keys start:stop of w_j psi(k_j)^T [v_j | 1], chunk by chunk: (B, H, r, d_v + 1)."""
-        state = None
-        for a in range(start, stop, self.chunk):
-            b = min(a + self.chunk, stop)
-            psi_t = _weighted(monomials_t(k[..., a:b, :].mT, self.table), key_weight, a, b)  # (B, H, r, C)
-            term = psi_t @ v_hat[..., a:b, :]
-            state = term if state is None else state + term
-        return state
+        return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator, state.unflatten(0, (batch, heads))
 
     def backward(self, q, k, v_hat, key_weight, g_hat, state):
-        batch, heads, groups, n_q, d = q.shape
-        rows = q.reshape(batch, heads, groups * n_q, d)
-        g_rows = g_hat.reshape(batch, heads, groups * n_q, -1)
-        query_state = state * self.feature_coefficients
-        reverse_state, dq_chunks = None, []
-        for q_chunk, g_chunk in zip(rows.split(self.chunk, dim=-2), g_rows.split(self.chunk, dim=-2)):
-            mono_t = self.mono_t(q_chunk)  # (B, H, r, C)
-            term = mono_t @ g_chunk
-            reverse_state = term if reverse_state is None else reverse_state + term
-            dq_chunks.append(self.query_backward(q_chunk, query_state @ g_chunk.mT, mono_t))
-        reverse_state = reverse_state * self.feature_coefficients
-        dq = torch.cat(dq_chunks, dim=-2).reshape(q.shape)
-        dk, dv, dw = self.key_gradients(k, v_hat, key_weight, reverse_state, 0, k.shape[-2])
-        return dq, dk, dv, dw
+        groups = q.shape[2]
+        rows, g_rows, keys = self.query_rows(q), self.query_rows(g_hat), k.flatten(0, 1).contiguous()
+        weighted = _weighted(v_hat, key_weight).flatten(0, 1)
+        state = state.flatten(0, 1)
+        if self.causal:
+            dq, dk, key_grads = split_heads(functools.partial(self.causal_backward, groups=groups),
+                                            rows, keys, weighted, g_rows, state)
+        else:
+            dq, dk, key_grads = split_heads(self.non_causal_backward, rows, keys, weighted, g_rows, state)
+        # U_j = R^T psi(k'_j) (plus the in-chunk share): dV_j = w_j U_j[:d_v], dw_j = U_j . V^_j
+        key_grads = key_grads.unflatten(0, k.shape[:2])  # (B, H, n_k, d_v + 1)
+        dv = _weighted(key_grads[..., :-1], key_weight)
+        dw = (key_grads * v_hat).sum(-1) if self.need_key_weight_grad else None
+        return self.from_query_rows(dq, q.shape), dk.unflatten(0, k.shape[:2]), dv, dw
 
-    def key_gradients(self, k, v_hat, key_weight, reverse_state, start, stop):
-        """dk', dv, dw for keys start:stop, given R = sum over the queries that see them of phi^T G^."""
-        d_v = v_hat.shape[-1] - 1
-        dk, dv, dw = [], [], []
-        for a in range(start, stop, self.chunk):
-            b = min(a + self.chunk, stop)
-            k_t = k[..., a:b, :].mT
-            psi_t = monomials_t(k_t, self.table)  # (B, H, r, C)
-            d_weighted_psi_t = reverse_state @ v_hat[..., a:b, :].mT  # (B, H, r, C)
-            dv.append(_weighted(psi_t, key_weight, a, b).mT @ reverse_state[..., :d_v])
-            d_psi_t = _weighted(d_weighted_psi_t, key_weight, a, b)
-            dk.append(monomials_backward_t(k_t, d_psi_t, self.table, psi_t).mT)
-            dw.append((d_weighted_psi_t * psi_t).sum(-2) if self.need_key_weight_grad else None)
-        dw = torch.cat(dw, dim=-1) if self.need_key_weight_grad else None
-        return torch.cat(dk, dim=-2), torch.cat(dv, dim=-2), dw
+    # ---- non-causal ---------------------------------------------------------------------------
 
-    # ---- causal -----------------------------------------------------------------------------
+    def non_causal_forward(self, rows, keys, weighted):
+        state = self.key_state(keys, weighted)
+        return self.query_outputs(rows, state), state
+
+    def non_causal_backward(self, rows, keys, weighted, g_rows, state):
+        dq, query_state = self.query_gradients(rows, g_rows, state)
+        return (dq,) + self.key_gradients(keys, weighted, query_state)
+
+    def key_state(self, keys, weighted):
+        """S = sum_j psi(k'_j)^T W^_j: (BH, r, d_v + 1)."""
+        state = self.new_state(self.buffer(keys, 0), weighted.shape[-1])
+        psi = self.buffer(keys, min(self.chunk, keys.shape[1]))
+        for a, b in _spans(keys.shape[1], self.chunk):
+            state.baddbmm_(self.psi(keys[:, a:b], psi[..., :b - a]), weighted[:, a:b])
+        return state
+
+    def query_outputs(self, rows, state):
+        """O^ = phi(Q') S: (BH, rows, d_v + 1)."""
+        out_hat = self.new_rows(rows, rows.shape[1], state.shape[-1])
+        phi = self.buffer(rows, min(self.chunk, rows.shape[1]))
+        for a, b in _spans(rows.shape[1], self.chunk):
+            torch.bmm(self.phi(rows[:, a:b], phi[..., :b - a]).mT, state, out=out_hat[:, a:b])
+        return out_hat
+
+    def query_gradients(self, rows, g_rows, state):
+        """dq' rows from dphi = S G^, and R = sum_i phi(q'_i)^T G^_i."""
+        query_state = self.new_state(self.buffer(rows, 0), state.shape[-1])
+        dq = torch.empty_like(rows)
+        phi, d_phi = (self.buffer(rows, min(self.chunk, rows.shape[1])) for _ in range(2))
+        for a, b in _spans(rows.shape[1], self.chunk):
+            query_state.baddbmm_(self.phi(rows[:, a:b], phi[..., :b - a]), g_rows[:, a:b])
+            torch.bmm(state, g_rows[:, a:b].mT, out=d_phi[..., :b - a])
+            self.phi.backward(rows[:, a:b], d_phi[..., :b - a], dq[:, a:b])
+        return dq, query_state
+
+    def key_gradients(self, keys, weighted, query_state):
+        """dk' from dpsi = R W^, and U = psi R for every key: (BH, n_k, d), (BH, n_k, d_v + 1)."""
+        dk = torch.empty_like(keys)
+        key_grads = self.new_rows(keys, keys.shape[1], weighted.shape[-1])
+        psi, d_psi = (self.buffer(keys, min(self.chunk, keys.shape[1])) for _ in range(2))
+        for a, b in _spans(keys.shape[1], self.chunk):
+            torch.bmm(self.psi(keys[:, a:b], psi[..., :b - a]).mT, query_state, out=key_grads[:, a:b])
+            torch.bmm(query_state, weighted[:, a:b].mT, out=d_psi[..., :b - a])
+            self.psi.backward(keys[:, a:b], d_psi[..., :b - a], dk[:, a:b])
+        return dk, key_grads
+
+    # ---- causal -------------------------------------------------------------------------------
     # Position i of the queries and position j of the keys are aligned top-left, as in SDPA:
     # query i sees key j iff j <= i. Chunk c holds query positions [a, b) and key positions
     # [min(a, n_k), min(b, n_k)); keys past n_q are never seen.
 
     def chunks(self, n_q, n_k):
-        for a in range(0, n_q, self.chunk):
-            b = min(a + self.chunk, n_q)
+        for a, b in _spans(n_q, self.chunk):
             yield a, b, min(a, n_k), min(b, n_k)
 
-    def in_chunk_mask(self, a, b, key_start, key_stop, groups, device):
-        """(G * C_q, C_k) bool: query position >= key position, tiled over the G query heads."""
-        mask = torch.arange(a, b, device=device)[:, None] >= torch.arange(key_start, key_stop, device=device)
-        return mask.repeat(groups, 1)
-
-    def causal_forward(self, q, k, v_hat, key_weight):
-        batch, heads, groups, n_q, d = q.shape
-        state = q.new_zeros(batch, heads, self.table.feature_dim, v_hat.shape[-1])
-        out_hat = []
-        for a, b, ka, kb in self.chunks(n_q, k.shape[-2]):
-            q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
-            chunk_out = self.mono_t(q_rows).mT @ (state * self.feature_coefficients)  # earlier chunks, through the state
+    def causal_forward(self, rows, keys, weighted, groups):
+        n_q, n_k = rows.shape[1] // groups, keys.shape[1]
+        state = self.new_state(self.buffer(keys, 0), weighted.shape[-1])
+        out_hat = self.new_rows(rows, rows.shape[1], weighted.shape[-1])
+        phi = self.buffer(rows, min(self.chunk, n_q) * groups)
+        psi = self.buffer(keys, min(self.chunk, n_k))
+        for a, b, ka, kb in self.chunks(n_q, n_k):
+            q_rows, out_rows = rows[:, a * groups:b * groups], out_hat[:, a * groups:b * groups]
+            torch.bmm(self.phi(q_rows, phi[..., :q_rows.shape[1]]).mT, state, out=out_rows)  # earlier chunks
             if kb > ka:
-                _, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
-                chunk_out = chunk_out + (p_scores * mask_weight) @ v_hat[..., ka:kb, :]
-                state = state + self.key_state(k, v_hat, key_weight, ka, kb)
-            out_hat.append(chunk_out.unflatten(-2, (groups, b - a)))
-        out_hat = torch.cat(out_hat, dim=-2)  # (B, H, G, n_q, d_v + 1)
-        denominator = out_hat[..., -1]
-        return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator
+                block = self.in_chunk_block(q_rows, keys[:, ka:kb], a - ka, groups)  # (BH, C G, C_k)
+                out_rows.baddbmm_(block, weighted[:, ka:kb])
+                state.baddbmm_(self.psi(keys[:, ka:kb], psi[..., :kb - ka]), weighted[:, ka:kb])
+        return out_hat, state
 
-    def in_chunk_weights(self, q_rows, k, key_weight, a, b, ka, kb):
-        """One chunk's block: scores X = q k^T, P(X) and mask * w, each (B, H, G C_q, C_k)."""
-        scores = q_rows @ k[..., ka:kb, :].mT
-        mask = self.in_chunk_mask(a, b, ka, kb, q_rows.shape[-2] // (b - a), q_rows.device)
-        mask_weight = mask.to(q_rows.dtype)
-        if key_weight is not None:
-            mask_weight = mask_weight * key_weight[..., None, ka:kb]
-        return scores, _horner(self.coefficients, scores), mask_weight
-
-    def causal_backward(self, q, k, v_hat, key_weight, g_hat):
-        batch, heads, groups, n_q, d = q.shape
-        n_k, d_v = k.shape[-2], v_hat.shape[-1] - 1
-        chunks = list(self.chunks(n_q, n_k))
-
-        # Forward sweep: each query chunk's dq through the state of earlier keys and through the
-        # in-chunk block; the block's share of dk', dv, dw waits for the reverse sweep.
-        state = q.new_zeros(batch, heads, self.table.feature_dim, d_v + 1)
-        dq, in_chunk = [], []
-        for a, b, ka, kb in chunks:
-            q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
-            g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
-            dq_rows = self.query_backward(q_rows, (state * self.feature_coefficients) @ g_rows.mT)
-            block = None
+    def causal_backward(self, rows, keys, weighted, g_rows, state, groups):
+        n_q, n_k = rows.shape[1] // groups, keys.shape[1]
+        state = self.new_state(self.buffer(keys, 0), weighted.shape[-1]).copy_(state)  # all keys; peeled to S_<c
+        query_state = self.new_state(self.buffer(rows, 0), weighted.shape[-1])  # R_>c, grown chunk by chunk
+        dq = torch.empty_like(rows)
+        dk = torch.zeros_like(keys)  # keys past the last query stay zero: nothing sees them
+        key_grads = self.new_rows(keys, n_k, weighted.shape[-1], zero=True)
+        phi = self.buffer(rows, min(self.chunk, n_q) * groups)
+        psi = self.buffer(keys, min(self.chunk, n_k))
+        d_features = self.buffer(rows, max(phi.shape[-1], psi.shape[-1]))
+        for a, b, ka, kb in reversed(list(self.chunks(n_q, n_k))):
+            q_rows, g_chunk = rows[:, a * groups:b * groups], g_rows[:, a * groups:b * groups]
+            if kb > ka:  # this chunk's keys: seen by later chunks through R, and in the block below
+                k_rows, w_rows = keys[:, ka:kb], weighted[:, ka:kb]
+                psi_c = self.psi(k_rows, psi[..., :kb - ka])
+                state.baddbmm_(psi_c, w_rows, alpha=-1)  # now S_<c
+                torch.bmm(psi_c.mT, query_state, out=key_grads[:, ka:kb])
+                d_psi = torch.bmm(query_state, w_rows.mT, out=d_features[..., :kb - ka])
+                self.psi.backward(k_rows, d_psi, dk[:, ka:kb])
+            phi_c = self.phi(q_rows, phi[..., :q_rows.shape[1]])
+            d_phi = torch.bmm(state, g_chunk.mT, out=d_features[..., :q_rows.shape[1]])
+            self.phi.backward(q_rows, d_phi, dq[:, a * groups:b * groups])
             if kb > ka:
-                scores, p_scores, mask_weight = self.in_chunk_weights(q_rows, k, key_weight, a, b, ka, kb)
-                weights = p_scores * mask_weight  # A
-                d_weights = g_rows @ v_hat[..., ka:kb, :].mT  # dA
-                d_scores = d_weights * mask_weight * _horner(self.derivative, scores)
-                dq_rows = dq_rows + d_scores @ k[..., ka:kb, :]
-                block = [d_scores.mT @ q_rows, weights.mT @ g_rows[..., :d_v], None]
-                if self.need_key_weight_grad:
-                    mask = self.in_chunk_mask(a, b, ka, kb, groups, q.device)
-                    block[2] = (d_weights * p_scores * mask).sum(-2)
-                state = state + self.key_state(k, v_hat, key_weight, ka, kb)
-            in_chunk.append(block)
-            dq.append(dq_rows.unflatten(-2, (groups, b - a)))
+                self.in_chunk_backward(q_rows, g_chunk, k_rows, w_rows, a - ka, groups,
+                                       dq[:, a * groups:b * groups], dk[:, ka:kb], key_grads[:, ka:kb])
+            query_state.baddbmm_(phi_c, g_chunk)  # now R_>=c, what earlier chunks' keys receive
+        return dq, dk, key_grads
 
-        # Reverse sweep: R accumulates phi^T G^ over later query chunks, which see every key of
-        # this chunk through the state.
-        reverse_state = q.new_zeros(batch, heads, self.table.feature_dim, d_v + 1)
-        dk, dv, dw = [], [], []
-        for (a, b, ka, kb), block in zip(reversed(chunks), reversed(in_chunk)):
-            if block is not None:
-                dk_c, dv_c, dw_c = self.key_gradients(k, v_hat, key_weight, reverse_state, ka, kb)
-                dk.append(dk_c + block[0])
-                dv.append(dv_c + block[1])
-                dw.append(dw_c + block[2] if block[2] is not None else dw_c)
-            q_rows = q[..., a:b, :].reshape(batch, heads, groups * (b - a), d)
-            g_rows = g_hat[..., a:b, :].reshape(batch, heads, groups * (b - a), d_v + 1)
-            reverse_state = reverse_state + (self.mono_t(q_rows) @ g_rows) * self.feature_coefficients
-        unseen = n_k - min(n_q, n_k)  # keys past the last query: no query sees them
-        if unseen:
-            dk.insert(0, k.new_zeros(batch, heads, unseen, d))
-            dv.insert(0, k.new_zeros(batch, heads, unseen, d_v))
-            dw.insert(0, k.new_zeros(batch, heads, unseen) if self.need_key_weight_grad else None)
-        dk, dv = torch.cat(dk[::-1], dim=-2), torch.cat(dv[::-1], dim=-2)
-        dw = torch.cat(dw[::-1], dim=-1) if self.need_key_weight_grad else None
-        return torch.cat(dq, dim=-2), dk, dv, dw
+    def in_chunk_block(self, q_rows, k_rows, offset, groups, d_block=None):
+        """The block A = P(X) * M of one chunk, X = q' k'^T (BH, C G, C_k), M its causal mask.
+
+        With d_block = dL/dA (same shape), turns it into dL/dX = dL/dA * M * P'(X) in place.
+        """
+        scores = torch.bmm(q_rows, k_rows.mT)
+        if self.native_block is not None:
+            native.causal_block(scores, d_block, offset, groups, self.native_block)
+            return scores
+        mask = self.in_chunk_mask(q_rows.shape[1] // groups, offset, k_rows.shape[1], groups, scores)
+        if d_block is not None:
+            d_block.mul_(mask).mul_(_horner(self.derivative, scores))
+        return _horner(self.coefficients, scores).mul_(mask)
+
+    def in_chunk_mask(self, positions, offset, keys, groups, like):
+        """(positions G, keys): 1 where query position offset + i // G >= key position j."""
+        key = (positions, offset, keys, groups, like.dtype, like.device)
+        if key not in self._masks:
+            rows = torch.arange(offset, offset + positions, device=like.device).repeat_interleave(groups)
+            self._masks[key] = (rows[:, None] >= torch.arange(keys, device=like.device)).to(like.dtype)
+        return self._masks[key]
+
+    def in_chunk_backward(self, q_rows, g_chunk, k_rows, w_rows, offset, groups, dq, dk, key_grads):
+        """The C G x C_k block (times w, inside W^), added to dq', dk' and U."""
+        d_scores = torch.bmm(g_chunk, w_rows.mT)  # dL/dA, made dL/dX below
+        block = self.in_chunk_block(q_rows, k_rows, offset, groups, d_scores)
+        dq.baddbmm_(d_scores, k_rows)
+        dk.baddbmm_(d_scores.mT, q_rows)
+        key_grads.baddbmm_(block.mT, g_chunk)
+
+
+def _weighted(rows, key_weight):
+    """Rows (B, H, n_k, e) times their key weights (B, H, n_k)."""
+    return rows if key_weight is None else rows * key_weight.unsqueeze(-1)
+
