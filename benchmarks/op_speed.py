@@ -10,6 +10,7 @@ methods sdpa, math, inductor, lowrank, lowrank_compiled side by side in one proc
 
     python benchmarks/op_speed.py              # full run: about 70 minutes on 2 cores (see RESULTS.md)
     python benchmarks/op_speed.py --memory     # plus peak memory, one child process per row
+    python benchmarks/op_speed.py --calibrate  # and recalibrate the cost model from this run
     python benchmarks/op_speed.py --n 512 1024 --repeats 1 --results /tmp/R.md --plot /tmp/op.png --json /tmp/op.json
 
 Options other than those below go to lrcompile.bench unchanged (--n, --repeats, --warmup, --methods,
@@ -27,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from lrcompile import bench  # noqa: E402
+from lrcompile import bench, cost  # noqa: E402
 
 SECTION = "op-speed"
 CONFIGURATIONS = ("64:2", "32:3")  # head_dim:degree, as the issue asks
@@ -40,6 +41,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=HERE / "op_speed.png")
     parser.add_argument("--json", type=Path, default=HERE / "op_speed.json")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="write the cost model's calibration implied by this run to lrcompile/calibration.json")
     args, forwarded = parser.parse_known_args(argv)
     fixed_here = [option for option in forwarded if option.split("=")[0] in ("--head-dim", "--degree")]
     if fixed_here:
@@ -90,6 +93,11 @@ def main(argv=None):
         bench.plot_memory(results, bench.memory_plot_path(str(args.plot)))
     bench.write_results_section(args.results, SECTION, results_markdown(results, args, forwarded))
     print(f"wrote {args.results} (section {SECTION}), {args.plot}, {args.json}")
+    if args.calibrate:
+        calibration = bench.calibration_from(results)
+        cost.CALIBRATION_PATH.write_text(json.dumps(calibration, indent=1) + "\n")
+        ratios = {key: round(value, 4) for key, value in calibration["cpu"].items() if key in ("non_causal", "causal")}
+        print(f"wrote {cost.CALIBRATION_PATH}: cpu rate ratios {ratios}")
 
 
 if __name__ == "__main__":

@@ -578,7 +578,6 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
             {"causal": causal, "rate_ratio": cost.rate_ratio(causal),
              "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal])}
             for causal in settings.causal],
-        "cost_model_rate_ratio": cost.LOWRANK_RATE_RATIO,
     }
 
 
@@ -606,9 +605,50 @@ def crossover_entry(measured: dict, settings: Settings, method: str, causal: boo
     return {"method": method, "causal": causal, "phase": phase, **crossover(ratios)}
 
 
+def calibration_from(results: list[dict], device_type: str = "cpu") -> dict:
+    """The cost model's calibration implied by these runs (lrcompile.cost, calibration.json).
+
+    For every low-rank method and mask kind, the rate ratio that puts the FLOP model's crossover at
+    the measured fwd+bwd crossover with sdpa; per mask kind the smallest over methods and
+    configurations, so the policy errs towards exact attention. Where the method was faster at
+    every measured n, the smallest n stands in for the crossover (an upper bound: conservative).
+    """
+    evidence = []
+    for result in results:
+        settings = result["settings"]
+        measured = {(r["method"], r["n"], r["causal"]): r for r in result["rows"] if r["total_s"] is not None}
+        for causal in settings["causal"]:
+            for method in LOWRANK_METHODS:
+                ratios = [(n, measured[method, n, causal]["total_s"] / measured["sdpa", n, causal]["total_s"])
+                          for n in settings["n"] if (method, n, causal) in measured and ("sdpa", n, causal) in measured]
+                if not ratios:
+                    continue
+                found = crossover(ratios)
+                n = found["n"] if found["n"] is not None else (ratios[0][0] if ratios[0][1] <= 1 else None)
+                if n is None:
+                    raise ValueError(f"{method}, {_mask(causal)}, d = {settings['head_dim']}: {found['text']}; "
+                                     f"measure longer sequences (--n) to calibrate")
+                chunk = default_chunk_size(settings["head_dim"], settings["degree"], causal)
+                evidence.append({"method": method, "causal": causal, "head_dim": settings["head_dim"],
+                                 "degree": settings["degree"], "measured_crossover": found["text"],
+                                 "ratio": cost.ratio_for_crossover(n, settings["head_dim"], settings["head_dim"],
+                                                                   causal, settings["degree"], chunk)})
+    if not evidence:
+        raise ValueError("no low-rank method was measured against sdpa: nothing to calibrate")
+    entry = {"machine": results[0]["machine"], "evidence": evidence}
+    for causal in (False, True):
+        ratios = [e["ratio"] for e in evidence if e["causal"] == causal]
+        if ratios:
+            entry["causal" if causal else "non_causal"] = min(ratios)
+    missing = [key for key in ("non_causal", "causal") if key not in entry]
+    if missing:
+        raise ValueError(f"no measurement for {missing[0].replace('_', '-')} attention: run both (--causal both)")
+    return {device_type: entry}
+
+
 def rate_ratio_entry(measured: dict, settings: Settings, method: str, causal: bool) -> dict | None:
-    """What cost.LOWRANK_RATE_RATIO stands for: the low-rank path's achieved FLOP rate over exact
-    attention's (sdpa), both by the FLOP model, fwd+bwd, at the largest n both were measured."""
+    """What cost.rate_ratio stands for: the low-rank path's achieved FLOP rate over exact attention's
+    (sdpa), both by the FLOP model, fwd+bwd, at the largest n both were measured."""
     common = _both_measured(measured, settings, method, causal)
     if not common:
         return None
@@ -703,12 +743,12 @@ def format_report(result: dict) -> str:
         phase = "fwd+bwd" if c["phase"] == "total_s" else "forward"
         lines.append(f"- {c['method']}, {_mask(c['causal'])}, {phase}: {c['text']}")
     for p in result["predicted_crossovers"]:
-        lines.append(f"- predicted by the FLOP model (lrcompile.cost, rate ratio "
-                     f"{p.get('rate_ratio', result['cost_model_rate_ratio'])}), {_mask(p['causal'])}, fwd+bwd: n = {p['n']}")
+        ratio = "not calibrated" if p["rate_ratio"] is None else f"rate ratio {p['rate_ratio']:.3g}"
+        lines.append(f"- predicted by the cost model in use (lrcompile.cost, {ratio}), {_mask(p['causal'])}, "
+                     f"fwd+bwd: " + ("never" if p["n"] is None else f"n = {p['n']}"))
     if result["rate_ratios"]:
         lines += ["", "Achieved FLOP rate of low-rank over sdpa's (FLOP model / measured fwd+bwd time, at the "
-                      f"largest n both measured; lrcompile.cost assumes {cost.LOWRANK_RATE_RATIO} non-causal, "
-                      f"{cost.CAUSAL_LOWRANK_RATE_RATIO} causal, near the crossover):", ""]
+                      "largest n both measured; the cost model's calibration is this ratio near the crossover):", ""]
         lines += [f"- {r['method']}, {_mask(r['causal'])}, n = {r['n']}: {r['ratio']:.2f}"
                   for r in result["rate_ratios"]]
     return "\n".join(lines)

@@ -5,20 +5,25 @@ query heads), for one forward and one backward: the work a training step does. E
 is left out of the exact count (it is O(n^2), dominated by the products) but kept for the
 low-rank feature maps, whose elementwise work is O(n r) like its products.
 
-`LOWRANK_RATE_RATIO` (non-causal) and `CAUSAL_LOWRANK_RATE_RATIO` are the ratios (low-rank
-path's achieved FLOP rate) / (SDPA's) near the crossover, so the crossover compares predicted
-times, not FLOPs. Calibrated by benchmarks/op_speed.py on the 2-core CPU of RESULTS.md (d = 64,
-degree 2, forward + backward): measured crossovers n = 3955-4031 non-causal (model: 3812) and
-n = 12611-14309 causal (model with 0.36: about 13500). Causal is lower because SDPA skips the
-masked half of the work while the in-chunk blocks and the backward's rebuilt state add to ours.
+Predicted time is FLOPs / rate. The low-rank path runs at a fraction of exact attention's rate
+(smaller products, the feature maps, per-chunk overheads): that fraction, per device type and
+mask kind, is the calibration, so the crossover compares predicted times, not FLOPs. It is
+measured, not assumed: `python benchmarks/op_speed.py --calibrate` finds the fraction that puts
+the model's crossover where the measured one is (the smallest over the configurations it ran,
+so the model errs towards exact attention) and writes it to `calibration.json` beside this
+file. A device type without a calibration gets none: the default policy keeps exact attention
+there rather than guess (`rate_ratio` returns None).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 from lrcompile.features import feature_dim
 
-LOWRANK_RATE_RATIO = 0.5
-CAUSAL_LOWRANK_RATE_RATIO = 0.36
+CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
 
 def exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
@@ -30,44 +35,71 @@ def exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
 
 def lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool, degree: int, chunk: int = 256,
                   kv_ratio: float = 1.0):
-    """Feature products of the factored forward and backward (see lrcompile.factored).
+    """The factored forward and backward of `lrcompile.factored`, per query and key row.
 
+    Products with the (r, d_v + 1) states: phi S, R += phi^T G^, dphi = S G^ (queries); S += psi^T W^,
+    U = psi R, dpsi = R W^ (keys), and causally the backward's S -= psi^T W^ (the state peeled back
+    chunk by chunk). Feature maps: built twice per row (forward, backward), r multiplications
+    each, and one VJP, two multiply-adds per feature. Causal in-chunk blocks (chunk x chunk):
+    X = q k^T and A W^ forward; X, dA, dq, dk and dW^ backward.
     kv_ratio = key/value heads / query heads (GQA shares each key state among its query heads).
     """
     r = feature_dim(head_dim, degree)
     columns = value_dim + 1
-    elementwise = 8 * r  # building the features twice (forward, backward) and their VJP, per row
-    query_side = n_q * (2 * r * columns * 3 + elementwise)  # phi S; R += phi^T G; G S^T
-    key_side = n_k * kv_ratio * (2 * r * columns * 3 + elementwise)  # S; dV; d psi
-    total = query_side + key_side
+    elementwise = 2 * r + 4 * r
+    key_products = 4 if causal else 3
+    total = n_q * (3 * 2 * r * columns + elementwise) + n_k * kv_ratio * (key_products * 2 * r * columns + elementwise)
     if causal:
-        block = min(chunk, n_q)
-        total += n_q * block * (head_dim + columns) * 2 * 3  # in-chunk blocks, forward and backward
-        total += n_k * kv_ratio * 2 * r * columns + n_q * r  # the state rebuilt in the backward
+        block = min(chunk, n_k)
+        total += n_q * block * 2 * (4 * head_dim + 3 * columns)
     return total * batch_heads
 
 
-def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0) -> bool:
+@functools.lru_cache(maxsize=1)
+def calibration() -> dict:
+    """The measured calibration: {device type: {"non_causal": ratio, "causal": ratio, ...}}."""
+    try:
+        return json.loads(CALIBRATION_PATH.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def rate_ratio(causal: bool, device_type: str = "cpu") -> float | None:
+    """Low-rank path's FLOP rate / exact attention's, near the crossover; None: not calibrated."""
+    entry = calibration().get(device_type)
+    return None if entry is None else entry["causal" if causal else "non_causal"]
+
+
+def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0,
+                       device_type="cpu", ratio=None) -> bool:
+    """Predicted time of the low-rank path below exact attention's; False where not calibrated."""
+    ratio = rate_ratio(causal, device_type) if ratio is None else ratio
+    if ratio is None:
+        return False
     exact = exact_flops(n_q, n_k, head_dim, value_dim, 1, causal)
     lowrank = lowrank_flops(n_q, n_k, head_dim, value_dim, 1, causal, degree, chunk, kv_ratio)
-    return lowrank / rate_ratio(causal) < exact
+    return lowrank / ratio < exact
 
 
-def rate_ratio(causal: bool) -> float:
-    return CAUSAL_LOWRANK_RATE_RATIO if causal else LOWRANK_RATE_RATIO
-
-
-def crossover_length(head_dim, value_dim, causal, degree, chunk=256) -> int:
-    """Smallest n (n_q = n_k) from which low-rank is predicted faster; found by bisection."""
+def crossover_length(head_dim, value_dim, causal, degree, chunk=256, device_type="cpu", ratio=None) -> int | None:
+    """Smallest n (n_q = n_k) from which low-rank is predicted faster (bisection); None if never."""
+    cheaper = functools.partial(lowrank_is_cheaper, head_dim=head_dim, value_dim=value_dim, causal=causal,
+                                degree=degree, chunk=chunk, device_type=device_type, ratio=ratio)
     low, high = 1, 1
-    while not lowrank_is_cheaper(high, high, head_dim, value_dim, causal, degree, chunk):
+    while not cheaper(high, high):
         high *= 2
         if high > 1 << 30:
-            return high
+            return None
     while low < high:
         mid = (low + high) // 2
-        if lowrank_is_cheaper(mid, mid, head_dim, value_dim, causal, degree, chunk):
+        if cheaper(mid, mid):
             high = mid
         else:
             low = mid + 1
     return low
+
+
+def ratio_for_crossover(n, head_dim, value_dim, causal, degree, chunk=256) -> float:
+    """The rate ratio at which the model's crossover is n: exact and low-rank FLOPs / ratio equal."""
+    return (lowrank_flops(n, n, head_dim, value_dim, 1, causal, degree, chunk)
+            / exact_flops(n, n, head_dim, value_dim, 1, causal))

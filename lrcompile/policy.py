@@ -115,17 +115,28 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     decision.chunk_size = chunk
     decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
     decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
-    if policy.cost_model and not _holds(
-        decision.flops_lowrank / cost.rate_ratio(causal) < decision.flops_exact
-    ):
-        decision.rewrite = False
-        crossover = cost.crossover_length(int(head_dim), int(value_dim), causal, degree, chunk)
-        decision.reason = (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about "
-                           f"n = {crossover} for d = {head_dim}, degree {degree}); Policy(cost_model=False) forces it")
-        return decision
+    if policy.cost_model:
+        kept = _cost_model_keeps(decision, site, n_k, head_dim, value_dim, degree, chunk)
+        if kept:
+            decision.rewrite, decision.reason = False, kept
+            return decision
     decision.lowrank_kwargs = dict(degree=degree, approximation=policy.approximation, bound=score_range,
                                    chunk_size=chunk)
     return decision
+
+
+def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk) -> str:
+    """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster."""
+    device = getattr(site, "device", "") or "unknown"
+    ratio = cost.rate_ratio(site.is_causal, device)
+    if ratio is None:
+        return (f"the cost model is not calibrated for {device} devices (benchmarks/op_speed.py --calibrate "
+                f"there), so exact attention is kept; Policy(cost_model=False) forces the rewrite")
+    if _holds(decision.flops_lowrank / ratio < decision.flops_exact):
+        return ""
+    crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)
+    return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
+            f"d = {head_dim}, degree {degree}, on {device}); Policy(cost_model=False) forces it")
 
 
 def _choose_degree(policy: Policy, score_range: float | None) -> Decision:

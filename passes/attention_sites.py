@@ -37,7 +37,7 @@ from passes.einsum_layout import EinsumLayoutError, read_output_einsum, read_sco
 from passes.escape import dataflow_graph, escaping_uses, is_convex
 from passes.graph_walk import (
     ADD, BADDBMM, CAST, DIVIDE, DROPOUT, EINSUM, GETITEM, MASKED_FILL, MATMUL, MATRIX_TRANSPOSE, MULTIPLY,
-    PERMUTE, SDPA, SOFTMAX, SUBTRACT, TRANSPOSE, VIEW_LIKE, WHERE, WHERE_METHOD, describe, dtype_of,
+    PERMUTE, SDPA, SOFTMAX, SUBTRACT, TRANSPOSE, VIEW_LIKE, WHERE, WHERE_METHOD, describe, device_type_of, dtype_of,
     is_getattr_mT, is_number, is_symbolic_scalar, is_tensor, match, module_path_of, normalize_dim,
     numel_is_one, same_shape, shape_label, shape_of, size_label,
 )
@@ -102,6 +102,7 @@ class AttentionSite:
     supported: bool           # True: replace_attention_site reproduces it exactly
     reason: str               # why it is kept ("" when supported)
     notes: str = ""           # facts a report may show: run-time scales folded into q, GQA
+    device: str = ""          # device type of q ("cpu", "cuda", ...); "" when unknown
     replacement: Replacement | None = field(default=None, repr=False, compare=False)
 
 
@@ -596,6 +597,7 @@ class _SiteFinder:
             supported=supported,
             reason="; ".join(dict.fromkeys(problems)),
             notes="; ".join(notes),
+            device=device_type_of(queries.node) if queries is not None else "",
             replacement=replacement,
         )
 

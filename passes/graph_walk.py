@@ -296,6 +296,12 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return getattr(meta, "dtype", None)
 
 
+def device_type_of(node: Any) -> str:
+    """"cpu", "cuda", ... of the node's example value; "" when the graph does not say."""
+    value = example_value(node)
+    return value.device.type if isinstance(value, torch.Tensor) else ""
+
+
 def numel_is_one(node: Any) -> bool:
     shape = shape_of(node)
     return shape is not None and all(_is_one(size) for size in shape)

@@ -7,10 +7,10 @@ from lrcompile.policy import Policy, decide
 from lrcompile.polynomial import degree_for
 
 
-def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason=""):
+def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason="", device="cpu"):
     return SimpleNamespace(
         module_path=path, supported=supported, reason=reason, replacement=None, is_causal=causal,
-        query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d),
+        query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d), device=device,
     )
 
 
