@@ -5,8 +5,11 @@ attention through F.scaled_dot_product_attention, byte vocabulary). One training
 cross-entropy loss, backward and an AdamW step, batch 1. Two copies of the same initial model,
 each with its own optimizer, compiled with dynamic=False by
 
-    inductor    torch.compile(model, backend="inductor")
-    lrcompile   torch.compile(model, backend=lrcompile.backend(Policy(cost_model=False)))
+    inductor            torch.compile(model, backend="inductor")
+    lrcompile           torch.compile(model, backend=lrcompile.backend(Policy(cost_model=False))):
+                        every attention site rewritten, whatever n
+    lrcompile_default   torch.compile(model, backend="lrcompile"): the default policy, whose
+                        calibrated cost model keeps exact attention below the crossover
 
 are stepped round-robin in one process (as lrcompile.bench does for the op); the median of
 --repeats steps after --warmup steps (the first compiles) is reported, with the speed-up of
@@ -42,7 +45,7 @@ from lrcompile import bench  # noqa: E402
 from lrcompile.policy import Policy  # noqa: E402
 
 SECTION = "model-speed"
-METHODS = ("inductor", "lrcompile")
+METHODS = ("inductor", "lrcompile", "lrcompile_default")
 DEFAULT_N = (512, 1024, 2048, 4096, 8192)
 SLOPE_FROM_N = 2048
 
@@ -88,6 +91,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     tokens: torch.Tensor  # (batch, n)
     targets: torch.Tensor  # (batch, n)
+    method: str
     record: bench.RewriteRecord | None = None
 
     def __call__(self) -> tuple[float]:
@@ -108,6 +112,9 @@ def make_trainer(method: str, n: int, args) -> Trainer:
     elif method == "lrcompile":
         record = bench.RewriteRecord()
         backend = record.backend(Policy(degree=args.degree, cost_model=False))
+    elif method == "lrcompile_default":
+        record = bench.RewriteRecord()
+        backend = record.backend(Policy(degree=args.degree))
     else:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
     # dynamic=False: one static graph per n, as for the op benchmark.
@@ -115,12 +122,12 @@ def make_trainer(method: str, n: int, args) -> Trainer:
     generator = torch.Generator().manual_seed(n)
     tokens = torch.randint(0, args.vocab_size, (args.batch, n + 1), generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    return Trainer(model, compiled, optimizer, tokens[:, :-1], tokens[:, 1:], record)
+    return Trainer(model, compiled, optimizer, tokens[:, :-1], tokens[:, 1:], method, record)
 
 
 def rewrite_problem(trainer: Trainer, args) -> str:
-    """Why an lrcompile row does not measure the rewritten model, or ""."""
-    if trainer.record is not None and trainer.record.rewritten_sites < args.n_layer:
+    """Why the forced lrcompile row does not measure the rewritten model, or ""."""
+    if trainer.method == "lrcompile" and trainer.record.rewritten_sites < args.n_layer:
         return (f"not measured: {trainer.record.rewritten_sites} of {args.n_layer} attention sites rewritten "
                 f"and compiled (see lrcompile's warnings)")
     return ""
@@ -138,6 +145,7 @@ class Row:
     step_s: float | None = None  # median training step
     step_runs: list[float] = field(default_factory=list)
     first_call_s: float | None = None  # compile + one step
+    sites_rewritten: int | None = None  # lrcompile methods: attention sites rewritten to low-rank
     peak_bytes: int | None = None
     memory_note: str = ""
 
@@ -146,7 +154,8 @@ def time_configuration(n: int, args, progress) -> list[Row]:
     torch._dynamo.reset()
     rows = {m: Row(m, n) for m in METHODS}
     if n > args.lowrank_max_n:
-        rows["lrcompile"].skipped = f"skipped (n > --lowrank-max-n {args.lowrank_max_n})"
+        for method in METHODS[1:]:
+            rows[method].skipped = f"skipped (n > --lowrank-max-n {args.lowrank_max_n})"
     trainers = {m: make_trainer(m, n, args) for m in METHODS if not rows[m].skipped}
     progress.set_postfix_str(f"n={n}")
     measured = bench.interleaved_runs(trainers, args.warmup, args.repeats, on_run=lambda name: progress.update())
@@ -157,6 +166,8 @@ def time_configuration(n: int, args, progress) -> list[Row]:
             row.step_runs = [seconds for (seconds,) in measured[method]["runs"]]
             row.step_s = bench.median(row.step_runs)
             row.first_call_s = measured[method]["first"][0]
+            if trainer.record is not None:
+                row.sites_rewritten = trainer.record.rewritten_sites
     return list(rows.values())
 
 
@@ -191,18 +202,22 @@ def summarise(rows: list[Row], args) -> dict:
     for method in METHODS:
         points = [(n, steps[method, n]) for n in args.n if n >= SLOPE_FROM_N and (method, n) in steps]
         slopes[method] = {"slope": bench.loglog_slope(points), "points": len(points)}
-    ratios = [(n, steps["lrcompile", n] / steps["inductor", n]) for n in args.n
-              if ("lrcompile", n) in steps and ("inductor", n) in steps]
+    crossovers = {}
+    for method in METHODS[1:]:  # the default policy's ratio is 1 +- noise where it keeps exact attention
+        ratios = [(n, steps[method, n] / steps["inductor", n]) for n in args.n
+                  if (method, n) in steps and ("inductor", n) in steps]
+        crossovers[method] = bench.crossover(ratios)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_child"}
     return {"settings": settings, "machine": bench.machine_info(), "rows": [asdict(r) for r in rows],
-            "slopes": slopes, "crossover": bench.crossover(ratios)}
+            "slopes": slopes, "crossovers": crossovers}
 
 
 def table_lines(result: dict) -> list[str]:
     rows = result["rows"]
     inductor = {r["n"]: r["step_s"] for r in rows if r["method"] == "inductor"}
     with_memory = result["settings"]["memory"]
-    header = ["n", "method", "step ms", "speed-up vs inductor", "first call s"] + (["peak MiB"] if with_memory else [])
+    header = ["n", "method", "step ms", "speed-up vs inductor", "sites rewritten", "first call s"] + (
+        ["peak MiB"] if with_memory else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: (r["n"], METHODS.index(r["method"]))):
         if r["skipped"]:
@@ -210,7 +225,8 @@ def table_lines(result: dict) -> list[str]:
         else:
             base = inductor.get(r["n"])
             cells = [str(r["n"]), r["method"], f"{r['step_s'] * 1e3:.0f}",
-                     "-" if base is None else f"{base / r['step_s']:.2f}", f"{r['first_call_s']:.1f}"]
+                     "-" if base is None else f"{base / r['step_s']:.2f}",
+                     "-" if r["sites_rewritten"] is None else str(r["sites_rewritten"]), f"{r['first_call_s']:.1f}"]
             if with_memory:
                 cells.append("-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -223,7 +239,8 @@ def format_report(result: dict) -> str:
         f"GPT, {s['n_layer']} layers, n_embd {s['n_embd']}, {s['n_head']} heads (d = {s['n_embd'] // s['n_head']}), "
         f"vocabulary {s['vocab_size']}, batch {s['batch']}, float32; lrcompile degree {s['degree']}. One step = "
         f"forward + loss + backward + AdamW. Median of {s['repeats']} interleaved steps after {s['warmup']} "
-        f"warm-up; speed-up vs inductor = Inductor's step time / lrcompile's, same run; first call s = compile + "
+        f"warm-up; speed-up vs inductor = Inductor's step time / the method's, same run; sites rewritten: of the "
+        f"{s['n_layer']} attention sites, how many run the low-rank op; first call s = compile + "
         f"one step" + ("; peak MiB = peak RSS growth of one step above model, optimizer state and inputs." if
                        s["memory"] else "."),
         "",
@@ -232,8 +249,13 @@ def format_report(result: dict) -> str:
         f"- slope of log(step time) vs log(n), least squares over the measured n >= {SLOPE_FROM_N}: " + "; ".join(
             f"{m} {v['slope']:.2f} ({v['points']} n)" if v["slope"] is not None else f"{m} - (fewer than two n)"
             for m, v in result["slopes"].items()),
-        f"- crossover, lrcompile faster than inductor from: {result['crossover']['text']}",
     ]
+    lines.append(f"- crossover, lrcompile faster than inductor from: {result['crossovers']['lrcompile']['text']}")
+    default_rows = [r for r in result["rows"] if r["method"] == "lrcompile_default" and not r["skipped"]]
+    rewritten = [r["n"] for r in default_rows if r["sites_rewritten"]]
+    lines.append("- lrcompile_default (the calibrated cost model decides per site): " + (
+        f"exact attention kept up to n = {max([r['n'] for r in default_rows if not r['sites_rewritten']], default='-')}"
+        f", rewritten from n = {min(rewritten)}" if rewritten else "exact attention kept at every measured n"))
     lines += [f"- {r['method']} n = {r['n']}: memory {r['memory_note']}" for r in result["rows"] if r["memory_note"]]
     return "\n".join(lines)
 
@@ -244,7 +266,8 @@ def results_markdown(result: dict, args, argv) -> str:
     plot = os.path.relpath(args.plot.resolve(), args.results.resolve().parent)
     lines = ["## Model level: training a 4-layer GPT", "",
              f"`{command}` on {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
-             f"torch {machine['torch']}, {machine['date']}.", "", format_report(result), "",
+             f"torch {machine['torch']}, {machine['date']}; lrcompile CPU kernels: {machine['cpu_kernels']}.", "",
+             format_report(result), "",
              f"![training step time vs n]({plot})"]
     if result["settings"]["memory"]:
         lines.append(f"![peak memory vs n]({bench.memory_plot_path(plot)})")

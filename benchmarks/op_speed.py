@@ -68,7 +68,8 @@ def results_markdown(results: list[dict], args, forwarded: list[str]) -> str:
         "## Op level: lowrank_attention against exact attention",
         "",
         f"`{command}` on {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
-        f"torch {machine['torch']}, {machine['date']}. Every number below was measured in that run, except "
+        f"torch {machine['torch']}, {machine['date']}; lrcompile CPU kernels: {machine['cpu_kernels']}. Every "
+        f"number below was measured in that run, except "
         f"those labelled as coming from the FLOP model (`lrcompile.cost`).",
     ]
     for result in results:

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lrcompile import cost
+from lrcompile import cost, native
 from lrcompile.attention import default_chunk_size, lowrank_attention
 from lrcompile.compiler import compile_graph
 from lrcompile.policy import Policy
@@ -669,14 +669,14 @@ def machine_info() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "python": platform.python_version(), "cpu_kernels": native.status(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def machine_description() -> str:
     info = machine_info()
     return (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}, "
-            f"{info['date']}")
+            f"{info['date']}; lrcompile CPU kernels: {info['cpu_kernels']}")
 
 
 def _milliseconds(seconds):

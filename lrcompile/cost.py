@@ -35,20 +35,27 @@ def exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
 
 def lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool, degree: int, chunk: int = 256,
                   kv_ratio: float = 1.0):
-    """The factored forward and backward of `lrcompile.factored`, per query and key row.
+    """The factored forward and backward of `lrcompile.factored`: its matrix products, plus the
+    feature maps, built twice per row (forward, backward) with r multiplications each and
+    differentiated once with two multiply-adds per feature.
 
-    Products with the (r, d_v + 1) states: phi S, R += phi^T G^, dphi = S G^ (queries); S += psi^T W^,
-    U = psi R, dpsi = R W^ (keys), and causally the backward's S -= psi^T W^ (the state peeled back
-    chunk by chunk). Feature maps: built twice per row (forward, backward), r multiplications
-    each, and one VJP, two multiply-adds per feature. Causal in-chunk blocks (chunk x chunk):
-    X = q k^T and A W^ forward; X, dA, dq, dk and dW^ backward.
     kv_ratio = key/value heads / query heads (GQA shares each key state among its query heads).
     """
     r = feature_dim(head_dim, degree)
+    feature_maps = (n_q + n_k * kv_ratio) * (2 * r + 4 * r) * batch_heads
+    return lowrank_product_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio) + feature_maps
+
+
+def lowrank_product_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool, degree: int, chunk: int = 256,
+                          kv_ratio: float = 1.0):
+    """The matrix products alone. With the (r, d_v + 1) states: phi S, R += phi^T G^, dphi = S G^
+    per query row; S += psi^T W^, U = psi R, dpsi = R W^ per key row, and causally the backward's
+    S -= psi^T W^ (the state peeled back chunk by chunk). Causal in-chunk blocks (chunk x chunk
+    per query row): X = q k^T and A W^ forward; X, dA, dq, dk and dW^ backward."""
+    r = feature_dim(head_dim, degree)
     columns = value_dim + 1
-    elementwise = 2 * r + 4 * r
     key_products = 4 if causal else 3
-    total = n_q * (3 * 2 * r * columns + elementwise) + n_k * kv_ratio * (key_products * 2 * r * columns + elementwise)
+    total = n_q * 3 * 2 * r * columns + n_k * kv_ratio * key_products * 2 * r * columns
     if causal:
         block = min(chunk, n_k)
         total += n_q * block * 2 * (4 * head_dim + 3 * columns)

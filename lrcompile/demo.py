@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lrcompile import lowrank_attention
+from lrcompile import lowrank_attention, native
 from lrcompile.polynomial import exp_polynomial
 from lrcompile.reference import random_attention_inputs
 
@@ -92,6 +92,7 @@ def main():
     parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the model demo")
     args = parser.parse_args()
     torch.manual_seed(0)
+    print(f"lrcompile CPU kernels: {native.status()}; {torch.get_num_threads()} torch threads\n")
     op_demo(args.n, args.heads, args.head_dim, args.score_range)
     model_demo(args.model_n)
 

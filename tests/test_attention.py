@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import attention_inputs, max_error
-from lrcompile import lowrank_attention
+from lrcompile import lowrank_attention, native
 from lrcompile.features import feature_dim
 from lrcompile.polynomial import exp_polynomial
 from lrcompile.reference import exact_attention, polynomial_attention
@@ -66,8 +66,16 @@ def run_case(case, dtype=torch.float64):
     return (q, k, v), out, reference
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Both implementations of the feature maps and in-chunk blocks: the C kernels and torch's."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "enabled", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_factored_matches_quadratic_polynomial_attention(name):
+def test_factored_matches_quadratic_polynomial_attention(name, kernels):
     inputs, out, reference = run_case(CASES[name])
     torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(reference)
@@ -78,7 +86,7 @@ def test_factored_matches_quadratic_polynomial_attention(name):
 
 
 @pytest.mark.parametrize("name", ["plain", "causal", "gqa_causal_padding", "float_padding"])
-def test_float32_agrees_with_float64_reference_to_float32_rounding(name):
+def test_float32_agrees_with_float64_reference_to_float32_rounding(name, kernels):
     inputs, out, reference = run_case(CASES[name], dtype=torch.float32)
     assert out.dtype == torch.float32
     assert max_error(out, reference) < 2e-5
@@ -181,14 +189,16 @@ def test_default_degree_2_follows_sdpa_semantics_in_float32():
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any operation produces."""
+    """Records the largest tensor any operation produces (on this thread)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.operations = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
+        self.operations += 1
         for t in result if isinstance(result, (tuple, list)) else [result]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
@@ -196,16 +206,25 @@ class LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal):
+def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
+    from lrcompile.factored import factored_attention, factored_attention_backward
+
     n, head_dim, chunk = 4096, 8, 256
     r = feature_dim(head_dim, 2)
-    q, k, v = attention_inputs(1, 1, n, n, head_dim, dtype=torch.float32)
+    q, k, v = (t.detach() for t in attention_inputs(1, 2, n, n, head_dim, dtype=torch.float32))
+    config = ([1.0, 1.0, 0.5], head_dim**-0.5, is_causal, chunk)
+    # A dispatch mode does not see inside a custom op, nor into other threads: run the op's own
+    # implementation here, on this thread.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     with LargestAllocation() as mode:
-        lowrank_attention(q, k, v, is_causal=is_causal, chunk_size=chunk).sum().backward()
-    # the largest tensors: a chunk of features (chunk x d x d in the backward), the causal
-    # in-chunk block (chunk x chunk), and O(n d) inputs and gradients
-    assert mode.largest <= max(chunk * head_dim * head_dim, chunk * chunk, n * (head_dim + 1))
-    assert mode.largest < n * r
+        out, denominator, state = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config)
+        factored_attention_backward._init_fn(torch.ones_like(out), q.unsqueeze(2), k, v, None, out, denominator,
+                                             state, *config, False)
+    assert mode.operations > 4 * n // chunk  # the chunk loops ran under the mode
+    # the largest tensors (2 heads): a chunk of features (r x chunk, r = 45 here), the causal
+    # in-chunk block (chunk x chunk), O(n (d + 1)) inputs, gradients and state products
+    assert mode.largest <= 2 * max(r * chunk, chunk * chunk, n * (head_dim + 1))
+    assert mode.largest < 2 * n * r  # one n x r block of either head would be this big
 
 
 @pytest.mark.parametrize(
@@ -256,3 +275,22 @@ def test_custom_ops_pass_torch_library_opcheck(is_causal):
     q5 = q.detach().reshape(1, 2, 1, 9, 4).requires_grad_()
     weight = torch.rand(1, 2, 9, dtype=torch.float64)
     torch.library.opcheck(factored_attention, (q5, k, v, weight, [1.0, 1.0, 0.5], 0.5, is_causal, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["plain", "causal", "gqa_causal_padding", "float_padding"])
+def test_cuda_agrees_with_the_float64_reference(name):
+    case = dict(CASES[name])
+    inputs, _, reference = run_case(case, dtype=torch.float32)
+    mask = make_mask(case.pop("mask", None), inputs[0].shape[0], inputs[1].shape[-2])
+    for key in ("heads", "kv_heads", "n_q", "n_k", "value_dim"):
+        case.pop(key, None)
+    cuda = [t.detach().cuda().requires_grad_() for t in inputs]
+    out = lowrank_attention(*cuda, attn_mask=None if mask is None else mask.cuda(), **case)
+    assert out.is_cuda and max_error(out.cpu(), reference) < 2e-5
+    grad_out = torch.randn_like(reference)
+    got = torch.autograd.grad(out, cuda, grad_out.float().cuda())
+    expected = torch.autograd.grad(reference, inputs, grad_out)
+    for a, b in zip(got, expected):
+        assert max_error(a.cpu(), b) < 1e-4 * max(1.0, b.abs().max().item())

@@ -65,6 +65,12 @@ def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
     assert decide(site(n=crossover // 2), Policy(cost_model=False)).rewrite
 
 
+def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():
+    kept = decide(site(n=10**6, device="cuda"), Policy())
+    assert not kept.rewrite and "not calibrated for cuda devices" in kept.reason
+    assert decide(site(n=10**6, device="cuda"), Policy(cost_model=False)).rewrite
+
+
 def test_crossover_falls_with_head_dim_and_rises_with_degree():
     assert cost.crossover_length(16, 16, False, 2) < cost.crossover_length(64, 64, False, 2)
     assert cost.crossover_length(32, 32, False, 2) < cost.crossover_length(32, 32, False, 3)

@@ -1,0 +1,86 @@
+"""lrcompile.cost: the FLOP model counts what the kernels run; calibration inverts the crossover."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lrcompile import bench, cost
+from lrcompile.factored import factored_attention, factored_attention_backward
+
+
+class MatmulFlops(TorchDispatchMode):
+    """2 x multiply-adds of every (batched) matrix product run on this thread."""
+
+    PRODUCTS = {"bmm", "baddbmm", "baddbmm_", "mm", "addmm", "addmm_"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.PRODUCTS:
+            a, b = args[-2:] if func.__name__.startswith(("baddbmm", "addmm")) else args[:2]
+            self.flops += 2 * math.prod(a.shape) * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_flop_model_counts_the_products_the_kernels_run(is_causal, groups, monkeypatch):
+    batch, heads, n, head_dim, value_dim, chunk = 2, 2, 96, 6, 5, 32
+    q = torch.randn(batch, heads, groups, n, head_dim, dtype=torch.float64)
+    k = torch.randn(batch, heads, n, head_dim, dtype=torch.float64)
+    v = torch.randn(batch, heads, n, value_dim, dtype=torch.float64)
+    config = ([1.0, 1.0, 0.5], 0.4, is_causal, chunk)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the mode sees this thread only
+    with MatmulFlops() as counted:
+        out, denominator, state = factored_attention._init_fn(q, k, v, None, *config)
+        factored_attention_backward._init_fn(torch.ones_like(out), q, k, v, None, out, denominator, state,
+                                             *config, False)
+    # GQA: the model counts per query head, with the key side shared by the group (kv_ratio)
+    model = cost.lowrank_product_flops(n, n, head_dim, value_dim, batch * heads * groups, is_causal, 2, chunk,
+                                       kv_ratio=1 / groups)
+    assert counted.flops == pytest.approx(model, rel=1e-12)
+
+
+def test_calibrated_ratio_puts_the_model_crossover_at_the_measured_one():
+    for causal in (False, True):
+        ratio = cost.ratio_for_crossover(3000, 64, 64, causal, 2, 64)
+        crossover = cost.crossover_length(64, 64, causal, 2, 64, ratio=ratio)
+        assert abs(crossover - 3000) <= 1
+        assert cost.crossover_length(64, 64, causal, 2, 64, ratio=ratio / 2) > crossover  # slower path, later
+
+
+def test_an_uncalibrated_device_never_predicts_low_rank_faster(monkeypatch):
+    monkeypatch.setattr(cost, "calibration", lambda: {"cpu": {"non_causal": 0.5, "causal": 0.5}})
+    assert cost.rate_ratio(False, "cuda") is None
+    assert cost.crossover_length(64, 64, False, 2, device_type="cuda") is None
+    assert not cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, device_type="cuda")
+    assert cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, device_type="cpu")
+
+
+def synthetic_result(crossovers, head_dim=64, degree=2, ns=(1024, 2048, 4096, 8192)):
+    """A bench result whose lowrank/sdpa time ratio crosses 1 at the given n per mask."""
+    rows = []
+    for causal, crossing in crossovers.items():
+        for n in ns:
+            rows.append({"method": "sdpa", "n": n, "causal": causal, "total_s": 1.0})
+            rows.append({"method": "lowrank", "n": n, "causal": causal, "total_s": crossing / n})
+    return {"settings": {"head_dim": head_dim, "degree": degree, "causal": list(crossovers), "n": list(ns)},
+            "machine": {"cpu": "test"}, "rows": rows}
+
+
+def test_calibration_takes_the_smallest_ratio_over_configurations():
+    results = [synthetic_result({False: 2000, True: 5000}), synthetic_result({False: 3000, True: 6000}, head_dim=32,
+                                                                            degree=3)]
+    calibration = bench.calibration_from(results)["cpu"]
+    for causal, key in ((False, "non_causal"), (True, "causal")):
+        implied = [e["ratio"] for e in calibration["evidence"] if e["causal"] == causal]
+        assert len(implied) == 2 and calibration[key] == min(implied)
+
+
+def test_calibration_refuses_a_mask_that_never_crossed():
+    with pytest.raises(ValueError, match="measure longer sequences"):
+        bench.calibration_from([synthetic_result({False: 2000, True: 10**6})])

@@ -1,0 +1,135 @@
+"""lrcompile.native: the C kernels against the torch evaluation and autograd, float64 references.
+
+The kernels must build on this project's machines (CI included): a build that silently fell back
+to torch would hide a broken kernel behind a slower but correct path.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lrcompile import native
+from lrcompile.features import FeatureMap, monomial_table, monomials
+from lrcompile.polynomial import exp_polynomial
+
+SHAPES = [(1, 3), (4, 1), (5, 4), (8, 3), (16, 2), (64, 2)]  # (head_dim, degree)
+
+
+def test_native_kernels_build_here():
+    if not native.enabled():
+        pytest.skip("LRCOMPILE_NATIVE=0")
+    assert native.library() is not None, native.status()
+    assert native.status().startswith("native C kernels")
+
+
+def random_rows(batch, rows, head_dim, dtype, stride_pad=0, seed=0):
+    """(batch, rows, d) rows with unit last stride, and row stride d + stride_pad."""
+    generator = torch.Generator().manual_seed(seed)
+    wide = torch.randn(batch, rows, head_dim + stride_pad, generator=generator, dtype=torch.float64)
+    return wide[..., :head_dim].to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("head_dim, degree", SHAPES)
+@pytest.mark.parametrize("with_coefficients", [False, True])
+def test_native_features_equal_the_monomials_times_coefficients(head_dim, degree, with_coefficients, dtype):
+    table = monomial_table(head_dim, degree)
+    coefficients = table.coefficients(exp_polynomial(degree, 1.0, "chebyshev").coefficients, dtype, "cpu") \
+        if with_coefficients else None
+    rows = random_rows(3, 70, head_dim, dtype, stride_pad=3)  # 70 rows: a full tile and a partial one
+    out = torch.full((3, table.feature_dim + 2, 80), float("nan"), dtype=dtype)[:, :table.feature_dim, 5:75]
+    FeatureMap(table, coefficients, rows)(rows, out)
+    expected = monomials(rows.double(), table) * (1 if coefficients is None else coefficients.double())
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), expected.mT, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("head_dim, degree", SHAPES)
+@pytest.mark.parametrize("with_coefficients", [False, True])
+def test_native_feature_backward_is_the_autograd_vector_jacobian_product(head_dim, degree, with_coefficients):
+    table = monomial_table(head_dim, degree)
+    coefficients = torch.randn(table.feature_dim, dtype=torch.float64) if with_coefficients else None
+    rows = random_rows(2, 70, head_dim, torch.float64, stride_pad=2).requires_grad_()
+    grad = torch.randn(2, table.feature_dim, 70, dtype=torch.float64)
+    features = monomials(rows, table) * (1 if coefficients is None else coefficients)
+    (expected,) = torch.autograd.grad(features, rows, grad.mT)
+    out = torch.empty(2, 70, head_dim + 4, dtype=torch.float64)[..., 1:head_dim + 1]
+    FeatureMap(table, coefficients, rows).backward(rows.detach(), grad, out)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset, groups", [(0, 1), (0, 3), (2, 1), (-1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_causal_block_is_the_masked_polynomial_and_its_derivative(offset, groups, dtype):
+    coefficients = torch.tensor(exp_polynomial(3, 1.0, "chebyshev").coefficients, dtype=dtype)
+    positions, keys = 5, 7
+    scores = torch.randn(2, positions * groups, keys, dtype=torch.float64)
+    grad = torch.randn_like(scores)
+    row_position = offset + torch.arange(positions * groups) // groups
+    mask = (row_position[:, None] >= torch.arange(keys)).double()
+    c = coefficients.double()
+    polynomial = sum(c[m] * scores**m for m in range(len(c)))
+    derivative = sum(m * c[m] * scores ** (m - 1) for m in range(1, len(c)))
+    got_scores, got_grad = scores.to(dtype, copy=True), grad.to(dtype, copy=True)
+    native.causal_block(got_scores, got_grad, offset, groups, coefficients)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got_scores.double(), polynomial * mask, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got_grad.double(), grad * mask * derivative, rtol=tolerance, atol=tolerance)
+
+
+def test_kernels_refuse_rows_without_unit_last_stride():
+    table = monomial_table(4, 2)
+    rows = torch.randn(2, 8, 4).mT.contiguous().mT  # (2, 8, 4) with stride 8 along the last axis
+    with pytest.raises(ValueError, match="unit last stride"):
+        FeatureMap(table, None, rows)(rows, torch.empty(2, table.feature_dim, 8))
+
+
+def test_only_float32_and_float64_cpu_tensors_take_the_native_path():
+    table = monomial_table(4, 2)
+    assert FeatureMap(table, None, torch.empty(1)).native is not None
+    assert FeatureMap(table, None, torch.empty(1, dtype=torch.bfloat16)).native is None
+    assert FeatureMap(table, None, torch.empty(1, device="meta")).native is None
+
+
+def _run_fresh_python(code, **environment):
+    env = {**os.environ, **environment}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_without_a_working_compiler_the_torch_path_computes_the_same_and_says_why(tmp_path):
+    code = """
+import warnings, torch
+from lrcompile import native, lowrank_attention
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    out = lowrank_attention(q, k, v, is_causal=True, chunk_size=16)
+print(native.status())
+print([str(w.message) for w in caught])
+print(float(out.abs().sum()))
+"""
+    broken = _run_fresh_python(code, CC="false", LRCOMPILE_CACHE_DIR=str(tmp_path))
+    assert broken.returncode == 0, broken.stderr
+    status, warnings_text, total = broken.stdout.strip().splitlines()[-3:]
+    assert status.startswith("torch operations (") and "false failed on cpu_kernels.c" in status
+    assert "native feature kernels unavailable" in warnings_text
+    working = _run_fresh_python(code)
+    assert working.returncode == 0, working.stderr
+    assert working.stdout.strip().splitlines()[-3].startswith("native C kernels")
+    assert float(working.stdout.strip().splitlines()[-1]) == pytest.approx(float(total), rel=1e-12)
+
+
+def test_the_built_library_is_reused_from_the_cache(tmp_path):
+    code = "from lrcompile import native; native.library(); print(native.status())"
+    first = _run_fresh_python(code, LRCOMPILE_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    built = list(tmp_path.glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    second = _run_fresh_python(code, LRCOMPILE_CACHE_DIR=str(tmp_path))
+    assert second.returncode == 0 and second.stdout.strip().startswith("native C kernels"), second.stderr
+    assert list(tmp_path.glob("cpu_kernels-*.so")) == built and built[0].stat().st_mtime_ns == stamp
