@@ -182,9 +182,9 @@ class _Sweeps:
         self.chunk = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
         self._masks = {}
+        self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
         # the in-chunk polynomial runs natively wherever the feature maps do
-        self.native_block = (torch.tensor(self.coefficients, dtype=q.dtype)
-                             if causal and self.psi.native is not None else None)
+        self.native_block = self.polynomial if causal and self.psi.native is not None else None
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -220,11 +220,21 @@ class _Sweeps:
 
     # ---- entry points -------------------------------------------------------------------------
 
+    def native_sweep(self, rows):
+        """The C sweep (lrcompile.native.Sweep) where it applies, else None: the sweeps below run."""
+        if self.psi.native is None:
+            return None
+        return native.sweep(self.phi.native, self.polynomial, self.chunk, self.causal, rows, rows.shape[0])
+
     def forward(self, q, k, v_hat, key_weight):
         batch, heads, groups = q.shape[:3]
         rows, keys = self.query_rows(q), k.flatten(0, 1).contiguous()
-        weighted = _weighted(v_hat, key_weight).flatten(0, 1)  # W^ (BH, n_k, d_v + 1)
-        if self.causal:
+        weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()  # W^ (BH, n_k, d_v + 1)
+        in_c = self.native_sweep(rows)
+        if in_c is not None:
+            out_t, state_t = in_c.forward(rows, keys, weighted, groups)
+            out_hat, state = out_t.mT, state_t.mT
+        elif self.causal:
             out_hat, state = split_heads(functools.partial(self.causal_forward, groups=groups), rows, keys, weighted)
         else:
             out_hat, state = split_heads(self.non_causal_forward, rows, keys, weighted)
@@ -235,9 +245,13 @@ class _Sweeps:
     def backward(self, q, k, v_hat, key_weight, g_hat, state):
         groups = q.shape[2]
         rows, g_rows, keys = self.query_rows(q), self.query_rows(g_hat), k.flatten(0, 1).contiguous()
-        weighted = _weighted(v_hat, key_weight).flatten(0, 1)
+        weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()
         state = state.flatten(0, 1)
-        if self.causal:
+        in_c = self.native_sweep(rows)
+        if in_c is not None:
+            dq, dk, key_grads_t = in_c.backward(rows, keys, weighted, g_rows, state.mT.contiguous(), groups)
+            key_grads = key_grads_t.mT
+        elif self.causal:
             dq, dk, key_grads = split_heads(functools.partial(self.causal_backward, groups=groups),
                                             rows, keys, weighted, g_rows, state)
         else:

@@ -1,10 +1,13 @@
 """The C kernels of the factored attention on CPU: built once per machine, loaded with ctypes.
 
-`cpu_kernels.c` is compiled on first use with the system C compiler (the one Inductor uses on
-CPU) into a cache directory, keyed by the source, the compiler and the CPU, and shared by every
-later process. Where no compiler works, or for tensors the kernels do not take (not on the CPU,
-not float32/float64), `lrcompile.features` computes the same maps with torch operations; `status()`
-says which path is in use and why.
+`csrc/kernels.c` is compiled on first use with the system C compiler (the one Inductor uses on
+CPU) into a cache directory, keyed by the sources, the compiler and the CPU, and shared by every
+later process. It holds the feature maps and their VJP (`FeatureKernels`), the causal in-chunk
+polynomial (`causal_block`), and whole forward and backward sweeps (`Sweep`), whose matrix products
+call the BLAS torch links (its sgemm_/dgemm_, found in libtorch_cpu). Where no compiler works, or
+for tensors the kernels do not take (not on the CPU, not float32/float64), `lrcompile.features`
+and `lrcompile.factored` compute the same values with torch operations; `status()` says which
+path is in use and why.
 
 Environment: LRCOMPILE_NATIVE=0 turns the kernels off; LRCOMPILE_CACHE_DIR moves the cache
 (default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile); CC names the compiler (default cc).
@@ -25,7 +28,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+from lrcompile.threads import worth_splitting
+
+SOURCES = Path(__file__).parent / "csrc"
+MAIN_SOURCE = SOURCES / "kernels.c"  # includes the others
 # -fopenmp links libgomp.so.1 by soname: inside a torch process that resolves to the libgomp torch
 # already loaded, so the kernels share torch's thread pool instead of starting a second one.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
@@ -120,6 +126,101 @@ def causal_block(scores: torch.Tensor, grad: torch.Tensor | None, offset: int, g
              coefficients.numel() - 1, torch.get_num_threads())
 
 
+class Problem(ctypes.Structure):
+    """lrc_problem of csrc/kernels.c: one attention call, every head (layouts in csrc/sweeps.h)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "heads", "groups", "n_q", "n_k", "d", "e", "r", "r_lower", "chunk", "causal", "degree", "threads")] + [
+        (name, ctypes.c_void_p) for name in (
+            "rows", "keys", "weighted", "g_rows", "state", "out", "dq", "dk", "parent", "last",
+            "phi_coefficients", "polynomial", "gemm")]
+
+
+class Sweep:
+    """The forward and backward sweeps of lrcompile.factored in C, one head per thread.
+
+    Tensors are those of factored._Sweeps, flattened to (heads, rows, .) and contiguous; states
+    and the (e, rows) outputs are transposed, as sweeps.h describes. Built by `sweep()`, which
+    says when this path applies.
+    """
+
+    def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk: int, causal: bool,
+                 dtype: torch.dtype, threads: int):
+        lib = library()
+        self._forward = getattr(lib, f"lrc_forward_{SUFFIX[dtype]}")
+        self._backward = getattr(lib, f"lrc_backward_{SUFFIX[dtype]}")
+        self._features = features
+        self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
+        self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk=chunk, causal=int(causal),
+                           degree=self._polynomial.numel() - 1, threads=threads, parent=features._tables[0],
+                           last=features._tables[1], phi_coefficients=features._tables[2],
+                           polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
+
+    def forward(self, rows, keys, weighted, groups):
+        """(O^ transposed (heads, e, N), S transposed (heads, e, r))."""
+        heads, e = rows.shape[0], weighted.shape[-1]
+        out_t = rows.new_empty(heads, e, rows.shape[1])
+        state_t = rows.new_empty(heads, e, self._features.r)
+        self._run(self._forward, rows, keys, weighted, groups, state=state_t, out=out_t)
+        return out_t, state_t
+
+    def backward(self, rows, keys, weighted, g_rows, state_t, groups):
+        """(dq' (heads, N, d), dk' (heads, n_k, d), U transposed (heads, e, n_k))."""
+        dq, dk = torch.empty_like(rows), torch.empty_like(keys)
+        key_grads_t = keys.new_empty(keys.shape[0], weighted.shape[-1], keys.shape[1])
+        self._run(self._backward, rows, keys, weighted, groups, g_rows=g_rows, state=state_t, out=key_grads_t,
+                  dq=dq, dk=dk)
+        return dq, dk, key_grads_t
+
+    def _run(self, function, rows, keys, weighted, groups, **buffers):
+        tensors = dict(rows=rows, keys=keys, weighted=weighted, **buffers)
+        for name, t in tensors.items():
+            if not t.is_contiguous():
+                raise ValueError(f"native sweep: {name} must be contiguous, got strides {t.stride()}")
+        problem = Problem(heads=rows.shape[0], groups=groups, n_q=rows.shape[1] // groups, n_k=keys.shape[1],
+                          d=rows.shape[2], e=weighted.shape[2], **self._fixed,
+                          **{name: t.data_ptr() for name, t in tensors.items()})
+        if function(ctypes.addressof(problem)):
+            raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
+
+
+def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, like: torch.Tensor,
+          heads: int) -> Sweep | None:
+    """The native sweep for this call, or None where the torch sweep should run instead.
+
+    It runs heads in parallel, one per thread, with single-threaded products: used when there are
+    enough heads to keep every thread busy (see lrcompile.threads) and torch's BLAS is found.
+    """
+    threads = torch.get_num_threads()
+    if features is None or (threads > 1 and not worth_splitting(like, heads, threads)):
+        return None
+    if _gemm_address(like.dtype) is None:
+        return None
+    return Sweep(features, polynomial, chunk, causal, like.dtype, threads)
+
+
+def _gemm_address(dtype: torch.dtype) -> int | None:
+    """Address of the Fortran ?gemm_ of the BLAS torch uses (MKL here), None where none is found."""
+    key = ("gemm", dtype)
+    if key not in _state:
+        _state[key] = _find_gemm("sgemm_" if dtype == torch.float32 else "dgemm_")
+    return _state[key]
+
+
+def _find_gemm(name: str) -> int | None:
+    # torch's BLAS is linked into libtorch_cpu (statically for MKL); a handle on the library
+    # already loaded finds its symbols and those of its dependencies. MKL is LP64 in torch builds,
+    # so the 32-bit integer arguments of sweeps.h are right; other BLAS are not trusted here.
+    if not torch.backends.mkl.is_available():
+        return None
+    for candidate in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(str(candidate)), name), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def _check_unit_stride(*tensors) -> None:
     # the kernels index with the strides they are given but need unit stride along the last axis
     for t in tensors:
@@ -135,6 +236,8 @@ _SIGNATURES = {
     "lrc_features_vjp": (_INT, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 3, _POINTER, *[_INT64] * 3,
                                 _POINTER, _POINTER, _POINTER, _INT]),
     "lrc_causal_block": (None, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 4, _POINTER, _INT64, _INT]),
+    "lrc_forward": (_INT, [ctypes.c_void_p]),
+    "lrc_backward": (_INT, [ctypes.c_void_p]),
 }
 
 
@@ -144,7 +247,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        path = _cache_dir() / f"cpu_kernels-{_build_key(compiler, version)}.so"
+        path = _cache_dir() / f"kernels-{_build_key(compiler, version)}.so"
         if not path.exists():
             _build(compiler, path)
         library = ctypes.CDLL(str(path))
@@ -154,7 +257,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         for suffix in SUFFIX.values():
             function = getattr(library, f"{name}_{suffix}")
             function.restype, function.argtypes = result, arguments
-    return library, f"{version.splitlines()[0] if version else compiler}, {path}"
+    return library, f"{version.splitlines()[0] if version else compiler}; {path}"
 
 
 def _cache_dir() -> Path:
@@ -167,7 +270,9 @@ def _cache_dir() -> Path:
 
 
 def _build_key(compiler: str, version: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in sorted(SOURCES.iterdir()):
+        digest.update(source.name.encode() + source.read_bytes())
     for part in (compiler, version, " ".join(FLAGS), platform.machine(), _cpu_flags()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -189,10 +294,10 @@ def _build(compiler: str, path: Path) -> None:
     handle, partial = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        result = subprocess.run([compiler, *FLAGS, str(MAIN_SOURCE), "-o", partial], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {MAIN_SOURCE.name}: {result.stderr.strip()[-2000:]}")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):

@@ -31,7 +31,7 @@ def split_heads(fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     threads = torch.get_num_threads()
     heads = tensors[0].shape[0]
-    if not _worth_splitting(tensors[0], heads, threads):
+    if not worth_splitting(tensors[0], heads, threads):
         return fn(*tensors)
     parts = [t.tensor_split(threads) for t in tensors]
     pool = _executor(threads)
@@ -44,7 +44,8 @@ def split_heads(fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.cat(pieces) for pieces in zip(*results))
 
 
-def _worth_splitting(like: torch.Tensor, heads: int, threads: int) -> bool:
+def worth_splitting(like: torch.Tensor, heads: int, threads: int) -> bool:
+    """Whether `heads` independent problems keep `threads` CPU threads busy."""
     if like.device.type != "cpu" or threads < 2 or heads < threads:
         return False
     # uneven groups leave a core idle for a whole group's time: only when that is small

@@ -66,10 +66,13 @@ def run_case(case, dtype=torch.float64):
     return (q, k, v), out, reference
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["c_sweep", "c_kernels", "torch"])
 def kernels(request, monkeypatch):
-    """Both implementations of the feature maps and in-chunk blocks: the C kernels and torch's."""
-    if request.param == "torch":
+    """Every implementation of the sweeps: all in C (lrcompile.native.Sweep); the torch sweep
+    calling the C feature maps and in-chunk blocks; torch operations only."""
+    if request.param == "c_kernels":
+        monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)
+    elif request.param == "torch":
         monkeypatch.setattr(native, "enabled", lambda: False)
     return request.param
 
@@ -213,9 +216,11 @@ def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
     r = feature_dim(head_dim, 2)
     q, k, v = (t.detach() for t in attention_inputs(1, 2, n, n, head_dim, dtype=torch.float32))
     config = ([1.0, 1.0, 0.5], head_dim**-0.5, is_causal, chunk)
-    # A dispatch mode does not see inside a custom op, nor into other threads: run the op's own
-    # implementation here, on this thread.
+    # A dispatch mode does not see inside a custom op, nor into other threads, nor C's buffers: run
+    # the op's own implementation here, on this thread, with the torch sweep (the C sweep's peak
+    # memory is checked in test_native.py).
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)
     with LargestAllocation() as mode:
         out, denominator, state = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config)
         factored_attention_backward._init_fn(torch.ones_like(out), q.unsqueeze(2), k, v, None, out, denominator,

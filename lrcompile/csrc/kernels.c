@@ -1,0 +1,39 @@
+/* CPU kernels of the factored attention (lrcompile/factored.py), for float32 and float64.
+ *
+ * Built by lrcompile/native.py on first use and called through ctypes. features.h holds the
+ * monomial feature maps, their vector-Jacobian product and the causal in-chunk polynomial;
+ * sweeps.h the chunk loops of the forward and backward, with the matrix products done by the
+ * BLAS torch itself links (its ?gemm_, passed in by address). Both are written once for a type
+ * `real` and included here for each type. The torch evaluations in lrcompile/features.py and
+ * lrcompile/factored.py compute the same values and are the reference in the tests.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 64
+
+/* One attention call, every head: what lrc_forward / lrc_backward read and write. Mirrored by
+ * native.Problem (ctypes); the layouts are those of sweeps.h. */
+typedef struct {
+    int64_t heads, groups, n_q, n_k, d, e, r, r_lower, chunk, causal, degree, threads;
+    const void *rows, *keys, *weighted, *g_rows;
+    void *state, *out, *dq, *dk;
+    const int32_t *parent, *last;
+    const void *phi_coefficients, *polynomial;
+    void *gemm;
+} lrc_problem;
+
+#define real float
+#define SUFFIX(name) name##_f32
+#include "features.h"
+#include "sweeps.h"
+#undef real
+#undef SUFFIX
+
+#define real double
+#define SUFFIX(name) name##_f64
+#include "features.h"
+#include "sweeps.h"
+#undef real
+#undef SUFFIX
