@@ -53,7 +53,7 @@ def library() -> ctypes.CDLL | None:
         if "library" not in _state:
             _state["library"], _state["reason"] = _load()
             if _state["library"] is None:
-                warnings.warn(f"lrcompile: native feature kernels unavailable ({_state['reason']}); "
+                warnings.warn(f"lrcompile: native CPU kernels unavailable ({_state['reason']}); "
                               f"using torch operations, several times slower on CPU", stacklevel=3)
         return _state["library"]
 

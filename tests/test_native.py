@@ -118,7 +118,7 @@ print(float(out.abs().sum()))
     assert broken.returncode == 0, broken.stderr
     status, warnings_text, total = broken.stdout.strip().splitlines()[-3:]
     assert status.startswith("torch operations (") and "false failed on kernels.c" in status
-    assert "native feature kernels unavailable" in warnings_text
+    assert "native CPU kernels unavailable" in warnings_text
     working = _run_fresh_python(code)
     assert working.returncode == 0, working.stderr
     assert working.stdout.strip().splitlines()[-3].startswith("native C kernels")
