@@ -11,6 +11,7 @@ methods sdpa, math, inductor, lowrank, lowrank_compiled side by side in one proc
     python benchmarks/op_speed.py              # full run: about 70 minutes on 2 cores (see RESULTS.md)
     python benchmarks/op_speed.py --memory     # plus peak memory, one child process per row
     python benchmarks/op_speed.py --calibrate  # and recalibrate the cost model from this run
+    python benchmarks/op_speed.py --calibrate-from benchmarks/op_speed.json   # from a saved run
     python benchmarks/op_speed.py --n 512 1024 --repeats 1 --results /tmp/R.md --plot /tmp/op.png --json /tmp/op.json
 
 Options other than those below go to lrcompile.bench unchanged (--n, --repeats, --warmup, --methods,
@@ -43,6 +44,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--json", type=Path, default=HERE / "op_speed.json")
     parser.add_argument("--calibrate", action="store_true",
                         help="write the cost model's calibration implied by this run to lrcompile/calibration.json")
+    parser.add_argument("--calibrate-from", type=Path, metavar="JSON",
+                        help="only write the calibration implied by a run's saved JSON (--json of an earlier run)")
     args, forwarded = parser.parse_known_args(argv)
     fixed_here = [option for option in forwarded if option.split("=")[0] in ("--head-dim", "--degree")]
     if fixed_here:
@@ -87,6 +90,9 @@ def _relative(path, results_path) -> str:
 
 def main(argv=None):
     args, runs, forwarded = parse_arguments(argv)
+    if args.calibrate_from:
+        write_calibration(json.loads(args.calibrate_from.read_text()))
+        return
     results = [bench.run(run_args) for run_args in runs]
     args.json.write_text(json.dumps(results, indent=1))
     bench.plot_times(results, str(args.plot))
@@ -95,10 +101,14 @@ def main(argv=None):
     bench.write_results_section(args.results, SECTION, results_markdown(results, args, forwarded))
     print(f"wrote {args.results} (section {SECTION}), {args.plot}, {args.json}")
     if args.calibrate:
-        calibration = bench.calibration_from(results)
-        cost.CALIBRATION_PATH.write_text(json.dumps(calibration, indent=1) + "\n")
-        ratios = {key: round(value, 4) for key, value in calibration["cpu"].items() if key in ("non_causal", "causal")}
-        print(f"wrote {cost.CALIBRATION_PATH}: cpu rate ratios {ratios}")
+        write_calibration(results)
+
+
+def write_calibration(results: list[dict]) -> None:
+    calibration = bench.calibration_from(results)
+    cost.CALIBRATION_PATH.write_text(json.dumps(calibration, indent=1) + "\n")
+    summary = {key: calibration["cpu"][key] for key in ("non_causal", "causal", "shortest_crossover")}
+    print(f"wrote {cost.CALIBRATION_PATH}: cpu {summary}")
 
 
 if __name__ == "__main__":

@@ -610,8 +610,10 @@ def calibration_from(results: list[dict], device_type: str = "cpu") -> dict:
 
     For every low-rank method and mask kind, the rate ratio that puts the FLOP model's crossover at
     the measured fwd+bwd crossover with sdpa; per mask kind the smallest over methods and
-    configurations, so the policy errs towards exact attention. Where the method was faster at
-    every measured n, the smallest n stands in for the crossover (an upper bound: conservative).
+    configurations, so the policy errs towards exact attention; and the shortest crossover of
+    all, below which fixed per-call costs (which FLOPs miss) are left to decide for exact
+    attention. Where the method was faster at every measured n, the smallest n stands in for the
+    crossover (an upper bound: conservative).
     """
     evidence = []
     for result in results:
@@ -630,12 +632,13 @@ def calibration_from(results: list[dict], device_type: str = "cpu") -> dict:
                                      f"measure longer sequences (--n) to calibrate")
                 chunk = default_chunk_size(settings["head_dim"], settings["degree"], causal)
                 evidence.append({"method": method, "causal": causal, "head_dim": settings["head_dim"],
-                                 "degree": settings["degree"], "measured_crossover": found["text"],
+                                 "degree": settings["degree"], "measured_crossover": found["text"], "n": n,
                                  "ratio": cost.ratio_for_crossover(n, settings["head_dim"], settings["head_dim"],
                                                                    causal, settings["degree"], chunk)})
     if not evidence:
         raise ValueError("no low-rank method was measured against sdpa: nothing to calibrate")
-    entry = {"machine": results[0]["machine"], "evidence": evidence}
+    entry = {"machine": results[0]["machine"], "evidence": evidence,
+             "shortest_crossover": math.ceil(min(e["n"] for e in evidence))}
     for causal in (False, True):
         ratios = [e["ratio"] for e in evidence if e["causal"] == causal]
         if ratios:

@@ -11,8 +11,10 @@ mask kind, is the calibration, so the crossover compares predicted times, not FL
 measured, not assumed: `python benchmarks/op_speed.py --calibrate` finds the fraction that puts
 the model's crossover where the measured one is (the smallest over the configurations it ran,
 so the model errs towards exact attention) and writes it to `calibration.json` beside this
-file. A device type without a calibration gets none: the default policy keeps exact attention
-there rather than guess (`rate_ratio` returns None).
+file. FLOPs miss the fixed cost of a call, which decides at short lengths (a millisecond against
+SDPA's few microseconds at n = 128): below the shortest crossover measured, the model keeps
+exact attention whatever the FLOPs say. A device type without a calibration gets none: the
+default policy keeps exact attention there rather than guess (`rate_ratio` returns None).
 """
 
 from __future__ import annotations
@@ -77,12 +79,20 @@ def rate_ratio(causal: bool, device_type: str = "cpu") -> float | None:
     return None if entry is None else entry["causal" if causal else "non_causal"]
 
 
+def shortest_crossover(device_type: str = "cpu") -> int:
+    """The shortest key length at which low-rank was measured faster (fixed costs rule below)."""
+    return calibration().get(device_type, {}).get("shortest_crossover", 0)
+
+
 def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0,
                        device_type="cpu", ratio=None) -> bool:
-    """Predicted time of the low-rank path below exact attention's; False where not calibrated."""
-    ratio = rate_ratio(causal, device_type) if ratio is None else ratio
+    """Predicted time of the low-rank path below exact attention's; False where not calibrated.
+
+    With an explicit `ratio` (calibration itself), the FLOPs alone decide."""
     if ratio is None:
-        return False
+        ratio = rate_ratio(causal, device_type)
+        if ratio is None or n_k < shortest_crossover(device_type):
+            return False
     exact = exact_flops(n_q, n_k, head_dim, value_dim, 1, causal)
     lowrank = lowrank_flops(n_q, n_k, head_dim, value_dim, 1, causal, degree, chunk, kv_ratio)
     return lowrank / ratio < exact

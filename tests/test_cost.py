@@ -62,6 +62,16 @@ def test_an_uncalibrated_device_never_predicts_low_rank_faster(monkeypatch):
     assert cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, device_type="cpu")
 
 
+def test_below_the_shortest_measured_crossover_exact_attention_is_kept(monkeypatch):
+    # FLOPs alone would favour low-rank at n = 200 for d = 16; fixed per-call costs do not
+    monkeypatch.setattr(cost, "calibration", lambda: {"cpu": {"non_causal": 0.9, "causal": 0.9,
+                                                              "shortest_crossover": 2000}})
+    assert cost.lowrank_is_cheaper(200, 200, 16, 16, False, 2, ratio=0.9)
+    assert not cost.lowrank_is_cheaper(200, 200, 16, 16, False, 2)
+    assert cost.lowrank_is_cheaper(2000, 2000, 16, 16, False, 2)
+    assert cost.crossover_length(16, 16, False, 2) == 2000
+
+
 def synthetic_result(crossovers, head_dim=64, degree=2, ns=(1024, 2048, 4096, 8192)):
     """A bench result whose lowrank/sdpa time ratio crosses 1 at the given n per mask."""
     rows = []
@@ -80,6 +90,7 @@ def test_calibration_takes_the_smallest_ratio_over_configurations():
     for causal, key in ((False, "non_causal"), (True, "causal")):
         implied = [e["ratio"] for e in calibration["evidence"] if e["causal"] == causal]
         assert len(implied) == 2 and calibration[key] == min(implied)
+    assert calibration["shortest_crossover"] == 2000
 
 
 def test_calibration_refuses_a_mask_that_never_crossed():
