@@ -13,7 +13,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
-from lrcompile import cost
+from lrcompile import cost, native
 from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
@@ -132,6 +132,9 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     if ratio is None:
         return (f"the cost model is not calibrated for {device} devices (benchmarks/op_speed.py --calibrate "
                 f"there), so exact attention is kept; Policy(cost_model=False) forces the rewrite")
+    if device == "cpu" and native.library() is None:
+        return (f"the cost model is calibrated for lrcompile's C kernels, unavailable here ({native.status()}), "
+                f"so exact attention is kept; Policy(cost_model=False) forces the rewrite")
     if _holds(decision.flops_lowrank / ratio < decision.flops_exact):
         return ""
     crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)

@@ -71,6 +71,14 @@ def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():
     assert decide(site(n=10**6, device="cuda"), Policy(cost_model=False)).rewrite
 
 
+def test_without_the_c_kernels_the_cpu_calibration_does_not_apply(monkeypatch):
+    from lrcompile import native
+
+    monkeypatch.setattr(native, "enabled", lambda: False)  # the torch path is several times slower
+    kept = decide(site(n=10**6), Policy())
+    assert not kept.rewrite and "calibrated for lrcompile's C kernels" in kept.reason
+
+
 def test_crossover_falls_with_head_dim_and_rises_with_degree():
     assert cost.crossover_length(16, 16, False, 2) < cost.crossover_length(64, 64, False, 2)
     assert cost.crossover_length(32, 32, False, 2) < cost.crossover_length(32, 32, False, 3)
