@@ -207,7 +207,7 @@ class _Sweeps:
         return like.new_empty(like.shape[0], self.table.feature_dim, rows)
 
     # (r, d_v + 1) states and (rows, d_v + 1) outputs are column-major: with d_v + 1 = 65 columns,
-    # MKL's products run about 15% faster that way round (benchmarks/RESULTS.md).
+    # MKL's products run 6-20% faster that way round (benchmarks/kernel_paths.py).
 
     @staticmethod
     def new_state(like, columns):

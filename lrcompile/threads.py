@@ -3,9 +3,9 @@
 The factored sweeps are chains of matrix products with r x (d_v + 1) states and r x C feature
 blocks. Split across cores inside every product, each core reads blocks the other one wrote and
 the two synchronise hundreds of times per chunk; given whole heads instead, each core keeps its
-features and states in its own cache and runs single-threaded products back to back, which is
-measurably faster (benchmarks/RESULTS.md). Torch operations release the GIL, so Python threads
-are enough to run the heads side by side.
+features and states in its own cache and runs single-threaded products back to back. Torch
+operations release the GIL, so Python threads can run the heads side by side (the C sweep of
+lrcompile.native does the same without Python in between, and is used instead where it builds).
 
 Used only on the CPU, with more (batch x head) problems than threads: with fewer, or on an
 accelerator, the sweep runs as it is, one multi-threaded operation at a time.
