@@ -87,18 +87,35 @@ static void SUFFIX(block)(const lrc_problem* p, SUFFIX(workspace)* w, const real
                           offset + i / p->groups + 1, (const real*)p->polynomial, p->degree);
 }
 
+/* Head h's part of every tensor of the problem (NULL where the problem has none). */
+typedef struct {
+    const real *rows, *keys, *W, *G;  /* (N, d), (n_k, d), (n_k, e), (N, e) */
+    real *state, *out, *dq, *dk;      /* (e, r), (e, N) or (e, n_k), (N, d), (n_k, d) */
+} SUFFIX(head_view);
+
+static SUFFIX(head_view) SUFFIX(head)(const lrc_problem* p, int64_t h, int64_t out_columns)
+{
+    const int64_t N = p->groups * p->n_q;
+    SUFFIX(head_view) v = {
+        (const real*)p->rows + h * N * p->d, (const real*)p->keys + h * p->n_k * p->d,
+        (const real*)p->weighted + h * p->n_k * p->e, p->g_rows ? (const real*)p->g_rows + h * N * p->e : 0,
+        (real*)p->state + h * p->e * p->r, (real*)p->out + h * p->e * out_columns,
+        p->dq ? (real*)p->dq + h * N * p->d : 0, p->dk ? (real*)p->dk + h * p->n_k * p->d : 0,
+    };
+    return v;
+}
+
 /* ---- forward ---------------------------------------------------------------------------- */
 
 static void SUFFIX(forward_head)(const lrc_problem* p, SUFFIX(workspace)* w, int64_t h)
 {
     SUFFIX(gemm_t) gemm = (SUFFIX(gemm_t))p->gemm;
     const int64_t N = p->groups * p->n_q, d = p->d, e = p->e, r = p->r, ld = w->width;
-    const real* rows = (const real*)p->rows + h * N * d;
-    const real* keys = (const real*)p->keys + h * p->n_k * d;
-    const real* W = (const real*)p->weighted + h * p->n_k * e;
+    const SUFFIX(head_view) v = SUFFIX(head)(p, h, N);
+    const real *rows = v.rows, *keys = v.keys, *W = v.W;
     const real* phi_coefficients = (const real*)p->phi_coefficients;
-    real* S = (real*)p->state + h * e * r;   /* S^T (e, r) */
-    real* O = (real*)p->out + h * e * N;     /* O^T (e, N) */
+    real* S = v.state;  /* S^T (e, r) */
+    real* O = v.out;    /* O^T (e, N) */
     memset(S, 0, sizeof(real) * e * r);
     if (!p->causal) {
         for (int64_t a = 0; a < p->n_k; a += p->chunk) {  /* S^T += W^_c^T psi_c^T */
@@ -134,17 +151,14 @@ static void SUFFIX(backward_head)(const lrc_problem* p, SUFFIX(workspace)* w, in
 {
     SUFFIX(gemm_t) gemm = (SUFFIX(gemm_t))p->gemm;
     const int64_t N = p->groups * p->n_q, d = p->d, e = p->e, r = p->r, ld = w->width;
-    const real* rows = (const real*)p->rows + h * N * d;
-    const real* keys = (const real*)p->keys + h * p->n_k * d;
-    const real* W = (const real*)p->weighted + h * p->n_k * e;
-    const real* G = (const real*)p->g_rows + h * N * e;
+    const SUFFIX(head_view) v = SUFFIX(head)(p, h, p->n_k);
+    const real *rows = v.rows, *keys = v.keys, *W = v.W, *G = v.G;
     const real* phi_coefficients = (const real*)p->phi_coefficients;
-    real* dq = (real*)p->dq + h * N * d;
-    real* dk = (real*)p->dk + h * p->n_k * d;
-    real* U = (real*)p->out + h * e * p->n_k;  /* U^T (e, n_k) */
-    real* R = w->query_state;                  /* R^T (e, r) */
-    real* S = w->state;                        /* S^T (e, r) */
-    memcpy(S, (const real*)p->state + h * e * r, sizeof(real) * e * r);
+    real *dq = v.dq, *dk = v.dk;
+    real* U = v.out;            /* U^T (e, n_k) */
+    real* R = w->query_state;   /* R^T (e, r) */
+    real* S = w->state;         /* S^T (e, r): the forward's, copied to be peeled */
+    memcpy(S, v.state, sizeof(real) * e * r);
     memset(R, 0, sizeof(real) * e * r);
     if (!p->causal) {
         for (int64_t a = 0; a < N; a += p->chunk) {
