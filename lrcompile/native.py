@@ -59,7 +59,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """One line: which feature-map implementation CPU tensors get, and why."""
+    """One line: which implementation CPU tensors get (C kernels or torch operations), and why."""
     if not enabled():
         return "torch operations (LRCOMPILE_NATIVE=0)"
     if library() is None:
@@ -89,14 +89,15 @@ class FeatureKernels:
         self._parent = torch.tensor(table.parent, dtype=torch.int32)
         self._last = torch.tensor(table.last, dtype=torch.int32)
         self._coefficients = None if coefficients is None else coefficients.to(dtype).contiguous()
-        self._tables = (self._parent.data_ptr(), self._last.data_ptr(),
-                        None if self._coefficients is None else self._coefficients.data_ptr())
+        # what the C functions take: addresses of parent, last and the coefficients (or NULL)
+        self.tables = (self._parent.data_ptr(), self._last.data_ptr(),
+                       None if self._coefficients is None else self._coefficients.data_ptr())
 
     def features(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (B, r, C) <- monomials of x (B, C, d), times the coefficients if any."""
         _check_unit_stride(x, out)
         self._build(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], x.stride(0), x.stride(1),
-                    out.data_ptr(), self.r, out.stride(0), out.stride(1), self.lower_dim, *self._tables,
+                    out.data_ptr(), self.r, out.stride(0), out.stride(1), self.lower_dim, *self.tables,
                     torch.get_num_threads())
 
     def backward(self, x: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> None:
@@ -104,7 +105,7 @@ class FeatureKernels:
         _check_unit_stride(x, grad, out)
         failed = self._vjp(x.data_ptr(), x.shape[0], x.shape[1], x.shape[2], x.stride(0), x.stride(1),
                            grad.data_ptr(), self.r, grad.stride(0), grad.stride(1),
-                           out.data_ptr(), out.stride(0), out.stride(1), self.lower_dim, *self._tables,
+                           out.data_ptr(), out.stride(0), out.stride(1), self.lower_dim, *self.tables,
                            torch.get_num_threads())
         if failed:
             raise MemoryError(f"lrcompile: no memory for the scratch tiles of the feature VJP "
@@ -152,8 +153,8 @@ class Sweep:
         self._features = features
         self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
         self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk=chunk, causal=int(causal),
-                           degree=self._polynomial.numel() - 1, threads=threads, parent=features._tables[0],
-                           last=features._tables[1], phi_coefficients=features._tables[2],
+                           degree=self._polynomial.numel() - 1, threads=threads, parent=features.tables[0],
+                           last=features.tables[1], phi_coefficients=features.tables[2],
                            polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
 
     def forward(self, rows, keys, weighted, groups):
