@@ -38,7 +38,11 @@ dX_ij = dA_ij w_j P'(x_ij).
 
 Features are recomputed chunk by chunk in the backward instead of saved, into buffers allocated
 once per call: memory stays O(n d + r d_v) per head, never an n x n or an n x r tensor. Per
-chunk the work is a few large matrix products (MKL on CPU) and one pass of the feature kernels.
+chunk the work is a few large matrix products and one pass of the feature maps.
+
+On the CPU the same sweeps also exist in C (lrcompile.native.Sweep, csrc/sweeps.h), one head per
+core, and run wherever they build; the sweeps here are then the reference the tests hold them to,
+and the path on other devices.
 """
 
 from __future__ import annotations
@@ -209,9 +213,9 @@ class _Sweeps:
     # (r, d_v + 1) states and (rows, d_v + 1) outputs are column-major: with d_v + 1 = 65 columns,
     # MKL's products run 6-20% faster that way round (benchmarks/kernel_paths.py).
 
-    @staticmethod
-    def new_state(like, columns):
-        return like.new_zeros(like.shape[0], columns, like.shape[1]).mT  # (BH, rows, columns)
+    def new_state(self, like, columns):
+        """A zero state (BH, r, columns), for the BH of `like`."""
+        return like.new_zeros(like.shape[0], columns, self.table.feature_dim).mT
 
     @staticmethod
     def new_rows(like, rows, columns, zero=False):
@@ -274,7 +278,7 @@ class _Sweeps:
 
     def key_state(self, keys, weighted):
         """S = sum_j psi(k'_j)^T W^_j: (BH, r, d_v + 1)."""
-        state = self.new_state(self.buffer(keys, 0), weighted.shape[-1])
+        state = self.new_state(keys, weighted.shape[-1])
         psi = self.buffer(keys, min(self.chunk, keys.shape[1]))
         for a, b in _spans(keys.shape[1], self.chunk):
             state.baddbmm_(self.psi(keys[:, a:b], psi[..., :b - a]), weighted[:, a:b])
@@ -290,7 +294,7 @@ class _Sweeps:
 
     def query_gradients(self, rows, g_rows, state):
         """dq' rows from dphi = S G^, and R = sum_i phi(q'_i)^T G^_i."""
-        query_state = self.new_state(self.buffer(rows, 0), state.shape[-1])
+        query_state = self.new_state(rows, state.shape[-1])
         dq = torch.empty_like(rows)
         phi, d_phi = (self.buffer(rows, min(self.chunk, rows.shape[1])) for _ in range(2))
         for a, b in _spans(rows.shape[1], self.chunk):
@@ -321,7 +325,7 @@ class _Sweeps:
 
     def causal_forward(self, rows, keys, weighted, groups):
         n_q, n_k = rows.shape[1] // groups, keys.shape[1]
-        state = self.new_state(self.buffer(keys, 0), weighted.shape[-1])
+        state = self.new_state(keys, weighted.shape[-1])
         out_hat = self.new_rows(rows, rows.shape[1], weighted.shape[-1])
         phi = self.buffer(rows, min(self.chunk, n_q) * groups)
         psi = self.buffer(keys, min(self.chunk, n_k))
@@ -336,8 +340,8 @@ class _Sweeps:
 
     def causal_backward(self, rows, keys, weighted, g_rows, state, groups):
         n_q, n_k = rows.shape[1] // groups, keys.shape[1]
-        state = self.new_state(self.buffer(keys, 0), weighted.shape[-1]).copy_(state)  # all keys; peeled to S_<c
-        query_state = self.new_state(self.buffer(rows, 0), weighted.shape[-1])  # R_>c, grown chunk by chunk
+        state = self.new_state(keys, weighted.shape[-1]).copy_(state)  # all keys; peeled to S_<c
+        query_state = self.new_state(rows, weighted.shape[-1])  # R_>c, grown chunk by chunk
         dq = torch.empty_like(rows)
         dk = torch.zeros_like(keys)  # keys past the last query stay zero: nothing sees them
         key_grads = self.new_rows(keys, n_k, weighted.shape[-1], zero=True)
