@@ -232,7 +232,7 @@ def _check_unit_stride(*tensors) -> None:
 
 _POINTER, _INT64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    # name: (return type, argument types), as in cpu_kernels.c
+    # name: (return type, argument types), as in csrc/features.h and csrc/sweeps.h
     "lrc_features": (None, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 4, _POINTER, _POINTER, _POINTER, _INT]),
     "lrc_features_vjp": (_INT, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 3, _POINTER, *[_INT64] * 3,
                                 _POINTER, _POINTER, _POINTER, _INT]),
