@@ -135,11 +135,15 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     if device == "cpu" and native.library() is None:
         return (f"the cost model is calibrated for lrcompile's C kernels, unavailable here ({native.status()}), "
                 f"so exact attention is kept; Policy(cost_model=False) forces the rewrite")
-    if _holds(decision.flops_lowrank / ratio < decision.flops_exact):
-        return ""
-    crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)
-    return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
-            f"d = {head_dim}, degree {degree}, on {device}); Policy(cost_model=False) forces it")
+    if not _holds(decision.flops_lowrank / ratio < decision.flops_exact):
+        crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)
+        return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
+                f"d = {head_dim}, degree {degree}, on {device}); Policy(cost_model=False) forces it")
+    shortest = cost.shortest_crossover(device)
+    if _holds(n_k < shortest):
+        return (f"key length {n_k} is below the shortest crossover measured on {device} (n = {shortest}), where "
+                f"the fixed cost of a call outweighs the FLOPs saved; Policy(cost_model=False) forces the rewrite")
+    return ""
 
 
 def _choose_degree(policy: Policy, score_range: float | None) -> Decision:

@@ -65,6 +65,16 @@ def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
     assert decide(site(n=crossover // 2), Policy(cost_model=False)).rewrite
 
 
+def test_below_the_shortest_measured_crossover_exact_attention_is_kept_whatever_the_flops():
+    from lrcompile import cost
+
+    shortest = cost.shortest_crossover("cpu")
+    assert shortest > 0 and cost.crossover_length(16, 16, False, 2) == shortest  # FLOPs alone: far shorter
+    kept = decide(site(n=shortest - 1, d=16), Policy())
+    assert not kept.rewrite and "below the shortest crossover measured" in kept.reason
+    assert decide(site(n=shortest, d=16), Policy()).rewrite
+
+
 def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():
     kept = decide(site(n=10**6, device="cuda"), Policy())
     assert not kept.rewrite and "not calibrated for cuda devices" in kept.reason
