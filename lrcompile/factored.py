@@ -187,8 +187,6 @@ class _Sweeps:
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
         self._masks = {}
         self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
-        # the in-chunk polynomial runs natively wherever the feature maps do
-        self.native_block = self.polynomial if causal and self.psi.native is not None else None
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -228,7 +226,7 @@ class _Sweeps:
         """The C sweep (lrcompile.native.Sweep) where it applies, else None: the sweeps below run."""
         if self.psi.native is None:
             return None
-        return native.sweep(self.phi.native, self.polynomial, self.chunk, self.causal, rows, rows.shape[0])
+        return native.sweep(self.phi.native, self.polynomial, self.chunk, self.causal, rows)
 
     def forward(self, q, k, v_hat, key_weight):
         batch, heads, groups = q.shape[:3]
@@ -372,8 +370,8 @@ class _Sweeps:
         With d_block = dL/dA (same shape), turns it into dL/dX = dL/dA * M * P'(X) in place.
         """
         scores = torch.bmm(q_rows, k_rows.mT)
-        if self.native_block is not None:
-            native.causal_block(scores, d_block, offset, groups, self.native_block)
+        if self.psi.native is not None:  # natively wherever the feature maps run natively
+            native.causal_block(scores, d_block, offset, groups, self.polynomial)
             return scores
         mask = self.in_chunk_mask(q_rows.shape[1] // groups, offset, k_rows.shape[1], groups, scores)
         if d_block is not None:

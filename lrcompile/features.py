@@ -92,6 +92,13 @@ class MonomialTable:
             self._cache[key] = torch.tensor(values, dtype=torch.int64, device=like.device)
         return self._cache[key]
 
+    def recursion(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parent, last) as int32 CPU tensors, made once per table: what the C kernels index."""
+        if "recursion" not in self._cache:
+            self._cache["recursion"] = (torch.tensor(self.parent, dtype=torch.int32),
+                                        torch.tensor(self.last, dtype=torch.int32))
+        return self._cache["recursion"]
+
     def coefficients(self, polynomial_coefficients, dtype, device) -> torch.Tensor:
         """c_{|alpha|} (|alpha| choose alpha) per feature: the query-side weights of phi."""
         values = [polynomial_coefficients[m] * w for m, w in zip(self.degree_of_feature, self.multinomial)]

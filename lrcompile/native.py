@@ -85,12 +85,11 @@ class FeatureKernels:
         self.r, self.lower_dim = table.feature_dim, table.lower_dim
         self._build = getattr(lib, f"lrc_features_{SUFFIX[dtype]}")
         self._vjp = getattr(lib, f"lrc_features_vjp_{SUFFIX[dtype]}")
-        # kept alive by this object: the kernels only see their addresses
-        self._parent = torch.tensor(table.parent, dtype=torch.int32)
-        self._last = torch.tensor(table.last, dtype=torch.int32)
+        # kept alive by this object (the table keeps parent and last): the kernels see addresses
+        parent, last = table.recursion()
         self._coefficients = None if coefficients is None else coefficients.to(dtype).contiguous()
         # what the C functions take: addresses of parent, last and the coefficients (or NULL)
-        self.tables = (self._parent.data_ptr(), self._last.data_ptr(),
+        self.tables = (parent.data_ptr(), last.data_ptr(),
                        None if self._coefficients is None else self._coefficients.data_ptr())
 
     def features(self, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -185,19 +184,18 @@ class Sweep:
             raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
 
 
-def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, like: torch.Tensor,
-          heads: int) -> Sweep | None:
-    """The native sweep for this call, or None where the torch sweep should run instead.
+def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep | None:
+    """The native sweep for `rows` (heads, N, d), or None where the torch sweep should run instead.
 
     It runs heads in parallel, one per thread, with single-threaded products: used when there are
     enough heads to keep every thread busy (see lrcompile.threads) and torch's BLAS is found.
     """
     threads = torch.get_num_threads()
-    if features is None or (threads > 1 and not worth_splitting(like, heads, threads)):
+    if features is None or (threads > 1 and not worth_splitting(rows, rows.shape[0], threads)):
         return None
-    if _gemm_address(like.dtype) is None:
+    if _gemm_address(rows.dtype) is None:
         return None
-    return Sweep(features, polynomial, chunk, causal, like.dtype, threads)
+    return Sweep(features, polynomial, chunk, causal, rows.dtype, threads)
 
 
 def _gemm_address(dtype: torch.dtype) -> int | None:

@@ -158,12 +158,12 @@ def test_the_c_sweep_runs_where_heads_fill_the_threads(monkeypatch):
     table = monomial_table(4, 2)
     features = native.FeatureKernels(table, None, torch.float64)
     polynomial = torch.tensor([1.0, 1.0, 0.5])
-    like = torch.empty(1, dtype=torch.float64)
+    four_heads, one_head = (torch.empty(heads, 8, 4, dtype=torch.float64) for heads in (4, 1))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert native.sweep(features, polynomial, 16, True, like, heads=4) is not None
-    assert native.sweep(features, polynomial, 16, True, like, heads=1) is None  # one head: multi-threaded torch ops
+    assert native.sweep(features, polynomial, 16, True, four_heads) is not None
+    assert native.sweep(features, polynomial, 16, True, one_head) is None  # one head: multi-threaded torch ops
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert native.sweep(features, polynomial, 16, True, like, heads=1) is not None
+    assert native.sweep(features, polynomial, 16, True, one_head) is not None
 
 
 @pytest.mark.slow
