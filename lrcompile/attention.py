@@ -14,6 +14,7 @@ import torch
 
 from lrcompile.factored import centre_keys, factored_attention
 from lrcompile.features import feature_dim, is_tracing
+from lrcompile.guard import ON_INACCURATE
 from lrcompile.polynomial import ExpPolynomial, exp_polynomial
 
 SUPPORTED_MASKS = "None, is_causal, or a key-padding mask broadcast over queries (shape (..., 1, n_k))"
@@ -32,6 +33,9 @@ def lowrank_attention(
     *,
     bound: float | None = None,
     chunk_size: int | None = None,
+    max_error: float = 0.01,
+    on_inaccurate: str = "allow",
+    site_label: str = "lowrank_attention",
 ) -> torch.Tensor:
     """Softmax attention with exp replaced by a degree-`degree` polynomial, in O(n r d).
 
@@ -49,6 +53,9 @@ def lowrank_attention(
         are centred on their mean (mu), which leaves softmax unchanged and narrows the range;
         causal keys are not (mu = 0), since the mean would leak later keys into earlier outputs.
     chunk_size: rows per chunk (memory/speed trade-off); None picks one.
+    max_error, on_inaccurate, site_label: the accuracy guard (lrcompile.guard). Called directly, the op
+        computes the polynomial attention it was asked for ("allow"); the backend's rewrites pass
+        the policy's "exact" / "warn" / "error", and `site_label` names the counters of lrcompile.stats().
 
     Low-precision inputs are computed in float32 and returned in their own dtype.
     """
@@ -67,8 +74,17 @@ def lowrank_attention(
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
-    out = factored_attention(q5, k4, v4, key_weight, list(polynomial.coefficients), scale, bool(is_causal), chunk)[0]
+    check_guard(max_error, on_inaccurate)
+    out = factored_attention(q5, k4, v4, key_weight, list(polynomial.coefficients), scale, bool(is_causal), chunk,
+                             float(max_error), on_inaccurate, str(site_label))[0]
     return restore(out).to(q.dtype)
+
+
+def check_guard(max_error, on_inaccurate):
+    if on_inaccurate not in ON_INACCURATE:
+        raise ValueError(f"on_inaccurate must be one of {ON_INACCURATE}, got {on_inaccurate!r}")
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not 0 <= max_error < math.inf:
+        raise ValueError(f"max_error must be a finite number >= 0, got {max_error!r}")
 
 
 def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:

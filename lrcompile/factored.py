@@ -51,7 +51,7 @@ import functools
 
 import torch
 
-from lrcompile import native
+from lrcompile import guard, native
 from lrcompile.features import FeatureMap, MonomialTable, feature_dim, monomial_table
 from lrcompile.threads import split_heads
 
@@ -66,32 +66,43 @@ from lrcompile.threads import split_heads
 def factored_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1)).
+    max_error: float, on_inaccurate: str, site: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
 
     Causally, S sums the keys every query can see at the end: the backward peels it chunk by chunk.
+    The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
+    True when it replaced `out` by exact attention, which the backward then differentiates.
     """
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
     k_centred = centre_keys(k, key_weight, scale, causal)[0]
     out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
+    exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
+    if exact:
+        out = guard.exact_attention(q, k, v, key_weight, scale, causal)
     # contiguous, as the fake kernel promises (the denominator is a column of a wider buffer)
-    return out.contiguous(), denominator.contiguous(), state.contiguous()
+    return out.contiguous(), denominator.contiguous(), state.contiguous(), torch.tensor(exact, device=q.device)
 
 
 @factored_attention.register_fake
-def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size):
+def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site):
     r = feature_dim(q.shape[-1], len(coefficients) - 1)
     state = q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state
+    exact = q.new_empty((), dtype=torch.bool)
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state, exact
 
 
 @torch.library.custom_op("lrcompile::factored_attention_backward", mutates_args=())
 def factored_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
-    out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor,
+    out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor, exact: torch.Tensor,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
+    if exact.item():
+        dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad)
+        dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
     sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
@@ -104,25 +115,26 @@ def factored_attention_backward(
 
 
 @factored_attention_backward.register_fake
-def _(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale, causal, chunk_size, key_weight_grad):
+def _(grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
+      key_weight_grad):
     dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_weight, coefficients, scale, causal, chunk_size = inputs
-    out, denominator, state = output
-    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state)
+    q, k, v, key_weight, coefficients, scale, causal, chunk_size, _max_error, _on_inaccurate, _site = inputs
+    out, denominator, state, exact = output
+    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state, exact)
     ctx.config = (list(coefficients), scale, causal, chunk_size)
-    ctx.mark_non_differentiable(denominator, state)
+    ctx.mark_non_differentiable(denominator, state, exact)
 
 
-def _backward(ctx, grad_out, _grad_denominator, _grad_state):
-    q, k, v, key_weight, out, denominator, state = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
+    q, k, v, key_weight, out, denominator, state, exact = ctx.saved_tensors
     key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dw = torch.ops.lrcompile.factored_attention_backward(
-        grad_out, q, k, v, key_weight, out, denominator, state, *ctx.config, key_weight_grad)
-    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None
+        grad_out, q, k, v, key_weight, out, denominator, state, exact, *ctx.config, key_weight_grad)
+    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None, None
 
 
 factored_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lrcompile import cost, native
 from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
+from lrcompile.guard import ON_INACCURATE
 from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
 
 ON_UNSUPPORTED = ("keep", "warn", "error")
@@ -35,16 +36,30 @@ class Policy:
     causal_chunk: int | None = None
     on_unsupported: str = "keep"
     cost_model: bool = True  # False: rewrite every eligible site, even where exact is cheaper
+    max_error: float = 0.01  # largest estimated output error a call may have (lrcompile.guard)
+    on_inaccurate: str = "exact"  # "exact" | "warn" | "error" | "allow": what a call above max_error does
 
     def __post_init__(self):
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, (value,))
-            elif not all(isinstance(p, str) for p in value):
-                raise TypeError(f"{name} must be a string or a sequence of fnmatch patterns, got {value!r}")
+            elif not isinstance(value, (tuple, list, set, frozenset)) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{name} must be a string or a sequence of fnmatch patterns (strings), got {value!r}")
             else:
                 object.__setattr__(self, name, tuple(value))
+        _check_type("cost_model", self.cost_model, bool, "True or False")
+        _check_type("on_unsupported", self.on_unsupported, str, f"one of {ON_UNSUPPORTED}")
+        _check_type("on_inaccurate", self.on_inaccurate, str, f"one of {ON_INACCURATE}")
+        _check_type("approximation", self.approximation, str, f"one of {APPROXIMATIONS}")
+        for name in ("bound", "tolerance"):
+            if getattr(self, name) is not None:
+                _check_type(name, getattr(self, name), (int, float), "a number or None")
+        _check_type("max_error", self.max_error, (int, float), "a number")
+        if not 0 <= self.max_error < math.inf:
+            raise ValueError(f"max_error must be a finite number >= 0, got {self.max_error!r}")
+        if self.on_inaccurate not in ON_INACCURATE:
+            raise ValueError(f"on_inaccurate must be one of {ON_INACCURATE}, got {self.on_inaccurate!r}")
         if self.degree != "auto" and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
                                       or not 1 <= self.degree <= MAX_DEGREE):
             raise ValueError(f"degree must be an int in [1, {MAX_DEGREE}] or 'auto', got {self.degree!r}")
@@ -58,7 +73,8 @@ class Policy:
             raise ValueError(f"tolerance must be in (0, 1) or None, got {self.tolerance!r}")
         if isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
-        if self.causal_chunk is not None and (not isinstance(self.causal_chunk, int) or self.causal_chunk < 1):
+        if self.causal_chunk is not None and (isinstance(self.causal_chunk, bool) or not isinstance(self.causal_chunk, int)
+                                              or self.causal_chunk < 1):
             raise ValueError(f"causal_chunk must be a positive int or None, got {self.causal_chunk!r}")
         if self.on_unsupported not in ON_UNSUPPORTED:
             raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {self.on_unsupported!r}")
@@ -68,6 +84,13 @@ class Policy:
         """Whether decisions depend on the sites' score ranges (measured when bound is None)."""
         return (self.degree == "auto" or self.approximation != "taylor" or self.tolerance is not None
                 or (isinstance(self.degree, int) and self.degree % 2 == 1))
+
+
+def _check_type(name, value, types, accepted):
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -121,7 +144,8 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
             decision.rewrite, decision.reason = False, kept
             return decision
     decision.lowrank_kwargs = dict(degree=degree, approximation=policy.approximation, bound=score_range,
-                                   chunk_size=chunk)
+                                   chunk_size=chunk, max_error=policy.max_error, on_inaccurate=policy.on_inaccurate,
+                                   site_label=site_label(site))
     return decision
 
 
@@ -171,6 +195,11 @@ def _choose_degree(policy: Policy, score_range: float | None) -> Decision:
         return Decision(False, f"error bound {polynomial.relative_error:.2g} at score range {score_range:.3g} "
                                f"exceeds tolerance {policy.tolerance:g}")
     return Decision(True, degree=degree, polynomial=polynomial)
+
+
+def site_label(site) -> str:
+    """The name a site's counters have in lrcompile.stats(): "module.path:node"."""
+    return f"{site.module_path or '<root>'}:{site.name}"
 
 
 def _shapes(site):

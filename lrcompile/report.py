@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lrcompile.compiler import Rewrite, rewrite_graph
-from lrcompile.policy import Policy
+from lrcompile import guard
+from lrcompile.policy import Policy, site_label
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Site:
     flops_exact: float | None = None      # forward + backward
     flops_lowrank: float | None = None
     notes: str = ""
+    label: str = ""                       # "module:node", the key of lrcompile.stats()
+    measured_error: float | None = None   # max |out - exact| / max|v| on the example inputs, every row
+    guard_falls_back: bool | None = None  # the guard's estimate on those inputs exceeds max_error, so
+                                          # a call like it returns exact under on_inaccurate="exact"
 
 
 @dataclass
@@ -94,7 +99,12 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
                                      bw_compiler=lambda graph, _inputs: graph.forward, partition_fn=partition)
 
     compiled = torch.compile(model, backend=recording_backend, dynamic=False)
-    compiled(*args, **kwargs)
+    with guard.measuring() as measured:
+        compiled(*args, **kwargs)
+    for site in report.sites:
+        if site.label in measured:
+            site.measured_error = measured[site.label].measured_error
+            site.guard_falls_back = measured[site.label].would_fall_back
     return report
 
 
@@ -118,6 +128,7 @@ def _sites_of(rewrite: Rewrite) -> list[Site]:
             flops_exact=_number(decision.flops_exact),
             flops_lowrank=_number(decision.flops_lowrank),
             notes=site.notes,
+            label=site_label(site),
         ))
     return sites
 
@@ -133,16 +144,17 @@ def format_report(report: Report) -> str:
     if not report.sites:
         return "lrcompile: no softmax-attention site found in this model (nothing to rewrite)."
     header = ("module", "spelling", "q shape", "k shape", "mask", "decision", "degree", "r",
-              "score range", "error bound", "GFLOP exact", "GFLOP low-rank")
+              "score range", "error bound", "measured error", "GFLOP exact", "GFLOP low-rank")
     rows = []
     for s in report.sites:
         rows.append((
             s.module, s.spelling, _shape(s.query_shape), _shape(s.key_shape), s.mask,
-            "REWRITTEN" if s.rewritten else "kept exact",
+            _decision(s),
             str(s.degree) if s.degree is not None else "-",
             str(s.feature_dim) if s.feature_dim is not None else "-",
             f"{s.score_range:.3g}" if s.score_range is not None else "-",
             _bound(s.error_bound),
+            f"{s.measured_error:.2g}" if s.measured_error is not None else "-",
             _gflop(s.flops_exact), _gflop(s.flops_lowrank),
         ))
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
@@ -151,6 +163,11 @@ def format_report(report: Report) -> str:
     out = [f"lrcompile: {len(report.sites)} attention site(s), {rewritten} rewritten, "
            f"{len(report.sites) - rewritten} kept exact", line(header), line(["-" * w for w in widths])]
     out += [line(row) for row in rows]
+    guarded = [s.module for s in report.sites if s.guard_falls_back]
+    if guarded:
+        out.append("")
+        out.append(f"the accuracy guard's estimate exceeds max_error={report.policy.max_error:g} on these inputs "
+                   f"(so calls like them act by on_inaccurate={report.policy.on_inaccurate!r}): {', '.join(guarded)}")
     kept = [(s.module, s.reason) for s in report.sites if not s.rewritten]
     if kept:
         out.append("")
@@ -164,8 +181,15 @@ def format_report(report: Report) -> str:
     out.append("")
     out.append("score range: largest |s q.k| measured on the example inputs (keys centred when non-causal); "
                "error bound: max |out - exact| / max |v| implied by the polynomial's relative error on that "
-               "range; GFLOP: forward + backward, whole call.")
+               "range; measured error: the same quantity measured on the example inputs, every row; "
+               "GFLOP: forward + backward, whole call.")
     return "\n".join(out)
+
+
+def _decision(site: Site) -> str:
+    if not site.rewritten:
+        return "kept exact"
+    return "REWRITTEN (guard: exact)" if site.guard_falls_back else "REWRITTEN"
 
 
 def _shape(shape):

@@ -222,9 +222,9 @@ def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)
     with LargestAllocation() as mode:
-        out, denominator, state = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config)
+        out, denominator, state, _ = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config, 0.0, "allow", "test")
         factored_attention_backward._init_fn(torch.ones_like(out), q.unsqueeze(2), k, v, None, out, denominator,
-                                             state, *config, False)
+                                             state, torch.tensor(False), *config, False)
     assert mode.operations > 4 * n // chunk  # the chunk loops ran under the mode
     # the largest tensors (2 heads): a chunk of features (r x chunk, r = 45 here), the causal
     # in-chunk block (chunk x chunk), O(n (d + 1)) inputs, gradients and state products
@@ -273,13 +273,14 @@ def test_scores_beyond_the_given_bound_warn():
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_custom_ops_pass_torch_library_opcheck(is_causal):
+@pytest.mark.parametrize("guard", [(0.01, "allow"), (0.0, "exact")])  # the second always falls back
+def test_custom_ops_pass_torch_library_opcheck(is_causal, guard):
     from lrcompile.factored import factored_attention
 
     q, k, v = attention_inputs(1, 2, 9, 9, 4)
     q5 = q.detach().reshape(1, 2, 1, 9, 4).requires_grad_()
     weight = torch.rand(1, 2, 9, dtype=torch.float64)
-    torch.library.opcheck(factored_attention, (q5, k, v, weight, [1.0, 1.0, 0.5], 0.5, is_causal, 4))
+    torch.library.opcheck(factored_attention, (q5, k, v, weight, [1.0, 1.0, 0.5], 0.5, is_causal, 4, *guard, "test"))
 
 
 @pytest.mark.gpu

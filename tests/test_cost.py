@@ -37,8 +37,8 @@ def test_flop_model_counts_the_products_the_kernels_run(is_causal, groups, monke
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the mode sees this thread only
     monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)  # and torch's products, not C's
     with MatmulFlops() as counted:
-        out, denominator, state = factored_attention._init_fn(q, k, v, None, *config)
-        factored_attention_backward._init_fn(torch.ones_like(out), q, k, v, None, out, denominator, state,
+        out, denominator, state, exact = factored_attention._init_fn(q, k, v, None, *config, 0.0, "allow", "test")
+        factored_attention_backward._init_fn(torch.ones_like(out), q, k, v, None, out, denominator, state, exact,
                                              *config, False)
     # GQA: the model counts per query head, with the key side shared by the group (kv_ratio)
     model = cost.lowrank_product_flops(n, n, head_dim, value_dim, batch * heads * groups, is_causal, 2, chunk,

@@ -9,7 +9,7 @@ from lrcompile.polynomial import degree_for
 
 def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason="", device="cpu"):
     return SimpleNamespace(
-        module_path=path, supported=supported, reason=reason, replacement=None, is_causal=causal,
+        name="softmax", module_path=path, supported=supported, reason=reason, replacement=None, is_causal=causal,
         query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d), device=device,
     )
 
@@ -31,6 +31,44 @@ def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason="",
 def test_bad_policy_says_what_is_accepted(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Policy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cost_model="no"), "cost_model must be True or False, got 'no'"),  # truthy: would stay on
+        (dict(include=None), "include must be a string or a sequence"),
+        (dict(exclude=[1]), "exclude must be a string or a sequence"),
+        (dict(bound="3"), "bound must be a number"),
+        (dict(max_error=None), "max_error must be a number"),
+        (dict(on_inaccurate=True), "on_inaccurate must be one of"),
+        (dict(approximation=None), "approximation must be one of"),
+    ],
+)
+def test_wrong_types_are_refused_with_what_is_accepted(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        Policy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(causal_chunk=True), "causal_chunk must be a positive int"),  # a bool is an int
+        (dict(max_error=-0.5), "max_error must be a finite number"),
+        (dict(max_error=float("inf")), "max_error must be a finite number"),
+        (dict(on_inaccurate="fallback"), "on_inaccurate must be one of"),
+    ],
+)
+def test_out_of_range_guard_and_chunk_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Policy(**kwargs)
+
+
+def test_rewritten_sites_carry_the_guard_settings_and_their_label():
+    decision = decide(site(), Policy(cost_model=False, max_error=0.05, on_inaccurate="warn"))
+    assert decision.lowrank_kwargs["max_error"] == 0.05
+    assert decision.lowrank_kwargs["on_inaccurate"] == "warn"
+    assert decision.lowrank_kwargs["site_label"] == "h.0.attn:softmax"
 
 
 def test_a_single_pattern_string_is_accepted():

@@ -38,7 +38,7 @@ def test_explain_shows_the_factored_backward_that_inductor_receives():
     report = lrcompile.explain(model, *inputs, policy=lrcompile.Policy(cost_model=False))
     assert "softmax" in report.graphs["dynamo_before"][0]
     assert "lowrank_attention" in report.graphs["dynamo_after"][0]
-    assert "softmax" not in report.graphs["dynamo_after"][0]
+    assert "softmax(" not in report.graphs["dynamo_after"][0]  # (the site label still names the node)
     backward = report.graphs["aot_backward"][0]
     assert "_softmax_backward_data" not in backward and "lrcompile.factored_attention_backward" in backward
     assert "lrcompile.factored_attention.default" in report.graphs["aot_forward"][0]

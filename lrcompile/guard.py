@@ -1,0 +1,214 @@
+"""The run-time accuracy guard (DESIGN §2, "approximate softmax"): every call checks itself.
+
+A polynomial of low degree is accurate only while the scores stay in a narrow range, and trained
+models leave that range (DESIGN §2, "Where it is accurate"). So each call of a guarded site
+estimates its own output error against exact softmax attention, and acts on it:
+
+    error = max over sampled query rows i, heads h of  max_c |out_ic - exact_ic| / max_jc |v_jc|
+
+(the normalisation of the Alman-Song bound, `ExpPolynomial.output_error_factor`). The sampled rows
+are the rows of largest |q'| in every head, whose scores are the widest, and rows spread evenly
+over the sequence; their exact attention costs O(m n d) for m = SAMPLED_ROWS rows, against the
+O(n r d) of the factored call. If the estimate exceeds `max_error`, `on_inaccurate` says what
+happens: "exact" computes the call exactly (and its backward follows), "warn" warns once per
+site, "error" raises, "allow" never checks (the polynomial is the model).
+
+Everything here works in the kernel layout of `lrcompile.factored` (q (B, H, G, n_q, d), k, v
+(B, H, n_k, .), key weights (B, H, n_k)), where a row whose keys all have weight zero is zero,
+as SDPA returns for a fully masked row. Counters per site are kept for `lrcompile.stats()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ON_INACCURATE = ("exact", "warn", "error", "allow")
+SAMPLED_ROWS = 32  # half the rows of largest |q'|, half spread evenly
+EXACT_QUERY_CHUNK = 1024  # query rows per exact SDPA call, so a causal mask never spans n x n
+
+
+class InaccurateAttentionError(RuntimeError):
+    """Raised under Policy(on_inaccurate="error") by a call whose estimated error exceeds max_error."""
+
+
+@dataclass
+class SiteStats:
+    """What the guard saw at one site since the last `reset_stats()`."""
+
+    calls: int = 0
+    fallbacks: int = 0          # calls that returned exact attention
+    largest_error: float = 0.0  # largest estimated error of a checked call (0.0 if none was checked)
+
+    def record(self, error: float | None, fell_back: bool):
+        self.calls += 1
+        self.fallbacks += int(fell_back)
+        if error is not None and not math.isnan(error):
+            self.largest_error = max(self.largest_error, error)
+
+
+_STATS: dict[str, SiteStats] = {}
+_WARNED: set[str] = set()
+_MEASURING: list[dict[str, "Measurement"]] = []
+
+
+def stats() -> dict[str, SiteStats]:
+    """Per-site counters of the guard, keyed by site label ("module.path:node"), as copies."""
+    return {site: SiteStats(s.calls, s.fallbacks, s.largest_error) for site, s in _STATS.items()}
+
+
+def reset_stats():
+    """Clear the counters, and the once-per-site warnings of on_inaccurate="warn"."""
+    _STATS.clear()
+    _WARNED.clear()
+
+
+@dataclass
+class Measurement:
+    """One site's error on given inputs, for `explain`: the whole output against exact, and the
+    guard's sampled estimate (which decides)."""
+
+    measured_error: float = 0.0
+    estimated_error: float = 0.0
+    would_fall_back: bool = False
+
+
+@contextlib.contextmanager
+def measuring():
+    """Within this block, guarded calls also measure their error on every row, record it in the
+    yielded dict {site: Measurement} instead of the global counters, and warn or raise nothing."""
+    measured: dict[str, Measurement] = {}
+    _MEASURING.append(measured)
+    try:
+        yield measured
+    finally:
+        _MEASURING.remove(measured)
+
+
+def check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate) -> bool:
+    """Estimate the error of `out` (B, H, G, n_q, d_v), record it, act by `on_inaccurate`.
+
+    Returns True when the caller must return exact attention instead of `out`.
+    """
+    if on_inaccurate == "allow" and not _MEASURING:
+        _STATS.setdefault(site, SiteStats()).record(None, False)
+        return False
+    error = estimate_error(out, q, k, v, key_weight, scale, causal)
+    inaccurate = not error <= max_error  # NaN counts as inaccurate
+    if _MEASURING:
+        exact = exact_attention(q, k, v, key_weight, scale, causal)
+        _MEASURING[-1][site] = Measurement(relative_error(out, exact, v), error, inaccurate)
+        return False
+    fall_back = inaccurate and on_inaccurate == "exact"
+    _STATS.setdefault(site, SiteStats()).record(error, fall_back)
+    if inaccurate and on_inaccurate == "error":
+        raise InaccurateAttentionError(
+            f"lrcompile: attention site {site} has an estimated output error of {error:.3g} against exact "
+            f"attention, above Policy(max_error={max_error:g}); raise max_error, use a higher degree, or set "
+            f"on_inaccurate to 'exact' (fall back) or 'allow' (train with the polynomial)")
+    if inaccurate and on_inaccurate == "warn" and site not in _WARNED:
+        _WARNED.add(site)
+        warnings.warn(f"lrcompile: attention site {site} has an estimated output error of {error:.3g} against "
+                      f"exact attention, above Policy(max_error={max_error:g}); returning the low-rank result "
+                      f"(on_inaccurate='warn'; warned once per site)", stacklevel=2)
+    return fall_back
+
+
+@torch.no_grad()
+def estimate_error(out, q, k, v, key_weight, scale, causal) -> float:
+    """The guard's estimate: `relative_error` on the sampled rows (see the module docstring)."""
+    rows = sampled_rows(q, SAMPLED_ROWS)  # (B, H, G, m)
+    q_rows = q.gather(3, rows.unsqueeze(-1).expand(*rows.shape, q.shape[-1]))
+    out_rows = out.gather(3, rows.unsqueeze(-1).expand(*rows.shape, out.shape[-1]))
+    exact = exact_attention(q_rows, k, v, key_weight, scale, causal, positions=rows)
+    return relative_error(out_rows, exact, v)
+
+
+def relative_error(out, exact, v) -> float:
+    """max over rows and heads of max_c |out - exact| / max_jc |v_jc| of the row's head."""
+    if out.numel() == 0:
+        return 0.0
+    v_scale = v.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(v.dtype).tiny)  # (B, H)
+    deviation = (out - exact).abs().amax(dim=(-2, -1))  # (B, H, G)
+    return float((deviation / v_scale.unsqueeze(-1)).amax())
+
+
+def sampled_rows(q, count: int) -> torch.Tensor:
+    """Row indices (B, H, G, m): the count // 2 rows of largest |q| per head, then rows spread
+    evenly. All rows when there are no more than `count`. Deterministic: no random state used."""
+    n_q = q.shape[-2]
+    if n_q <= count:
+        return torch.arange(n_q, device=q.device).expand(*q.shape[:-2], n_q)
+    widest = q.norm(dim=-1).topk(count // 2, dim=-1).indices
+    spread = torch.linspace(0, n_q - 1, count - count // 2, device=q.device).round().long()
+    return torch.cat([widest, spread.expand(*q.shape[:-2], -1)], dim=-1)
+
+
+def exact_attention(q, k, v, key_weight, scale, causal, positions=None):
+    """softmax(s q k^T + log w) v in the kernel layout; a row with no key of positive weight is 0.
+
+    q (B, H, G, m, d) holds query positions `positions` (B, H, G, m) if given, else 0..m-1 (used
+    by the causal mask, aligned top-left as in SDPA).
+    """
+    keys, values = k.unsqueeze(2), v.unsqueeze(2)  # shared by the G query heads of a key head
+    if positions is None and not causal and key_weight is None:
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale)
+    outputs = []
+    for start, stop, mask in _query_chunks(q, k, key_weight, causal, positions):
+        outputs.append(F.scaled_dot_product_attention(q[..., start:stop, :], keys, values, attn_mask=mask, scale=scale))
+    return torch.cat(outputs, dim=-2)
+
+
+def exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad: bool):
+    """Gradients (dq, dk, dv, dw or None) of `exact_attention`, chunk by chunk of queries.
+
+    With P = softmax(X), X = s q k^T + log w (+ causal mask), out = P v and g = dL/dout:
+        dv = P^T g,   dX = P * (g v^T - rowsum(g * out)),   dq = s dX k,   dk = s dX^T q,
+        dw_j = sum_i dX_ij / w_j  (zero where w_j = 0: those keys carry no weight to move).
+    Memory: one (C, n_k) block of P per head at a time.
+    """
+    dq = torch.empty_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    d_log_weight = torch.zeros(k.shape[:-1], dtype=q.dtype, device=q.device) if key_weight_grad else None
+    for start, stop, mask in _query_chunks(q, k, key_weight, causal, None):
+        q_c, g_c = q[..., start:stop, :], grad_out[..., start:stop, :]
+        scores = scale * (q_c @ k.unsqueeze(2).mT)  # (B, H, G, C, n_k)
+        if mask is not None:
+            scores = scores + mask
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row has no weights
+        out_c = weights @ v.unsqueeze(2)
+        d_scores = weights * (g_c @ v.unsqueeze(2).mT - (g_c * out_c).sum(-1, keepdim=True))
+        dq[..., start:stop, :] = scale * (d_scores @ k.unsqueeze(2))
+        dk += scale * (d_scores.mT @ q_c).sum(2)
+        dv += (weights.mT @ g_c).sum(2)
+        if d_log_weight is not None:
+            d_log_weight += d_scores.sum(dim=(2, 3))
+    dw = None
+    if key_weight_grad:
+        dw = torch.where(key_weight > 0, d_log_weight / torch.where(key_weight > 0, key_weight, 1.0), 0.0)
+    return dq, dk, dv, dw
+
+
+def _query_chunks(q, k, key_weight, causal, positions):
+    """(start, stop, additive mask or None) for chunks of EXACT_QUERY_CHUNK query rows."""
+    n_k = k.shape[-2]
+    log_weight = None
+    if key_weight is not None:
+        # log w, -inf where w = 0 (taking the log of 1 there, so no gradient ever meets log 0)
+        attends = key_weight > 0
+        log_weight = torch.log(torch.where(attends, key_weight, 1.0)).masked_fill(~attends, -math.inf)
+        log_weight = log_weight[:, :, None, None, :]  # (B, H, 1, 1, n_k)
+    for start in range(0, q.shape[-2], EXACT_QUERY_CHUNK):
+        stop = min(start + EXACT_QUERY_CHUNK, q.shape[-2])
+        mask = log_weight
+        if causal:
+            rows = positions[..., start:stop] if positions is not None else torch.arange(start, stop, device=q.device)
+            visible = rows.unsqueeze(-1) >= torch.arange(n_k, device=q.device)  # (..., C, n_k)
+            causal_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
+            mask = causal_mask if mask is None else mask + causal_mask
+        yield start, stop, mask

@@ -1,0 +1,239 @@
+"""The run-time accuracy guard: estimates, fallbacks to exact attention, counters, and explain.
+
+References are float64 SDPA-semantics attention (lrcompile.reference.exact_attention) on fresh
+random inputs with a stated score range: narrow (0.2, where degree 4 is accurate to ~1e-5) or
+wide (8, where degree 2 is off by tens of percent).
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lrcompile
+from conftest import attention_inputs, max_error
+from lrcompile import guard, lowrank_attention
+from lrcompile.reference import exact_attention
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    lrcompile.reset_stats()
+    yield
+    lrcompile.reset_stats()
+
+
+def _kernel_layout_inputs(groups=2, n_q=40, n_k=40, causal_safe=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, groups, n_q, 8, dtype=torch.float64, generator=generator)
+    k = torch.randn(2, 2, n_k, 8, dtype=torch.float64, generator=generator)
+    v = torch.randn(2, 2, n_k, 5, dtype=torch.float64, generator=generator)
+    weight = torch.rand(2, 2, n_k, dtype=torch.float64, generator=generator)
+    weight[weight < 0.3] = 0.0  # padded keys
+    weight[0, 0, :3] = 0.0  # with the causal mask, rows 0..2 of this head see only padded keys
+    weight[1, 1] = 0.0  # a head whose every row is fully masked
+    return q, k, v, weight
+
+
+def _reference(q, k, v, log_weight, scale, causal):
+    """float64 SDPA (math backend) in the kernel layout, with mask log w (+ the causal mask): its
+    fully masked rows, and their gradients, are 0."""
+    groups, (n_q, n_k) = q.shape[2], (q.shape[-2], k.shape[-2])
+    mask = log_weight[:, :, None, None, :].expand(-1, -1, groups, n_q, -1)
+    if causal:
+        mask = mask.masked_fill(~torch.ones(n_q, n_k, dtype=torch.bool).tril(), float("-inf"))
+    expand = lambda t: t.unsqueeze(2).expand(-1, -1, groups, -1, -1)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, expand(k), expand(v), attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_fallback_and_its_gradients_match_the_float64_reference(causal):
+    q, k, v, weight = _kernel_layout_inputs()
+    log_weight = torch.log(weight).requires_grad_()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = 0.4
+    out = guard.exact_attention(q, k, v, weight, scale, causal)
+    expected = _reference(q, k, v, log_weight, scale, causal)
+    assert max_error(out, expected) < 1e-12
+    grad_out = torch.randn_like(out)
+    got = guard.exact_attention_backward(grad_out, q.detach(), k.detach(), v.detach(), weight, scale,
+                                         causal, key_weight_grad=True)
+    wanted = list(torch.autograd.grad(expected, (q, k, v, log_weight), grad_out))
+    wanted[3] = torch.where(weight > 0, wanted[3] / weight, 0.0)  # d/dw = d/dlog w / w, on weighted keys
+    for name, a, b in zip("qkvw", got, wanted):
+        assert torch.isfinite(a).all(), name
+        assert max_error(a, b) < 1e-10, name
+
+
+def test_sampled_rows_include_the_rows_of_largest_query_norm():
+    q = torch.randn(1, 1, 1, 500, 8)
+    q[0, 0, 0, 321] *= 50
+    rows = guard.sampled_rows(q, guard.SAMPLED_ROWS)
+    assert rows.shape == (1, 1, 1, guard.SAMPLED_ROWS)
+    assert 321 in rows.tolist()[0][0][0]
+    assert guard.sampled_rows(q[..., :7, :], 32).tolist() == [[[list(range(7))]]]
+
+
+def test_estimate_finds_the_error_of_a_single_wide_row():
+    """All rows but one have tiny scores; the wide row is where degree 2 fails, and the guard must
+    see it although it checks only SAMPLED_ROWS of 400 rows."""
+    q, k, v = attention_inputs(1, 1, 400, 400, 8, score_range=0.05, requires_grad=False)
+    q[..., 137, :] *= 600  # scores of row 137 reach ~30
+    approx = lowrank_attention(q, k, v, degree=2)
+    exact = exact_attention(q, k, v)
+    true_error = ((approx - exact).abs().amax(-1) / v.abs().amax()).max().item()
+    assert true_error > 0.05
+    q5, k4, v4 = q.unsqueeze(2).float(), k.float(), v.float()
+    estimate = guard.estimate_error(approx.unsqueeze(2).float(), q5, k4, v4, None, 8**-0.5, False)
+    assert estimate == pytest.approx(true_error, rel=1e-3)
+
+
+CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True, chunk_size=16),
+    "padding": dict(mask=True),
+    "gqa_causal": dict(is_causal=True, enable_gqa=True, kv_heads=1, chunk_size=16),
+}
+
+
+def _case_inputs(case, score_range):
+    case = dict(case)
+    kv_heads = case.pop("kv_heads", 2)
+    q, k, v = attention_inputs(2, 2, 48, 48, 8, kv_heads=kv_heads, score_range=score_range)
+    if case.pop("mask", False):
+        keep = torch.rand(2, 1, 1, 48) > 0.3
+        keep[..., 0] = True
+        case["attn_mask"] = keep
+    return (q, k, v), case
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_accurate_calls_keep_the_low_rank_result(name):
+    (q, k, v), case = _case_inputs(CASES[name], score_range=0.2)
+    guarded = lowrank_attention(q, k, v, **case, degree=4, on_inaccurate="exact", site_label="narrow")
+    unguarded = lowrank_attention(q, k, v, **case, degree=4)
+    assert torch.equal(guarded, unguarded)
+    stats = lrcompile.stats()["narrow"]
+    assert (stats.calls, stats.fallbacks) == (1, 0) and 0 < stats.largest_error < 1e-4
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_inaccurate_calls_return_exact_attention_forward_and_backward(name):
+    (q, k, v), case = _case_inputs(CASES[name], score_range=8.0)
+    out = lowrank_attention(q, k, v, **case, degree=2, on_inaccurate="exact", site_label="wide")
+    expected = exact_attention(q, k, v, **{key: value for key, value in case.items() if key != "chunk_size"})
+    assert max_error(out, expected) < 1e-12
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    wanted = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for a, b in zip(got, wanted):
+        assert max_error(a, b) < 1e-10
+    stats = lrcompile.stats()["wide"]
+    assert (stats.calls, stats.fallbacks) == (1, 1) and stats.largest_error > 0.05
+
+
+def test_float_mask_gradient_follows_the_exact_fallback():
+    q, k, v = attention_inputs(1, 2, 30, 30, 8, score_range=8.0)
+    mask = torch.randn(1, 1, 1, 30, dtype=torch.float64, requires_grad=True)
+    out = lowrank_attention(q, k, v, attn_mask=mask, degree=2, on_inaccurate="exact", site_label="wide")
+    expected = exact_attention(q, k, v, attn_mask=mask)
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v, mask), grad_out)
+    wanted = torch.autograd.grad(expected, (q, k, v, mask), grad_out)
+    for a, b in zip(got, wanted):
+        assert max_error(a, b) < 1e-10
+    assert lrcompile.stats()["wide"].fallbacks == 1
+
+
+def test_a_user_bound_the_scores_exceed_is_caught():
+    """Taylor degree 3 promised accurate on [-1, 1], used on scores of range 5."""
+    q, k, v = attention_inputs(1, 2, 40, 40, 8, score_range=5.0, requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the op's own "exceeds bound" warning
+        out = lowrank_attention(q, k, v, degree=3, bound=1.0, on_inaccurate="exact", site_label="bounded")
+    assert max_error(out, exact_attention(q, k, v)) < 1e-12
+    assert lrcompile.stats()["bounded"].fallbacks == 1
+
+
+def test_warn_returns_the_low_rank_result_and_warns_once_per_site():
+    q, k, v = attention_inputs(1, 2, 40, 40, 8, score_range=8.0, requires_grad=False)
+    with pytest.warns(UserWarning, match=r"site a .*estimated output error of"):
+        first = lowrank_attention(q, k, v, on_inaccurate="warn", site_label="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank_attention(q, k, v, on_inaccurate="warn", site_label="a")  # no second warning
+    assert torch.equal(first, lowrank_attention(q, k, v))
+    assert lrcompile.stats()["a"].calls == 2 and lrcompile.stats()["a"].fallbacks == 0
+
+
+def test_error_raises_naming_the_site_the_estimate_and_the_field():
+    q, k, v = attention_inputs(1, 2, 40, 40, 8, score_range=8.0, requires_grad=False)
+    with pytest.raises(lrcompile.InaccurateAttentionError, match=r"site h\.0\.attn:sdpa .*error of 0\.\d+ .*max_error=0\.01"):
+        lowrank_attention(q, k, v, on_inaccurate="error", site_label="h.0.attn:sdpa")
+
+
+def test_allow_checks_nothing_and_counts_calls():
+    q, k, v = attention_inputs(1, 2, 40, 40, 8, score_range=8.0, requires_grad=False)
+    out = lowrank_attention(q, k, v, on_inaccurate="allow", site_label="model")
+    assert max_error(out, exact_attention(q, k, v)) > 0.05
+    assert lrcompile.stats()["model"] == lrcompile.SiteStats(calls=1, fallbacks=0, largest_error=0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(on_inaccurate="fallback"), "on_inaccurate must be one of"),
+    (dict(max_error=-0.1), "max_error must be"),
+    (dict(max_error="0.1"), "max_error must be"),
+])
+def test_bad_guard_arguments_raise_clear_errors(kwargs, message):
+    q, k, v = attention_inputs(1, 1, 8, 8, 4, requires_grad=False)
+    with pytest.raises(ValueError, match=message):
+        lowrank_attention(q, k, v, **kwargs)
+
+
+class Attention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_compiled_guard_decides_per_call_without_recompiling():
+    """One compiled graph serves accurate and inaccurate inputs: the decision is data-dependent
+    inside the custom op, so Dynamo neither breaks the graph nor recompiles."""
+    torch._dynamo.reset()
+    compiled = torch.compile(Attention(), backend=lrcompile.backend(lrcompile.Policy(degree=4, cost_model=False)))
+    narrow = [t.float() for t in attention_inputs(1, 2, 64, 64, 8, score_range=0.2)]
+    wide = [t.float() for t in attention_inputs(1, 2, 64, 64, 8, score_range=8.0)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for inputs, accurate in ((narrow, True), (wide, False), (narrow, True)):
+            out = compiled(*inputs)
+            expected = exact_attention(*inputs, is_causal=True)
+            # narrow: degree 4 at range 0.2; wide: exact attention in float32
+            assert max_error(out, expected) < (1e-4 if accurate else 1e-5)
+            grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+            wanted = torch.autograd.grad(expected, inputs, torch.ones_like(expected))
+            assert max(max_error(a, b) for a, b in zip(grads, wanted)) < (1e-3 if accurate else 1e-4)
+    (label, stats), = lrcompile.stats().items()
+    assert label.startswith("<root>:") and (stats.calls, stats.fallbacks) == (3, 1)
+
+
+class NoisyAttention(nn.Module):
+    """Wide scores: degree 2 is far from softmax here."""
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(4 * x, 4 * x, x)
+
+
+def test_explain_shows_measured_error_and_marks_sites_the_guard_sends_to_exact():
+    x = torch.randn(1, 2, 32, 8)
+    report = lrcompile.explain(NoisyAttention(), x, policy=lrcompile.Policy(cost_model=False))
+    (site,) = report.sites
+    assert site.rewritten and site.guard_falls_back
+    assert site.measured_error > 0.05
+    text = str(report)
+    assert "REWRITTEN (guard: exact)" in text and "estimate exceeds max_error=0.01" in text
+    assert lrcompile.stats() == {}  # explain's own run leaves the user's counters alone
+
+    narrow = lrcompile.explain(NoisyAttention(), x / 40, policy=lrcompile.Policy(cost_model=False, degree=4))
+    assert not narrow.sites[0].guard_falls_back and narrow.sites[0].measured_error < 1e-3
