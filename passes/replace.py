@@ -17,10 +17,14 @@ used (its causal-mask construction, for one), is removed.
 Sites found before a replacement stay replaceable: a replaced output node records what replaced
 it (`node.meta["attention_replaced_by"]`), and every node a site refers to is looked up through
 that record, so `for s in sites: replace_attention_site(gm, s, fn)` works without searching again.
+
+A site inside the body of a checkpointed block (see `higher_order.py`) is replaced inside that
+body; a key-padding mask built before the block is passed into it as one more operand.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from typing import Any, Callable
@@ -30,7 +34,8 @@ import torch.fx
 
 from passes.attention_sites import AttentionSite, Replacement, TensorRecipe
 from passes.graph_walk import dtype_of, example_value
-from passes.masks import ADDITIVE, ATTEND, MASKED
+from passes.higher_order import import_value, module_holding
+from passes.masks import ADDITIVE, ATTEND, MASKED, MaskTerm
 
 _REPLACED_BY = "attention_replaced_by"
 _COPIED_META = ("nn_module_stack", "stack_trace")
@@ -40,20 +45,24 @@ def replace_attention_site(gm: torch.fx.GraphModule, site: AttentionSite, attent
                            **fn_kwargs: Any) -> torch.fx.GraphModule:
     """Replace one supported site with attention_fn(q, k, v, attn_mask=..., is_causal=..., scale=...,
     enable_gqa=..., **fn_kwargs). Raises ValueError for an unsupported site. Returns gm (modified in
-    place, linted, recompiled)."""
+    place, linted, recompiled); a site in a body of gm is replaced there."""
     if not site.supported or site.replacement is None:
         raise ValueError(f"attention site {site.name!r} ({site.module_path or 'root'}) is not supported: "
                          f"{site.reason or 'no replacement plan'}; only sites with supported=True can be "
                          "replaced")
-    graph = gm.graph
     output = site.output
-    if _REPLACED_BY in output.meta or output.graph is not graph or getattr(output, "_erased", False):
+    holder = module_holding(gm, output)
+    if _REPLACED_BY in output.meta or holder is None or getattr(output, "_erased", False):
         raise ValueError(f"attention site {site.name!r} is not in this graph (already replaced, or found "
                          "in another GraphModule)")
+    graph = holder.graph
     plan = site.replacement
+    mask_terms = [_with_node(term, import_value(gm, graph, _current(term.node)))
+                  for term in plan.mask_terms]
     existing = set(graph.nodes)
     with graph.inserting_before(output):
-        attention, result = _emit(graph, plan, attention_fn, fn_kwargs)
+        attention, result = _emit(graph, dataclasses.replace(plan, mask_terms=tuple(mask_terms)),
+                                  attention_fn, fn_kwargs)
     new_nodes = [node for node in graph.nodes if node not in existing]
     _propagate_metadata(new_nodes, template=output, attention=attention)
 
@@ -61,8 +70,14 @@ def replace_attention_site(gm: torch.fx.GraphModule, site: AttentionSite, attent
     output.meta[_REPLACED_BY] = result
     _remove_subgraph(graph, list(site.nodes))
     graph.lint()
-    gm.recompile()
+    holder.recompile()
+    if holder is not gm:
+        gm.recompile()
     return gm
+
+
+def _with_node(term: MaskTerm, node: Any) -> MaskTerm:
+    return term if node is term.node else MaskTerm(node, term.form)
 
 
 def _current(node: Any) -> Any:
