@@ -34,7 +34,7 @@ import torch.fx
 
 from passes.constants import ConstantFolder
 from passes.einsum_layout import EinsumLayoutError, read_output_einsum, read_scores_einsum
-from passes.escape import dataflow_graph, escaping_uses, is_convex
+from passes.escape import dataflow_graph, escaping_uses, is_convex, live_nodes
 from passes.graph_walk import (
     ADD, BADDBMM, CAST, DIVIDE, DROPOUT, EINSUM, GETITEM, MASKED_FILL, MATMUL, MATRIX_TRANSPOSE, MULTIPLY,
     PERMUTE, SDPA, SOFTMAX, SUBTRACT, TRANSPOSE, VIEW_LIKE, WHERE, WHERE_METHOD, describe, device_type_of, dtype_of,
@@ -319,6 +319,7 @@ class _SiteFinder:
         self.gm = gm
         self.folder = ConstantFolder(gm) if folder is None else folder
         self.dataflow = dataflow_graph(gm.graph)
+        self.live = live_nodes(gm.graph)
         self._masks: dict[tuple, MaskClassification] = {}
 
     def _classify(self, terms: list, scores_shape: tuple, is_causal: bool = False) -> MaskClassification:
@@ -571,7 +572,7 @@ class _SiteFinder:
               scale, factors, enable_gqa, output_permute, scores_shape, problems, scale_is_default
               ) -> AttentionSite:
         problems = list(problems)
-        problems += escaping_uses(core, output, roles)
+        problems += escaping_uses(core, output, roles, self.live)
         if not is_convex(self.dataflow, core):
             problems.append("the matched subgraph is not convex (a value leaves it and flows back in)")
         if mask.kind == "general":

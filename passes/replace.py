@@ -33,6 +33,7 @@ import torch
 import torch.fx
 
 from passes.attention_sites import AttentionSite, Replacement, TensorRecipe
+from passes.escape import dead_uses, is_pure, live_nodes
 from passes.graph_walk import dtype_of, example_value
 from passes.higher_order import import_value, module_holding
 from passes.masks import ADDITIVE, ATTEND, MASKED, MaskTerm
@@ -148,7 +149,10 @@ def _join(graph: torch.fx.Graph, op: Callable, nodes: list) -> torch.fx.Node | N
 
 
 def _remove_subgraph(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase the site's nodes, then what only they used (pure nodes left without users)."""
+    """Erase the site's dead readers (see escape.py), its nodes, then what only they used (pure nodes
+    left without users)."""
+    for node in dead_uses([node for node in nodes if not getattr(node, "_erased", False)], live_nodes(graph)):
+        graph.erase_node(node)
     position = {node: index for index, node in enumerate(graph.nodes)}
     doomed = sorted((node for node in nodes if node in position), key=position.__getitem__, reverse=True)
     candidates: list[torch.fx.Node] = []
@@ -157,23 +161,10 @@ def _remove_subgraph(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
         graph.erase_node(node)
     while candidates:
         node = candidates.pop()
-        if getattr(node, "_erased", False) or node.users or not _removable(node):
+        if getattr(node, "_erased", False) or node.users or not is_pure(node):
             continue
         candidates.extend(node.all_input_nodes)
         graph.erase_node(node)
-
-
-_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                                  operator.iand, operator.ior, operator.ixor, operator.setitem})
-
-
-def _removable(node: torch.fx.Node) -> bool:
-    if node.op not in ("call_function", "call_method") or node.is_impure():
-        return False
-    if node.target in _IN_PLACE_OPERATORS:
-        return False
-    # In-place methods (`x.add_(y)`) mutate an input: their effect lives on when their result is unused.
-    return not (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
 
 
 def _propagate_metadata(nodes: list[torch.fx.Node], template: torch.fx.Node, attention: torch.fx.Node) -> None:
