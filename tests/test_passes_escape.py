@@ -72,7 +72,7 @@ def test_a_copy_of_the_scores_that_is_returned_keeps_the_site():
     assert "also used by" in sites[0].reason
 
 
-@pytest.mark.parametrize("layers", ["Decoder", "Encoder"])
+@pytest.mark.parametrize("layers", ["Decoder", pytest.param("Encoder", marks=pytest.mark.slow)])
 def test_x_transformers_sites_are_rewritten_and_match_exact_attention(layers):
     x_transformers = pytest.importorskip("x_transformers")
     torch.manual_seed(0)

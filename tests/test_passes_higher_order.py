@@ -238,7 +238,7 @@ def transformers_model(name, implementation):
     ("gpt2", "eager"),
     pytest.param("gpt2", "sdpa", marks=pytest.mark.slow),
     pytest.param("llama", "eager", marks=pytest.mark.slow),
-    ("llama", "sdpa"),
+    pytest.param("llama", "sdpa", marks=pytest.mark.slow),
 ])
 def test_transformers_gradient_checkpointing_sites_are_rewritten_and_gradients_match(name, implementation):
     model = transformers_model(name, implementation)
