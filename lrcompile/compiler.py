@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from lrcompile.attention import lowrank_attention, measured_score_range
 from lrcompile.policy import Decision, Policy, decide
-from passes import AttentionSite, find_attention_sites, replace_attention_site
+from passes import AttentionSite, find_attention_sites, higher_order, replace_attention_site
 
 
 class UnsupportedSiteError(RuntimeError):
@@ -104,9 +104,9 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, meas
     inputs (default: when the policy's decisions depend on them)."""
     working = copy_graph_module(gm)
     sites = find_attention_sites(working)
-    result = Rewrite(working, code_before=gm.code)
+    result = Rewrite(working, code_before=higher_order.code_with_bodies(gm))
     if not sites:
-        result.code_after = working.code
+        result.code_after = higher_order.code_with_bodies(working)
         return result
     if measure is None:
         measure = policy.needs_score_range and policy.bound is None
@@ -122,7 +122,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, meas
                 replace_attention_site(working, site, lowrank_attention, **decision.lowrank_kwargs)
             except Exception as error:
                 raise RuntimeError(f"replacing site {site.name} ({site.module_path or 'root'}) failed: {error}") from error
-    result.code_after = working.code
+    result.code_after = higher_order.code_with_bodies(working)
     return result
 
 
@@ -135,12 +135,9 @@ def _on_unsupported(site: AttentionSite, policy: Policy):
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A GraphModule with a copy of gm's graph over the same parameters and buffers."""
-    graph = torch.fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    graph._codegen = gm.graph._codegen
-    return torch.fx.GraphModule(gm, graph)
+    """A GraphModule with a copy of gm's graph over the same parameters and buffers; the bodies of
+    checkpointed blocks are copied too, so rewriting the copy never changes gm (compiled on fallback)."""
+    return higher_order.copy_graph_module(gm)
 
 
 def score_ranges(gm: torch.fx.GraphModule, example_inputs) -> dict[str, float]:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from passes.constants import ConstantFolder, is_parameter
+from passes.constants import ConstantFolder
 from passes.einsum_layout import EinsumLayoutError, read_output_einsum, read_scores_einsum
-from passes.escape import dataflow_graph, escaping_uses, is_convex
+from passes.escape import dataflow_graph, escaping_uses, is_convex, live_nodes
 from passes.graph_walk import (
     ADD, BADDBMM, CAST, DIVIDE, DROPOUT, EINSUM, GETITEM, MASKED_FILL, MATMUL, MATRIX_TRANSPOSE, MULTIPLY,
     PERMUTE, SDPA, SOFTMAX, SUBTRACT, TRANSPOSE, VIEW_LIKE, WHERE, WHERE_METHOD, describe, device_type_of, dtype_of,
@@ -42,6 +42,7 @@ from passes.graph_walk import (
     numel_is_one, same_shape, shape_label, shape_of, size_label,
 )
 from passes.head_repeat import broadcast_heads, head_repeat
+from passes.higher_order import Body, bodies
 from passes.masks import (
     ADDITIVE, ATTEND, MASKED, SUBTRACTED, MaskClassification, MaskTerm, classify_mask, is_very_negative,
 )
@@ -106,20 +107,42 @@ class AttentionSite:
     replacement: Replacement | None = field(default=None, repr=False, compare=False)
 
 
-def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
-    """Every attention site of `gm`, in graph order, supported or not (see the module docstring)."""
+def find_attention_sites(gm: torch.fx.GraphModule, folder: ConstantFolder | None = None) -> list[AttentionSite]:
+    """Every attention site of `gm`, in graph order, supported or not (see the module docstring).
+
+    Sites inside the bodies of wrapping higher-order ops (activation checkpointing, `wrap`,
+    `nested_compile_region`; see `higher_order.py`) are included, in the place of the call, named
+    after the body: `wrap_body_0.softmax`. `folder`: the constants of `gm`, when the caller has them.
+    """
     if not any(shape_of(node) is not None for node in gm.graph.nodes):
         raise ValueError("the graph carries no shape metadata (node.meta['example_value'], 'val' or "
                          "'tensor_meta'); pass a graph from Dynamo or run torch.fx.passes.shape_prop."
                          "ShapeProp on it first")
     softmaxes = [node for node in gm.graph.nodes if match(node, SOFTMAX) is not None]
     sdpas = [node for node in gm.graph.nodes if match(node, SDPA) is not None]
-    if not softmaxes and not sdpas:
+    body_list = bodies(gm)
+    if not softmaxes and not sdpas and not body_list:
         return []
-    finder = _SiteFinder(gm)
+    finder = _SiteFinder(gm, folder)
     sites = [finder.softmax_site(node) for node in softmaxes] + [finder.sdpa_site(node) for node in sdpas]
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
-    return sorted((site for site in sites if site is not None), key=lambda site: order[site.output])
+    placed = [(order[site.output], site) for site in sites if site is not None]
+    for body in body_list:
+        placed += [(order[body.calls[0]], site) for site in _body_sites(body, finder.folder)]
+    return [site for _, site in sorted(placed, key=lambda pair: pair[0])]
+
+
+def _body_sites(body: Body, folder: ConstantFolder) -> list[AttentionSite]:
+    """The sites of one body, seen through what its calls pass (constants, parameters, masks)."""
+    body_folder = ConstantFolder(body.module, bindings=body.bindings(), enclosing=folder)
+    sites = find_attention_sites(body.module, body_folder)
+    for site in sites:
+        site.name = f"{body.attribute}.{site.name}"
+        if len(body.calls) > 1:
+            shared = (f"in `{body.attribute}`, a body shared by {len(body.calls)} calls "
+                      f"(nested_compile_region): one decision and one rewrite serve them all")
+            site.notes = "; ".join(filter(None, [site.notes, shared]))
+    return sites
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +315,11 @@ def _used_only_by(node: Any, user: torch.fx.Node) -> bool:
 
 
 class _SiteFinder:
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, folder: ConstantFolder | None = None):
         self.gm = gm
-        self.folder = ConstantFolder(gm)
+        self.folder = ConstantFolder(gm) if folder is None else folder
         self.dataflow = dataflow_graph(gm.graph)
+        self.live = live_nodes(gm.graph)
         self._masks: dict[tuple, MaskClassification] = {}
 
     def _classify(self, terms: list, scores_shape: tuple, is_causal: bool = False) -> MaskClassification:
@@ -311,7 +335,7 @@ class _SiteFinder:
         """Does the operand come (through views only) from a parameter or a constant?"""
         while isinstance(node, torch.fx.Node):
             if node.op in ("get_attr", "placeholder"):
-                return node.op == "get_attr" or is_parameter(node) or self.folder.is_constant(node)
+                return node.op == "get_attr" or self.folder.is_parameter(node) or self.folder.is_constant(node)
             bound = (match(node, VIEW_LIKE) or match(node, CAST) or match(node, TRANSPOSE)
                      or match(node, PERMUTE) or match(node, GETITEM))
             if bound is None and is_getattr_mT(node):
@@ -548,7 +572,7 @@ class _SiteFinder:
               scale, factors, enable_gqa, output_permute, scores_shape, problems, scale_is_default
               ) -> AttentionSite:
         problems = list(problems)
-        problems += escaping_uses(core, output, roles)
+        problems += escaping_uses(core, output, roles, self.live)
         if not is_convex(self.dataflow, core):
             problems.append("the matched subgraph is not convex (a value leaves it and flows back in)")
         if mask.kind == "general":

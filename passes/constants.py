@@ -19,6 +19,12 @@ as constants too: a runtime tensor used only for its shape, dtype or device (`x.
 `x.new_ones(())`, `torch.ones_like(x)`) is replaced by zeros of that shape. With dynamic shapes,
 `evaluate` takes the value of every size symbol from `sizes` (default: the sizes it was traced
 with), so a caller can re-check a mask at other sizes.
+
+Inside the body of a wrapping higher-order op (activation checkpointing, see `higher_order.py`)
+a placeholder stands for what the calls pass from the enclosing graph: the folder of a body is
+built with those `bindings` and the `enclosing` folder, decides and computes a bound placeholder
+there, and answers for nodes of enclosing graphs by asking their own folder. A causal buffer, or
+a mask built before the checkpointed block, is thus proven as if it were built inside it.
 """
 
 from __future__ import annotations
@@ -120,8 +126,12 @@ def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
 class ConstantFolder:
     """Decides and computes the values of a graph that depend only on constants and sizes."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, bindings: dict | None = None,
+                 enclosing: "ConstantFolder | None" = None):
         self.gm = gm
+        # A body's placeholder -> what each call passes for it, values of the enclosing graph.
+        self.bindings: dict[torch.fx.Node, list] = dict(bindings or {})
+        self.enclosing = enclosing
         self._constant: dict[torch.fx.Node, bool] = {}
         self._symbols: dict[torch.fx.Node, frozenset] = {}
         self.traced_sizes = self._traced_sizes()
@@ -133,13 +143,38 @@ class ConstantFolder:
     def is_constant(self, node: Any) -> bool:
         if not isinstance(node, torch.fx.Node):
             return True
-        return self._constant.get(node, False)
+        return self._folder_of(node)._constant.get(node, False)
+
+    def is_parameter(self, node: Any) -> bool:
+        """`is_parameter`, seeing through a body's placeholder to what every call passes."""
+        if not isinstance(node, torch.fx.Node):
+            return False
+        folder = self._folder_of(node)
+        if node in folder.bindings:
+            return all(folder.enclosing.is_parameter(value) for value in folder.bindings[node])
+        return is_parameter(node)
+
+    def bound_value(self, node: Any) -> Any:
+        """The node of an enclosing graph that every call passes for this body placeholder, else None."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        passed = self._folder_of(node).bindings.get(node, [])
+        if passed and isinstance(passed[0], torch.fx.Node) and all(value is passed[0] for value in passed):
+            return passed[0]
+        return None
+
+    def _folder_of(self, node: torch.fx.Node) -> "ConstantFolder":
+        """The folder of the graph holding `node`: this one or an enclosing one."""
+        folder = self
+        while node.graph is not folder.gm.graph and folder.enclosing is not None:
+            folder = folder.enclosing
+        return folder if node.graph is folder.gm.graph else self
 
     def size_symbols(self, node: Any) -> frozenset:
         """The size symbols (sympy) a constant value depends on; empty for static shapes."""
         if not isinstance(node, torch.fx.Node):
             return frozenset()
-        return self._symbols.get(node, frozenset())
+        return self._folder_of(node)._symbols.get(node, frozenset())
 
     def _decide_all(self) -> None:
         # One pass in graph order: every input is decided before its users, no recursion.
@@ -149,6 +184,8 @@ class ConstantFolder:
             value = example_value(node)
             if node.op == "placeholder" and isinstance(value, (torch.SymInt, torch.SymBool)):
                 symbols |= value.node.expr.free_symbols
+            for passed in self.bindings.get(node, ()):
+                symbols |= self.enclosing.size_symbols(passed)
             for arg in node.all_input_nodes:
                 if _is_metadata_read(node) and arg is node.args[0]:
                     symbols |= _shape_symbols(arg)
@@ -157,6 +194,8 @@ class ConstantFolder:
             self._symbols[node] = frozenset(symbols)
 
     def _decide(self, node: torch.fx.Node) -> bool:
+        if node in self.bindings:
+            return all(self.enclosing.is_constant(value) for value in self.bindings[node])
         if node.op == "placeholder":
             return _placeholder_is_constant(node)
         if node.op == "get_attr":
@@ -185,6 +224,8 @@ class ConstantFolder:
 
     def evaluate(self, node: Any, sizes: dict | None = None) -> Any:
         """The value of a constant node, computed on real tensors; `sizes` maps size symbols to ints."""
+        if isinstance(node, torch.fx.Node) and self._folder_of(node) is not self:
+            return self._folder_of(node).evaluate(node, sizes)
         sizes = self.traced_sizes if sizes is None else sizes
         key = tuple(sorted((str(symbol), value) for symbol, value in sizes.items()))
         memo = self._values.setdefault(key, {})
@@ -210,6 +251,8 @@ class ConstantFolder:
         return value
 
     def _compute(self, node: torch.fx.Node, sizes: dict, memo: dict) -> Any:
+        if node in self.bindings:
+            return self._bound_value(node, sizes)
         if node.op == "placeholder":
             traced = example_value(node)
             if isinstance(traced, (torch.SymInt, torch.SymBool)):
@@ -234,6 +277,17 @@ class ConstantFolder:
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
+
+    def _bound_value(self, node: torch.fx.Node, sizes: dict) -> Any:
+        values = [self.enclosing.evaluate(value, sizes) for value in self.bindings[node]]
+        first = values[0]
+        for other in values[1:]:
+            same = (torch.equal(first, other) if isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor)
+                    else first == other)
+            if not same:
+                raise CannotEvaluate(f"the calls of this body pass different values for `{node.name}`")
+        # Evaluation may run in-place ops; the enclosing folder keeps its own value.
+        return first.clone() if isinstance(first, torch.Tensor) else first
 
     def _stand_in(self, node: torch.fx.Node, sizes: dict) -> torch.Tensor:
         """Zeros with the shape, dtype and device of a runtime tensor read only for its metadata."""

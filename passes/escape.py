@@ -12,11 +12,16 @@ which would make the fused call depend on its own result.
                                                                             "attention weights are
                                                                              returned by the module"
 
+A use that is dead does not count: a pure op whose result reaches neither the graph output nor
+an op with an effect (x-transformers clones its scores into an intermediates record that its
+forward then drops: `qk_similarities = sim.clone()`, unused). The replacement erases such uses.
+
 The dataflow graph is a networkx DiGraph over FX nodes (edge: producer -> user).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import networkx as nx
@@ -35,18 +40,66 @@ def dataflow_graph(graph: torch.fx.Graph) -> nx.DiGraph:
     return dataflow
 
 
+def live_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The nodes whose value reaches the graph output or an op with an effect.
+
+        y = x.clone()            # dead: nothing reads y
+        z = x * 2; z.add_(1)     # live: add_ changes z in place
+    """
+    live: set[torch.fx.Node] = set()
+    pending = [node for node in graph.nodes if not is_pure(node)]
+    while pending:
+        node = pending.pop()
+        if node in live:
+            continue
+        live.add(node)
+        pending.extend(node.all_input_nodes)
+    return live
+
+
+_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                  operator.iand, operator.ior, operator.ixor, operator.setitem})
+
+
+def is_pure(node: torch.fx.Node) -> bool:
+    """A function or method call with no effect besides its result (so erasable when unread)."""
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    if node.target in _IN_PLACE_OPERATORS:
+        return False
+    # In-place methods (`x.add_(y)`) mutate an input: their effect lives on when their result is unused.
+    return not (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
+
+
+def dead_uses(core: Iterable[torch.fx.Node], live: set[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The dead nodes reading `core` (directly or through each other), users before what they read."""
+    core = set(core)
+    found, pending = [], [user for node in core for user in node.users if user not in core and user not in live]
+    seen = set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        found.append(node)
+        pending.extend(node.users)
+    position = {node: index for index, node in enumerate(next(iter(core)).graph.nodes)} if core else {}
+    return sorted(found, key=position.__getitem__, reverse=True)
+
+
 def escaping_uses(core: Iterable[torch.fx.Node], output: torch.fx.Node,
-                  roles: dict[torch.fx.Node, str]) -> list[str]:
+                  roles: dict[torch.fx.Node, str], live: set[torch.fx.Node] | None = None) -> list[str]:
     """Reasons, for a user, why intermediate values of `core` are read outside it.
 
-    `roles` names what each intermediate node holds ("scores", "attention weights").
+    `roles` names what each intermediate node holds ("scores", "attention weights"). With `live`
+    (see `live_nodes`), uses outside it are dead and not reasons.
     """
     core = set(core)
     reasons = []
     for node in core:
         if node is output:
             continue
-        outside = [user for user in node.users if user not in core]
+        outside = [user for user in node.users if user not in core and (live is None or user in live)]
         if not outside:
             continue
         role = roles.get(node, "intermediate value")

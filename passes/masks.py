@@ -105,6 +105,13 @@ def _split(term: MaskTerm, folder: ConstantFolder) -> list[MaskTerm]:
     node = term.node
     if not isinstance(node, torch.fx.Node):
         return [term]
+    # A mask built before a checkpointed block reaches its body as a placeholder: split what the
+    # calls pass. Leaves left in the enclosing graph are imported into the body on replacement.
+    passed = folder.bound_value(node)
+    if passed is not None:
+        leaves = _split(MaskTerm(passed, term.form), folder)
+        if leaves != [MaskTerm(passed, term.form)]:
+            return leaves
     if term.form in (ATTEND, MASKED):
         return _split_boolean(term, folder)
     return _split_additive(term, folder)

@@ -17,10 +17,14 @@ used (its causal-mask construction, for one), is removed.
 Sites found before a replacement stay replaceable: a replaced output node records what replaced
 it (`node.meta["attention_replaced_by"]`), and every node a site refers to is looked up through
 that record, so `for s in sites: replace_attention_site(gm, s, fn)` works without searching again.
+
+A site inside the body of a checkpointed block (see `higher_order.py`) is replaced inside that
+body; a key-padding mask built before the block is passed into it as one more operand.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from typing import Any, Callable
@@ -29,8 +33,10 @@ import torch
 import torch.fx
 
 from passes.attention_sites import AttentionSite, Replacement, TensorRecipe
+from passes.escape import dead_uses, is_pure, live_nodes
 from passes.graph_walk import dtype_of, example_value
-from passes.masks import ADDITIVE, ATTEND, MASKED
+from passes.higher_order import import_value, module_holding
+from passes.masks import ADDITIVE, ATTEND, MASKED, MaskTerm
 
 _REPLACED_BY = "attention_replaced_by"
 _COPIED_META = ("nn_module_stack", "stack_trace")
@@ -40,20 +46,24 @@ def replace_attention_site(gm: torch.fx.GraphModule, site: AttentionSite, attent
                            **fn_kwargs: Any) -> torch.fx.GraphModule:
     """Replace one supported site with attention_fn(q, k, v, attn_mask=..., is_causal=..., scale=...,
     enable_gqa=..., **fn_kwargs). Raises ValueError for an unsupported site. Returns gm (modified in
-    place, linted, recompiled)."""
+    place, linted, recompiled); a site in a body of gm is replaced there."""
     if not site.supported or site.replacement is None:
         raise ValueError(f"attention site {site.name!r} ({site.module_path or 'root'}) is not supported: "
                          f"{site.reason or 'no replacement plan'}; only sites with supported=True can be "
                          "replaced")
-    graph = gm.graph
     output = site.output
-    if _REPLACED_BY in output.meta or output.graph is not graph or getattr(output, "_erased", False):
+    holder = module_holding(gm, output)
+    if _REPLACED_BY in output.meta or holder is None or getattr(output, "_erased", False):
         raise ValueError(f"attention site {site.name!r} is not in this graph (already replaced, or found "
                          "in another GraphModule)")
+    graph = holder.graph
     plan = site.replacement
+    mask_terms = [_with_node(term, import_value(gm, graph, _current(term.node)))
+                  for term in plan.mask_terms]
     existing = set(graph.nodes)
     with graph.inserting_before(output):
-        attention, result = _emit(graph, plan, attention_fn, fn_kwargs)
+        attention, result = _emit(graph, dataclasses.replace(plan, mask_terms=tuple(mask_terms)),
+                                  attention_fn, fn_kwargs)
     new_nodes = [node for node in graph.nodes if node not in existing]
     _propagate_metadata(new_nodes, template=output, attention=attention)
 
@@ -61,8 +71,14 @@ def replace_attention_site(gm: torch.fx.GraphModule, site: AttentionSite, attent
     output.meta[_REPLACED_BY] = result
     _remove_subgraph(graph, list(site.nodes))
     graph.lint()
-    gm.recompile()
+    holder.recompile()
+    if holder is not gm:
+        gm.recompile()
     return gm
+
+
+def _with_node(term: MaskTerm, node: Any) -> MaskTerm:
+    return term if node is term.node else MaskTerm(node, term.form)
 
 
 def _current(node: Any) -> Any:
@@ -133,7 +149,10 @@ def _join(graph: torch.fx.Graph, op: Callable, nodes: list) -> torch.fx.Node | N
 
 
 def _remove_subgraph(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-    """Erase the site's nodes, then what only they used (pure nodes left without users)."""
+    """Erase the site's dead readers (see escape.py), its nodes, then what only they used (pure nodes
+    left without users)."""
+    for node in dead_uses([node for node in nodes if not getattr(node, "_erased", False)], live_nodes(graph)):
+        graph.erase_node(node)
     position = {node: index for index, node in enumerate(graph.nodes)}
     doomed = sorted((node for node in nodes if node in position), key=position.__getitem__, reverse=True)
     candidates: list[torch.fx.Node] = []
@@ -142,23 +161,10 @@ def _remove_subgraph(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
         graph.erase_node(node)
     while candidates:
         node = candidates.pop()
-        if getattr(node, "_erased", False) or node.users or not _removable(node):
+        if getattr(node, "_erased", False) or node.users or not is_pure(node):
             continue
         candidates.extend(node.all_input_nodes)
         graph.erase_node(node)
-
-
-_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                                  operator.iand, operator.ior, operator.ixor, operator.setitem})
-
-
-def _removable(node: torch.fx.Node) -> bool:
-    if node.op not in ("call_function", "call_method") or node.is_impure():
-        return False
-    if node.target in _IN_PLACE_OPERATORS:
-        return False
-    # In-place methods (`x.add_(y)`) mutate an input: their effect lives on when their result is unused.
-    return not (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
 
 
 def _propagate_metadata(nodes: list[torch.fx.Node], template: torch.fx.Node, attention: torch.fx.Node) -> None:
