@@ -152,14 +152,22 @@ def sampled_rows(q, count: int) -> torch.Tensor:
 def exact_attention(q, k, v, key_weight, scale, causal, positions=None):
     """softmax(s q k^T + log w) v in the kernel layout; a row with no key of positive weight is 0.
 
-    q (B, H, G, m, d) holds query positions `positions` (B, H, G, m) if given, else 0..m-1 (used
-    by the causal mask, aligned top-left as in SDPA).
+    q (B, H, G, m, d) holds query positions `positions` (B, H, G, m) if given (a few sampled rows:
+    computed by explicit products), else 0..m-1 (every row: SDPA, chunk by chunk of queries).
+    The causal mask is aligned top-left, as in SDPA.
     """
     keys, values = k.unsqueeze(2), v.unsqueeze(2)  # shared by the G query heads of a key head
-    if positions is None and not causal and key_weight is None:
+    log_weight = _log_weight(key_weight)
+    if positions is not None:
+        return _weights(q, k, log_weight, _visible(positions, k) if causal else None, scale) @ values
+    if not causal and key_weight is None:
         return F.scaled_dot_product_attention(q, keys, values, scale=scale)
     outputs = []
-    for start, stop, mask in _query_chunks(q, k, key_weight, causal, positions):
+    for start, stop in _spans(q.shape[-2]):
+        mask = log_weight
+        if causal:
+            visible = _visible(torch.arange(start, stop, device=q.device), k)
+            mask = visible if mask is None else mask.masked_fill(~visible, -math.inf)
         outputs.append(F.scaled_dot_product_attention(q[..., start:stop, :], keys, values, attn_mask=mask, scale=scale))
     return torch.cat(outputs, dim=-2)
 
@@ -175,12 +183,11 @@ def exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_w
     dq = torch.empty_like(q)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     d_log_weight = torch.zeros(k.shape[:-1], dtype=q.dtype, device=q.device) if key_weight_grad else None
-    for start, stop, mask in _query_chunks(q, k, key_weight, causal, None):
+    log_weight = _log_weight(key_weight)
+    for start, stop in _spans(q.shape[-2]):
         q_c, g_c = q[..., start:stop, :], grad_out[..., start:stop, :]
-        scores = scale * (q_c @ k.unsqueeze(2).mT)  # (B, H, G, C, n_k)
-        if mask is not None:
-            scores = scores + mask
-        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row has no weights
+        visible = _visible(torch.arange(start, stop, device=q.device), k) if causal else None
+        weights = _weights(q_c, k, log_weight, visible, scale)  # (B, H, G, C, n_k)
         out_c = weights @ v.unsqueeze(2)
         d_scores = weights * (g_c @ v.unsqueeze(2).mT - (g_c * out_c).sum(-1, keepdim=True))
         dq[..., start:stop, :] = scale * (d_scores @ k.unsqueeze(2))
@@ -194,21 +201,32 @@ def exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_w
     return dq, dk, dv, dw
 
 
-def _query_chunks(q, k, key_weight, causal, positions):
-    """(start, stop, additive mask or None) for chunks of EXACT_QUERY_CHUNK query rows."""
-    n_k = k.shape[-2]
-    log_weight = None
-    if key_weight is not None:
-        # log w, -inf where w = 0 (taking the log of 1 there, so no gradient ever meets log 0)
-        attends = key_weight > 0
-        log_weight = torch.log(torch.where(attends, key_weight, 1.0)).masked_fill(~attends, -math.inf)
-        log_weight = log_weight[:, :, None, None, :]  # (B, H, 1, 1, n_k)
-    for start in range(0, q.shape[-2], EXACT_QUERY_CHUNK):
-        stop = min(start + EXACT_QUERY_CHUNK, q.shape[-2])
-        mask = log_weight
-        if causal:
-            rows = positions[..., start:stop] if positions is not None else torch.arange(start, stop, device=q.device)
-            visible = rows.unsqueeze(-1) >= torch.arange(n_k, device=q.device)  # (..., C, n_k)
-            causal_mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, -math.inf)
-            mask = causal_mask if mask is None else mask + causal_mask
-        yield start, stop, mask
+def _weights(q, k, log_weight, visible, scale):
+    """softmax(s q k^T + log w), causally masked where `visible` is False: (B, H, G, m, n_k).
+    A fully masked row is 0, not NaN."""
+    scores = scale * (q @ k.unsqueeze(2).mT)
+    if log_weight is not None:
+        scores += log_weight
+    if visible is not None:
+        scores.masked_fill_(~visible, -math.inf)
+    return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
+
+def _log_weight(key_weight):
+    """log w as (B, H, 1, 1, n_k), -inf where w = 0; None without key weights. The log is taken
+    of 1 where w = 0, so that no gradient ever meets log 0."""
+    if key_weight is None:
+        return None
+    attends = key_weight > 0
+    log_weight = torch.log(torch.where(attends, key_weight, 1.0)).masked_fill(~attends, -math.inf)
+    return log_weight[:, :, None, None, :]
+
+
+def _visible(positions, k):
+    """(..., m, n_k): True where query position >= key position (SDPA's top-left causal mask)."""
+    return positions.unsqueeze(-1) >= torch.arange(k.shape[-2], device=k.device)
+
+
+def _spans(rows):
+    for start in range(0, rows, EXACT_QUERY_CHUNK):
+        yield start, min(start + EXACT_QUERY_CHUNK, rows)
