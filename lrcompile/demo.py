@@ -55,6 +55,8 @@ def op_demo(n, heads, head_dim, score_range):
 
 def model_demo(n):
     from lrcompile.compiler import backend
+    from lrcompile.guard import reset_stats, stats
+    from lrcompile.policy import Policy
     from lrcompile.models import nanogpt
     from lrcompile.report import explain
 
@@ -63,6 +65,7 @@ def model_demo(n):
     model.train()
     print(explain(model, idx))
     torch._dynamo.reset()
+    reset_stats()
     ours = torch.compile(model, backend=backend())
     exact = torch.compile(model, backend="inductor")
     with torch.no_grad():
@@ -71,6 +74,13 @@ def model_demo(n):
         logits = ours(idx)
         error = (logits.double() - reference).abs().max().item() / reference.abs().max().item()
     print(f"  logits: max |lrcompile - exact| / max |exact| = {error:.2e}")
+    calls = stats()
+    if calls:
+        print(f"  accuracy guard: {sum(s.calls for s in calls.values())} calls of {len(calls)} rewritten sites, "
+              f"{sum(s.fallbacks for s in calls.values())} sent to exact attention, largest estimated error "
+              f"{max(s.largest_error for s in calls.values()):.2e} (max_error {Policy().max_error:g})")
+    else:
+        print("  accuracy guard: no rewritten site ran (the policy kept exact attention at this length)")
 
     def step(compiled):
         def run():
