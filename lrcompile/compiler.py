@@ -28,8 +28,9 @@ import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
 from lrcompile.attention import lowrank_attention, measured_score_range
-from lrcompile.policy import Decision, Policy, decide
+from lrcompile.policy import Decision, Policy, decide, unmatched_patterns
 from passes import AttentionSite, find_attention_sites, replace_attention_site
+from passes.graph_walk import module_paths
 
 
 class UnsupportedSiteError(RuntimeError):
@@ -49,6 +50,7 @@ class Rewrite:
     decisions: list[tuple[AttentionSite, Decision]] = field(default_factory=list)
     code_before: str = ""
     code_after: str = ""
+    module_paths: set[str] = field(default_factory=set)  # every module the graph was traced through
 
     @property
     def rewritten(self) -> list[AttentionSite]:
@@ -61,10 +63,30 @@ def backend(policy: Policy | None = None):
     if not isinstance(policy, Policy):
         raise TypeError(f"backend() takes an lrcompile.Policy, got {type(policy).__name__}")
 
+    seen_paths: dict[str, None] = {}  # attention sites' paths first: the likeliest targets of a pattern
+    warned: set[str] = set()
+
+    def warn_unmatched(result: Rewrite):
+        # Over every graph this backend compiled so far: a graph break may put a module in a later graph.
+        seen_paths.update(dict.fromkeys(site.module_path for site, _ in result.decisions))
+        seen_paths.update(dict.fromkeys(sorted(result.module_paths, key=lambda path: (path.count("."), path))))
+        for pattern in unmatched_patterns(policy, seen_paths):
+            if pattern not in warned:
+                warned.add(pattern)
+                warnings.warn(f"lrcompile: {unmatched_message(pattern, policy, list(seen_paths))}", stacklevel=2)
+
     def lrcompile(gm: torch.fx.GraphModule, example_inputs):
-        return compile_graph(gm, example_inputs, policy)
+        return compile_graph(gm, example_inputs, policy, on_rewrite=warn_unmatched)
 
     return lrcompile
+
+
+def unmatched_message(pattern: str, policy: Policy, paths: list[str]) -> str:
+    which = "include" if pattern in policy.include else "exclude"
+    shown = ", ".join(repr(path or "<root>") for path in paths[:5])
+    more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+    return (f"{which} pattern {pattern!r} matches no module of the compiled model, so it selects nothing "
+            f"(module paths, as model.named_modules() names them: {shown}{more})")
 
 
 def lrcompile_backend(gm: torch.fx.GraphModule, example_inputs):
@@ -104,7 +126,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, meas
     inputs (default: when the policy's decisions depend on them)."""
     working = copy_graph_module(gm)
     sites = find_attention_sites(working)
-    result = Rewrite(working, code_before=gm.code)
+    result = Rewrite(working, code_before=gm.code, module_paths=module_paths(gm.graph))
     if not sites:
         result.code_after = working.code
         return result

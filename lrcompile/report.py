@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lrcompile.compiler import Rewrite, rewrite_graph
-from lrcompile.policy import Policy
+from lrcompile.policy import Policy, unmatched_patterns
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Report:
     graphs: dict[str, list[str]] = field(default_factory=lambda: {
         "dynamo_before": [], "dynamo_after": [], "aot_forward": [], "aot_backward": []})
     policy: Policy | None = None
+    unmatched_patterns: list[str] = field(default_factory=list)  # include/exclude patterns matching no module
 
     def __str__(self) -> str:
         return format_report(self)
@@ -69,6 +70,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
     """Compile `model` with a recording backend, run it once on the example inputs, return the Report."""
     policy = Policy() if policy is None else policy
     report = Report(policy=policy)
+    paths: set[str] = set()
 
     def recording_backend(gm, example_inputs):
         from torch._functorch.aot_autograd import aot_module_simplified
@@ -76,6 +78,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
 
         rewrite = rewrite_graph(gm, example_inputs, policy, measure=True)
         report.sites.extend(_sites_of(rewrite))
+        paths.update(rewrite.module_paths)
         report.graphs["dynamo_before"].append(rewrite.code_before)
         report.graphs["dynamo_after"].append(rewrite.code_after)
 
@@ -95,6 +98,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
 
     compiled = torch.compile(model, backend=recording_backend, dynamic=False)
     compiled(*args, **kwargs)
+    report.unmatched_patterns = unmatched_patterns(policy, paths)
     return report
 
 
@@ -130,8 +134,13 @@ def _number(value):
 
 
 def format_report(report: Report) -> str:
+    include = report.policy.include if report.policy is not None else ()
+    unmatched = [f"{'include' if pattern in include else 'exclude'} pattern {pattern!r} matches no module path of "
+                 f"the model (paths as model.named_modules() names them); it selects nothing"
+                 for pattern in report.unmatched_patterns]
     if not report.sites:
-        return "lrcompile: no softmax-attention site found in this model (nothing to rewrite)."
+        return "\n".join(["lrcompile: no softmax-attention site found in this model (nothing to rewrite).",
+                          *unmatched])
     header = ("module", "spelling", "q shape", "k shape", "mask", "decision", "degree", "r",
               "score range", "error bound", "GFLOP exact", "GFLOP low-rank")
     rows = []
@@ -151,6 +160,8 @@ def format_report(report: Report) -> str:
     out = [f"lrcompile: {len(report.sites)} attention site(s), {rewritten} rewritten, "
            f"{len(report.sites) - rewritten} kept exact", line(header), line(["-" * w for w in widths])]
     out += [line(row) for row in rows]
+    if unmatched:
+        out += ["", *unmatched]
     kept = [(s.module, s.reason) for s in report.sites if not s.rewritten]
     if kept:
         out.append("")
