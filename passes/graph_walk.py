@@ -335,6 +335,30 @@ def same_shape(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
+def same_size_by_contract(a: Any, b: Any) -> bool:
+    """Sizes that an op of the graph itself requires to be equal (SDPA's key and value lengths, the
+    axes a matmul broadcasts). Dynamo gives each input its own symbol on an automatic-dynamic
+    recompile, and SDPA's shape rules do not unify them (`torch.cat` onto a KV cache gives k
+    `s1 + 1` and v `s2 + 1`), so `same_size` cannot prove them equal. Evaluating the equality
+    instead records it as a guard: inputs where the sizes differ, which the op would reject anyway,
+    recompile rather than reach a replacement that assumed them equal."""
+    if same_size(a, b):
+        return True
+    if not isinstance(a, (int, torch.SymInt)) or not isinstance(b, (int, torch.SymInt)):
+        return False
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    try:
+        return bool(a == b)
+    except GuardOnDataDependentSymNode:  # data-dependent sizes have no value to decide on
+        return False
+
+
+def same_shape_by_contract(a: tuple, b: tuple) -> bool:
+    """`same_size_by_contract` on every axis (see there)."""
+    return len(a) == len(b) and all(same_size_by_contract(x, y) for x, y in zip(a, b))
+
+
 def size_label(size: Any) -> int | str:
     return size if isinstance(size, int) else str(size)
 
