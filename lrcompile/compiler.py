@@ -2,6 +2,7 @@
 
     model = torch.compile(model, backend="lrcompile")                 # default Policy()
     model = torch.compile(model, backend=lrcompile.backend(policy))
+    model = torch.compile(model, backend="lrcompile", mode="max-autotune")  # mode / options go to Inductor
 
 Dynamo hands us its FX graph and the example inputs. We copy the graph, find the sites
 (`passes.find_attention_sites`), measure their score ranges on the example inputs when the policy
@@ -19,6 +20,7 @@ asks for exactly that).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -75,8 +77,9 @@ def backend(policy: Policy | None = None):
                 warned.add(pattern)
                 warnings.warn(f"lrcompile: {unmatched_message(pattern, policy, list(seen_paths))}", stacklevel=2)
 
-    def lrcompile(gm: torch.fx.GraphModule, example_inputs):
-        return compile_graph(gm, example_inputs, policy, on_rewrite=warn_unmatched)
+    def lrcompile(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
+        return compile_graph(gm, example_inputs, policy, on_rewrite=warn_unmatched,
+                             config_patches=inductor_config_patches(mode, options))
 
     return lrcompile
 
@@ -89,15 +92,41 @@ def unmatched_message(pattern: str, policy: Policy, paths: list[str]) -> str:
             f"(module paths, as model.named_modules() names them: {shown}{more})")
 
 
-def lrcompile_backend(gm: torch.fx.GraphModule, example_inputs):
+def lrcompile_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
     """The backend registered as torch.compile(backend="lrcompile"): the default policy."""
-    return compile_graph(gm, example_inputs, Policy())
+    return compile_graph(gm, example_inputs, Policy(), config_patches=inductor_config_patches(mode, options))
 
 
-def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=None):
-    """Rewrite `gm` per `policy` and compile it with `inner` (default: Inductor's compile_fx)."""
+def inductor_config_patches(mode: str | None = None, options: dict | None = None) -> dict:
+    """The Inductor config that torch.compile's `mode` and `options` stand for, read as its own
+    "inductor" backend reads them: torch.compile passes both to a named backend, and Inductor
+    is where they take effect."""
+    patches = {}
+    if mode and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))  # raises on an unknown mode, naming the known ones
+    if options:
+        from torch._inductor import config
+
+        known = config.get_config_copy()
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown Inductor option {key!r} in torch.compile(options=...); known options "
+                                 f"are the names in torch._inductor.config, e.g. {sorted(known)[:5]}")
+            patches[name] = value
+    return patches
+
+
+def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=None, config_patches=None):
+    """Rewrite `gm` per `policy` and compile it with `inner` (default: Inductor's compile_fx, with
+    `config_patches`)."""
     if inner is None:
         from torch._inductor.compile_fx import compile_fx as inner
+
+        if config_patches:
+            inner = functools.partial(inner, config_patches=config_patches)
     try:
         result = rewrite_graph(gm, example_inputs, policy)
     except _MUST_PROPAGATE:

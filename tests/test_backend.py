@@ -237,3 +237,38 @@ def test_patterns_that_match_a_module_do_not_warn(without_inductor):
         warnings.simplefilter("always")
         torch.compile(module, backend=lrcompile.backend(Policy(include=("f*",), exclude=("second",))))(*inputs)
     assert not [w for w in caught if "matches no module" in str(w.message)]
+
+
+COMPILE_SETTINGS = [dict(mode="reduce-overhead"), dict(mode="max-autotune-no-cudagraphs"),
+                    dict(options={"epilogue_fusion": True, "max-autotune": False})]
+
+
+@pytest.mark.parametrize("settings", COMPILE_SETTINGS, ids=lambda settings: str(settings))
+@pytest.mark.parametrize("how", ["by_name", "with_policy"])
+def test_torch_compile_mode_and_options_reach_inductor(settings, how, monkeypatch):
+    from torch._inductor import compile_fx as compile_fx_module
+
+    received = []
+    real_compile_fx = compile_fx_module.compile_fx
+
+    def recording_compile_fx(gm, example_inputs, **kwargs):
+        received.append(kwargs.get("config_patches") or {})
+        return real_compile_fx(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    module, inputs = NanoGptCausal().float().eval(), (torch.randn(2, 8, 16),)
+    backend = "lrcompile" if how == "by_name" else lrcompile.backend(Policy(degree=8, **FORCE))
+    compiled = torch.compile(module, backend=backend, **settings)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), module(*inputs), rtol=1e-4, atol=1e-4)
+
+    expected = (torch._inductor.list_mode_options(settings["mode"]) if "mode" in settings
+                else {"epilogue_fusion": True, "max_autotune": False})
+    assert received[0] == expected  # compile_fx then calls itself, inside those patches, without them
+
+
+def test_an_unknown_inductor_option_is_named():
+    module, inputs = NanoGptCausal().float().eval(), (torch.randn(2, 8, 16),)
+    compiled = torch.compile(module, backend="lrcompile", options={"no_such_option": True})
+    with pytest.raises(Exception, match="unknown Inductor option 'no_such_option'"):
+        compiled(*inputs)
