@@ -239,13 +239,17 @@ def test_patterns_that_match_a_module_do_not_warn(without_inductor):
     assert not [w for w in caught if "matches no module" in str(w.message)]
 
 
-COMPILE_SETTINGS = [dict(mode="reduce-overhead"), dict(mode="max-autotune-no-cudagraphs"),
-                    dict(options={"epilogue_fusion": True, "max-autotune": False})]
+COMPILE_SETTINGS = [  # (backend, torch.compile keywords): each Inductor compile costs seconds
+    ("by_name", dict(mode="reduce-overhead")),
+    ("by_name", dict(mode="max-autotune-no-cudagraphs")),
+    ("by_name", dict(options={"epilogue_fusion": True, "max-autotune": False})),
+    ("with_policy", dict(mode="max-autotune-no-cudagraphs")),
+    ("with_policy", dict(options={"epilogue_fusion": True})),
+]
 
 
-@pytest.mark.parametrize("settings", COMPILE_SETTINGS, ids=lambda settings: str(settings))
-@pytest.mark.parametrize("how", ["by_name", "with_policy"])
-def test_torch_compile_mode_and_options_reach_inductor(settings, how, monkeypatch):
+@pytest.mark.parametrize("how, settings", COMPILE_SETTINGS, ids=lambda value: str(value))
+def test_torch_compile_mode_and_options_reach_inductor(how, settings, monkeypatch):
     from torch._inductor import compile_fx as compile_fx_module
 
     received = []
@@ -263,7 +267,7 @@ def test_torch_compile_mode_and_options_reach_inductor(settings, how, monkeypatc
         torch.testing.assert_close(compiled(*inputs), module(*inputs), rtol=1e-4, atol=1e-4)
 
     expected = (torch._inductor.list_mode_options(settings["mode"]) if "mode" in settings
-                else {"epilogue_fusion": True, "max_autotune": False})
+                else {key.replace("-", "_"): value for key, value in settings["options"].items()})
     assert received[0] == expected  # compile_fx then calls itself, inside those patches, without them
 
 
