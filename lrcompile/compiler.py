@@ -2,6 +2,7 @@
 
     model = torch.compile(model, backend="lrcompile")                 # default Policy()
     model = torch.compile(model, backend=lrcompile.backend(policy))
+    model = torch.compile(model, backend="lrcompile", mode="max-autotune")  # mode / options go to Inductor
 
 Dynamo hands us its FX graph and the example inputs. We copy the graph, find the sites
 (`passes.find_attention_sites`), measure their score ranges on the example inputs when the policy
@@ -19,6 +20,7 @@ asks for exactly that).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,8 +30,9 @@ import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
 from lrcompile.attention import lowrank_attention, measured_score_range
-from lrcompile.policy import Decision, Policy, decide
+from lrcompile.policy import Decision, Policy, decide, unmatched_patterns
 from passes import AttentionSite, find_attention_sites, higher_order, replace_attention_site
+from passes.graph_walk import module_paths
 
 
 class UnsupportedSiteError(RuntimeError):
@@ -49,6 +52,7 @@ class Rewrite:
     decisions: list[tuple[AttentionSite, Decision]] = field(default_factory=list)
     code_before: str = ""
     code_after: str = ""
+    module_paths: set[str] = field(default_factory=set)  # every module the graph was traced through
 
     @property
     def rewritten(self) -> list[AttentionSite]:
@@ -61,21 +65,68 @@ def backend(policy: Policy | None = None):
     if not isinstance(policy, Policy):
         raise TypeError(f"backend() takes an lrcompile.Policy, got {type(policy).__name__}")
 
-    def lrcompile(gm: torch.fx.GraphModule, example_inputs):
-        return compile_graph(gm, example_inputs, policy)
+    seen_paths: dict[str, None] = {}  # attention sites' paths first: the likeliest targets of a pattern
+    warned: set[str] = set()
+
+    def warn_unmatched(result: Rewrite):
+        # Over every graph this backend compiled so far: a graph break may put a module in a later graph.
+        seen_paths.update(dict.fromkeys(site.module_path for site, _ in result.decisions))
+        seen_paths.update(dict.fromkeys(sorted(result.module_paths, key=lambda path: (path.count("."), path))))
+        for pattern in unmatched_patterns(policy, seen_paths):
+            if pattern not in warned:
+                warned.add(pattern)
+                warnings.warn(f"lrcompile: {unmatched_message(pattern, policy, list(seen_paths))}", stacklevel=2)
+
+    def lrcompile(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
+        return compile_graph(gm, example_inputs, policy, on_rewrite=warn_unmatched,
+                             config_patches=inductor_config_patches(mode, options))
 
     return lrcompile
 
 
-def lrcompile_backend(gm: torch.fx.GraphModule, example_inputs):
+def unmatched_message(pattern: str, policy: Policy, paths: list[str]) -> str:
+    which = "include" if pattern in policy.include else "exclude"
+    shown = ", ".join(repr(path or "<root>") for path in paths[:5])
+    more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+    return (f"{which} pattern {pattern!r} matches no module of the compiled model, so it selects nothing "
+            f"(module paths, as model.named_modules() names them: {shown}{more})")
+
+
+def lrcompile_backend(gm: torch.fx.GraphModule, example_inputs, *, mode=None, options=None):
     """The backend registered as torch.compile(backend="lrcompile"): the default policy."""
-    return compile_graph(gm, example_inputs, Policy())
+    return compile_graph(gm, example_inputs, Policy(), config_patches=inductor_config_patches(mode, options))
 
 
-def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=None):
-    """Rewrite `gm` per `policy` and compile it with `inner` (default: Inductor's compile_fx)."""
+def inductor_config_patches(mode: str | None = None, options: dict | None = None) -> dict:
+    """The Inductor config that torch.compile's `mode` and `options` stand for, read as its own
+    "inductor" backend reads them: torch.compile passes both to a named backend, and Inductor
+    is where they take effect."""
+    patches = {}
+    if mode and mode != "default":
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))  # raises on an unknown mode, naming the known ones
+    if options:
+        from torch._inductor import config
+
+        known = config.get_config_copy()
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown Inductor option {key!r} in torch.compile(options=...); known options "
+                                 f"are the names in torch._inductor.config, e.g. {sorted(known)[:5]}")
+            patches[name] = value
+    return patches
+
+
+def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=None, config_patches=None):
+    """Rewrite `gm` per `policy` and compile it with `inner` (default: Inductor's compile_fx, with
+    `config_patches`)."""
     if inner is None:
         from torch._inductor.compile_fx import compile_fx as inner
+
+        if config_patches:
+            inner = functools.partial(inner, config_patches=config_patches)
     try:
         result = rewrite_graph(gm, example_inputs, policy)
     except _MUST_PROPAGATE:
@@ -104,7 +155,8 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, meas
     inputs (default: when the policy's decisions depend on them)."""
     working = copy_graph_module(gm)
     sites = find_attention_sites(working)
-    result = Rewrite(working, code_before=higher_order.code_with_bodies(gm))
+    paths = set().union(module_paths(gm.graph), *(module_paths(body.module.graph) for body in higher_order.all_bodies(gm)))
+    result = Rewrite(working, code_before=higher_order.code_with_bodies(gm), module_paths=paths)
     if not sites:
         result.code_after = higher_order.code_with_bodies(working)
         return result

@@ -149,6 +149,14 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     return decision
 
 
+def unmatched_patterns(policy: Policy, module_paths) -> list[str]:
+    """The include/exclude patterns that match none of `module_paths` ('' is the root, matched as
+    "<root>" like in `decide`): a misspelt path would otherwise select or drop nothing, silently."""
+    paths = [path or "<root>" for path in module_paths]
+    return [pattern for pattern in dict.fromkeys((*policy.include, *policy.exclude))
+            if not any(fnmatch.fnmatchcase(path, pattern) for path in paths)]
+
+
 def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk) -> str:
     """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster."""
     device = getattr(site, "device", "") or "unknown"

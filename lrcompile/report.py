@@ -20,7 +20,7 @@ import torch
 
 from lrcompile.compiler import Rewrite, rewrite_graph
 from lrcompile import guard
-from lrcompile.policy import Policy, site_label
+from lrcompile.policy import Policy, site_label, unmatched_patterns
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Report:
     graphs: dict[str, list[str]] = field(default_factory=lambda: {
         "dynamo_before": [], "dynamo_after": [], "aot_forward": [], "aot_backward": []})
     policy: Policy | None = None
+    unmatched_patterns: list[str] = field(default_factory=list)  # include/exclude patterns matching no module
 
     def __str__(self) -> str:
         return format_report(self)
@@ -74,6 +75,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
     """Compile `model` with a recording backend, run it once on the example inputs, return the Report."""
     policy = Policy() if policy is None else policy
     report = Report(policy=policy)
+    paths: set[str] = set()
 
     def recording_backend(gm, example_inputs):
         from torch._functorch.aot_autograd import aot_module_simplified
@@ -81,6 +83,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
 
         rewrite = rewrite_graph(gm, example_inputs, policy, measure=True)
         report.sites.extend(_sites_of(rewrite))
+        paths.update(rewrite.module_paths)
         report.graphs["dynamo_before"].append(rewrite.code_before)
         report.graphs["dynamo_after"].append(rewrite.code_after)
 
@@ -105,6 +108,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
         if site.label in measured:
             site.measured_error = measured[site.label].measured_error
             site.guard_falls_back = measured[site.label].would_fall_back
+    report.unmatched_patterns = unmatched_patterns(policy, paths)
     return report
 
 
@@ -141,8 +145,13 @@ def _number(value):
 
 
 def format_report(report: Report) -> str:
+    include = report.policy.include if report.policy is not None else ()
+    unmatched = [f"{'include' if pattern in include else 'exclude'} pattern {pattern!r} matches no module path of "
+                 f"the model (paths as model.named_modules() names them); it selects nothing"
+                 for pattern in report.unmatched_patterns]
     if not report.sites:
-        return "lrcompile: no softmax-attention site found in this model (nothing to rewrite)."
+        return "\n".join(["lrcompile: no softmax-attention site found in this model (nothing to rewrite).",
+                          *unmatched])
     header = ("module", "spelling", "q shape", "k shape", "mask", "decision", "degree", "r",
               "score range", "error bound", "measured error", "GFLOP exact", "GFLOP low-rank")
     rows = []
@@ -168,6 +177,8 @@ def format_report(report: Report) -> str:
         out.append("")
         out.append(f"the accuracy guard's estimate exceeds max_error={report.policy.max_error:g} on these inputs "
                    f"(so calls like them act by on_inaccurate={report.policy.on_inaccurate!r}): {', '.join(guarded)}")
+    if unmatched:
+        out += ["", *unmatched]
     kept = [(s.module, s.reason) for s in report.sites if not s.rewritten]
     if kept:
         out.append("")

@@ -39,7 +39,7 @@ from passes.graph_walk import (
     ADD, BADDBMM, CAST, DIVIDE, DROPOUT, EINSUM, GETITEM, MASKED_FILL, MATMUL, MATRIX_TRANSPOSE, MULTIPLY,
     PERMUTE, SDPA, SOFTMAX, SUBTRACT, TRANSPOSE, VIEW_LIKE, WHERE, WHERE_METHOD, describe, device_type_of, dtype_of,
     is_getattr_mT, is_number, is_symbolic_scalar, is_tensor, match, module_path_of, normalize_dim,
-    numel_is_one, same_shape, shape_label, shape_of, size_label,
+    numel_is_one, same_shape, same_shape_by_contract, shape_label, shape_of, size_label,
 )
 from passes.head_repeat import broadcast_heads, head_repeat
 from passes.higher_order import Body, bodies
@@ -679,7 +679,8 @@ def _layout_problems(queries: TensorRecipe, keys: TensorRecipe, values: TensorRe
     if not same_shape(q_shape[:-1], tuple(scores_shape[:-1])):
         return [f"q {shape_label(q_shape)} is broadcast against k {shape_label(k_shape)} over batch axes; "
                 "supported: q with the batch axes of the scores"]
-    if not same_shape(k_shape[:-1], v_shape[:-1]):
+    # The batch axes and length of k and v: SDPA and the product with V accept only equal ones.
+    if not same_shape_by_contract(k_shape[:-1], v_shape[:-1]):
         return [f"k {shape_label(k_shape)} and v {shape_label(v_shape)} differ in batch axes or length"]
     if same_shape(k_shape[:-2], q_shape[:-2]):
         return []

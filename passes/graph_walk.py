@@ -335,6 +335,30 @@ def same_shape(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
+def same_size_by_contract(a: Any, b: Any) -> bool:
+    """Sizes that an op of the graph itself requires to be equal (SDPA's key and value lengths, the
+    axes a matmul broadcasts). Dynamo gives each input its own symbol on an automatic-dynamic
+    recompile, and SDPA's shape rules do not unify them (`torch.cat` onto a KV cache gives k
+    `s1 + 1` and v `s2 + 1`), so `same_size` cannot prove them equal. Evaluating the equality
+    instead records it as a guard: inputs where the sizes differ, which the op would reject anyway,
+    recompile rather than reach a replacement that assumed them equal."""
+    if same_size(a, b):
+        return True
+    if not isinstance(a, (int, torch.SymInt)) or not isinstance(b, (int, torch.SymInt)):
+        return False
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    try:
+        return bool(a == b)
+    except GuardOnDataDependentSymNode:  # data-dependent sizes have no value to decide on
+        return False
+
+
+def same_shape_by_contract(a: tuple, b: tuple) -> bool:
+    """`same_size_by_contract` on every axis (see there)."""
+    return len(a) == len(b) and all(same_size_by_contract(x, y) for x, y in zip(a, b))
+
+
 def size_label(size: Any) -> int | str:
     return size if isinstance(size, int) else str(size)
 
@@ -359,28 +383,56 @@ def describe(node: Any) -> str:
     return f"`{node.name}` ({target})"
 
 
-_PATH_PARTS = [
-    (re.compile(r"^[LG]\['[^']*'\]\.?"), ""),
-    (re.compile(r"\._modules\['([^']*)'\]"), r".\1"),
+# Dynamo names a module by the Python expression that reached it from the compiled frame
+# (`torch._dynamo.source`): `L['self'].h.0.attn`, or `L['args'][0].model.layers.0.self_attn` when a
+# decorator's `(*args, **kwargs)` wrapper is the frame (transformers 5's *ForCausalLM), or
+# `L['kwargs']['model']...`, `G['model']...`. The frame's argument, with any indexing into it, is
+# the root; the attribute steps after it are the path named_modules() gives.
+_SOURCE_ROOT = re.compile(r"""^(?:[LG]|SYNTHETIC_LOCAL)\[(?:'[^']*'|"[^"]*")\](?:\[(?:-?\d+|'[^']*'|"[^"]*")\])*""")
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")  # a member that is not an identifier
+_PATH_STEPS = [
+    (re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]"), r".\1"),
     (re.compile(r"\['([^']*)'\]"), r".\1"),
     (re.compile(r"\[(\d+)\]"), r".\1"),
 ]
 
 
+def module_path_from_source(source: str) -> str:
+    """`model.layers.0.self_attn` from Dynamo's `L['args'][0].model.layers.0.self_attn` ('' for the root)."""
+    while (unwrapped := _GETATTR.sub(r"\1.\2", source)) != source:
+        source = unwrapped
+    path = _SOURCE_ROOT.sub("", source)
+    for pattern, replacement in _PATH_STEPS:
+        path = pattern.sub(replacement, path)
+    return path.lstrip(".")
+
+
+def _module_stack(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """(key, path) of every module the node was traced inside, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(key, module_path_from_source(source)) for key, (source, _) in stack.items()]
+
+
 def module_path_of(nodes) -> str:
     """The deepest module every node was traced inside, as `h.0.attn` ('' for the root)."""
-    stacks = [list((n.meta.get("nn_module_stack") or {}).values()) for n in nodes]
+    stacks = [_module_stack(n) for n in nodes]
     if not stacks:
         return ""
     common = stacks[0]
     for stack in stacks[1:]:
         depth = 0
-        while depth < min(len(common), len(stack)) and common[depth][0] == stack[depth][0]:
+        while depth < min(len(common), len(stack)) and common[depth] == stack[depth]:
             depth += 1
         common = common[:depth]
-    if not common:
-        return ""
-    path = common[-1][0]
-    for pattern, replacement in _PATH_PARTS:
-        path = pattern.sub(replacement, path)
-    return path.lstrip(".")
+    return common[-1][1] if common else ""
+
+
+def module_paths(graph: torch.fx.Graph) -> set[str]:
+    """Every module path the graph was traced through, with its parents (ModuleLists are never
+    called, yet `h` is a module too); '' for the root."""
+    paths = {""}
+    for node in graph.nodes:
+        for _, path in _module_stack(node):
+            parts = path.split(".") if path else []
+            paths.update(".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    return paths

@@ -9,7 +9,7 @@ from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
-from attention_corpus import CASES, CausalAndKeyPadding, NanoGptCausal
+from attention_corpus import CASES, CASES_BY_NAME, CausalAndKeyPadding, NanoGptCausal
 from lrcompile.compiler import UnsupportedSiteError, compile_graph
 from lrcompile.models import CausalSelfAttention
 from lrcompile.policy import Policy
@@ -209,3 +209,70 @@ def test_transformers_models_compile_to_the_same_function_within_the_degree_4_bo
     for key, grad in expected_grads.items():
         assert (grads[key] - grad).abs().max() <= tolerance * max(1, grad.abs().max().item()), key
     assert calls
+
+
+@pytest.fixture
+def without_inductor(monkeypatch):
+    """lrcompile.backend() hands graphs to AOTAutograd with eager kernels instead: seconds faster."""
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx",
+                        lambda gm, example_inputs, **kwargs: aot_eager(gm, example_inputs))
+
+
+def test_a_pattern_matching_no_module_warns_once_naming_the_real_paths(without_inductor):
+    module, (x, keep) = CASES_BY_NAME["two_layers"].build()  # sites in modules "first" and "second"
+    compiled = torch.compile(module, backend=lrcompile.backend(Policy(include=("layers.*",), exclude=("first",))),
+                             dynamic=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x, keep)
+        compiled(x[:, :6], keep[:, :6])  # a second graph: no second warning
+    messages = [str(w.message) for w in caught if "matches no module" in str(w.message)]
+    assert len(messages) == 1
+    assert "include pattern 'layers.*'" in messages[0] and "'first'" in messages[0]
+
+
+def test_patterns_that_match_a_module_do_not_warn(without_inductor):
+    module, inputs = CASES_BY_NAME["two_layers"].build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(module, backend=lrcompile.backend(Policy(include=("f*",), exclude=("second",))))(*inputs)
+    assert not [w for w in caught if "matches no module" in str(w.message)]
+
+
+COMPILE_SETTINGS = [  # (backend, torch.compile keywords): each Inductor compile costs seconds
+    ("by_name", dict(mode="reduce-overhead")),
+    ("by_name", dict(mode="max-autotune-no-cudagraphs")),
+    ("by_name", dict(options={"epilogue_fusion": True, "max-autotune": False})),
+    ("with_policy", dict(mode="max-autotune-no-cudagraphs")),
+    ("with_policy", dict(options={"epilogue_fusion": True})),
+]
+
+
+@pytest.mark.parametrize("how, settings", COMPILE_SETTINGS, ids=lambda value: str(value))
+def test_torch_compile_mode_and_options_reach_inductor(how, settings, monkeypatch):
+    from torch._inductor import compile_fx as compile_fx_module
+
+    received = []
+    real_compile_fx = compile_fx_module.compile_fx
+
+    def recording_compile_fx(gm, example_inputs, **kwargs):
+        received.append(kwargs.get("config_patches") or {})
+        return real_compile_fx(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording_compile_fx)
+    module, inputs = NanoGptCausal().float().eval(), (torch.randn(2, 8, 16),)
+    backend = "lrcompile" if how == "by_name" else lrcompile.backend(Policy(degree=8, **FORCE))
+    compiled = torch.compile(module, backend=backend, **settings)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), module(*inputs), rtol=1e-4, atol=1e-4)
+
+    expected = (torch._inductor.list_mode_options(settings["mode"]) if "mode" in settings
+                else {key.replace("-", "_"): value for key, value in settings["options"].items()})
+    assert received[0] == expected  # compile_fx then calls itself, inside those patches, without them
+
+
+def test_an_unknown_inductor_option_is_named():
+    module, inputs = NanoGptCausal().float().eval(), (torch.randn(2, 8, 16),)
+    compiled = torch.compile(module, backend="lrcompile", options={"no_such_option": True})
+    with pytest.raises(Exception, match="unknown Inductor option 'no_such_option'"):
+        compiled(*inputs)

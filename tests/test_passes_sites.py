@@ -1,5 +1,6 @@
 """find_attention_sites: which sites are found in every spelling, and why some are kept."""
 
+import functools
 import math
 
 import pytest
@@ -143,3 +144,62 @@ def test_graph_without_shape_metadata_is_rejected_with_what_to_do():
 
     with pytest.raises(ValueError, match="no shape metadata.*ShapeProp"):
         find_attention_sites(gm)
+
+
+class _Attend(nn.Module):
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x)
+
+
+class _Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleDict({"attn": _Attend()}) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["attn"](x)
+        return x
+
+
+def _passing_arguments_through(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+    return wrapper
+
+
+class _WrappedLayers(_Layers):
+    forward = _passing_arguments_through(_Layers.forward)  # Dynamo names self L['args'][0]
+
+
+@pytest.mark.parametrize("how", ["module", "wrapped_forward", "function_argument", "keyword_argument"])
+def test_module_paths_are_named_modules_paths_however_the_model_is_reached(how):
+    model = _WrappedLayers() if how == "wrapped_forward" else _Layers()
+    call = {"module": model, "wrapped_forward": model,
+            "function_argument": lambda x, model=model: (lambda m, y: m(y))(model, x),
+            "keyword_argument": lambda x: (lambda **kwargs: kwargs["model"](kwargs["x"]))(model=model, x=x)}[how]
+    found = []
+
+    def backend(gm, example_inputs):
+        found.extend(find_attention_sites(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(call, backend=backend)(torch.randn(2, 4, 8))
+
+    assert [site.module_path for site in found] == ["layers.0.attn", "layers.1.attn"]
+    assert all(site.module_path in dict(model.named_modules()) for site in found)
+
+
+def test_a_sequential_compiled_as_the_root_names_its_children_by_index():
+    found = []
+
+    def backend(gm, example_inputs):
+        found.extend(find_attention_sites(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(nn.Sequential(_Attend(), _Attend()), backend=backend)(torch.randn(2, 4, 8))
+
+    assert [site.module_path for site in found] == ["0", "1"]

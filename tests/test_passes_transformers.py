@@ -144,3 +144,69 @@ def test_llama_replaced_by_sdpa_trains_through_inductor_like_eager():
     assert [site.supported for site in sites] == [True]
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module paths: exactly the names model.named_modules() gives, whatever wraps the forward
+
+
+def causal_lm(name, implementation):
+    """A tiny *ForCausalLM. Several of these decorate `forward` with a `(*args, **kwargs)` wrapper,
+    so Dynamo names the model `L['args'][0]` rather than `L['self']`."""
+    common = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
+                  attn_implementation=implementation, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+            attn_implementation=implementation))
+    if name == "falcon":
+        return transformers.FalconForCausalLM(transformers.FalconConfig(**common))
+    config, model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    }[name]
+    return model(config(num_key_value_heads=2, intermediate_size=64, **common))
+
+
+CAUSAL_LMS = [(name, implementation) for name in ("llama", "mistral", "qwen2", "phi3", "falcon", "gpt2")
+              for implementation in ("eager", "sdpa")]
+ATTENTION_PATHS = {  # layer 0's attention module in each model
+    "llama": "model.layers.0.self_attn", "mistral": "model.layers.0.self_attn", "qwen2": "model.layers.0.self_attn",
+    "phi3": "model.layers.0.self_attn", "falcon": "transformer.h.0.self_attention", "gpt2": "transformer.h.0.attn",
+}
+
+
+def compile_recording(model, inputs, backend_of_graph):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend_of_graph)(**inputs)
+
+
+@pytest.mark.parametrize("name, implementation", CAUSAL_LMS, ids=map("-".join, CAUSAL_LMS))
+def test_site_paths_are_the_models_named_modules_and_select_sites(name, implementation):
+    from lrcompile.compiler import rewrite_graph
+    from lrcompile.policy import Policy
+
+    torch.manual_seed(0)
+    model = causal_lm(name, implementation).eval()
+    modules = dict(model.named_modules())
+    first = ATTENTION_PATHS[name]
+    second = first.replace(".0.", ".1.")
+    layer_zero = first.rsplit(".", 1)[0] + ".*"
+    policies = {"include": Policy(include=(layer_zero,), cost_model=False),
+                "exclude": Policy(exclude=(layer_zero,), cost_model=False)}
+    sites, rewritten = [], {key: [] for key in policies}
+
+    def backend(gm, example_inputs):
+        sites.extend(find_attention_sites(gm))
+        for key, policy in policies.items():
+            rewritten[key] += [site.module_path for site in rewrite_graph(gm, example_inputs, policy).rewritten]
+        return gm.forward
+
+    compile_recording(model, token_inputs(with_mask=False), backend)
+
+    assert [site.module_path for site in sites] == [first, second]
+    assert all(site.module_path in modules for site in sites)
+    assert rewritten == {"include": [first], "exclude": [second]}

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 
 from lrcompile import cost
-from lrcompile.policy import Policy, decide
+from lrcompile.policy import Policy, decide, unmatched_patterns
 from lrcompile.polynomial import degree_for
 
 
@@ -173,3 +173,8 @@ def test_even_taylor_needs_no_range_but_odd_does():
 def test_causal_chunk_is_passed_to_the_op():
     decision = decide(site(causal=True), Policy(causal_chunk=64, cost_model=False))
     assert decision.lowrank_kwargs["chunk_size"] == 64
+
+
+def test_unmatched_patterns_are_those_matching_no_module_path():
+    policy = Policy(include=("h.*.attn", "layers.*"), exclude=("<root>", "h.1"))
+    assert unmatched_patterns(policy, {"", "h", "h.0", "h.0.attn"}) == ["layers.*", "h.1"]

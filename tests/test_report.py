@@ -65,3 +65,14 @@ def test_kept_sites_say_why():
 def test_model_without_attention_says_so():
     report = lrcompile.explain(nn.Linear(4, 4), torch.randn(2, 4))
     assert report.sites == [] and "no softmax-attention site" in str(report)
+
+
+def test_explain_reports_a_pattern_that_matches_no_module():
+    model, inputs = nanogpt(n=16, n_layer=1)
+    policy = lrcompile.Policy(include=("transformer.h.*.attn", "h.0.*"), exclude=("h.9.*",))
+    report = lrcompile.explain(model, *inputs, policy=policy)
+    assert report.unmatched_patterns == ["transformer.h.*.attn", "h.9.*"]
+    text = str(report)
+    assert "include pattern 'transformer.h.*.attn' matches no module path" in text
+    assert "exclude pattern 'h.9.*' matches no module path" in text
+    assert "'h.0.*' matches" not in text
