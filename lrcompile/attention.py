@@ -1,8 +1,10 @@
 """`lowrank_attention`: the public op, with the argument semantics of F.scaled_dot_product_attention.
 
-This module owns what a caller sees: argument checking, the layouts SDPA accepts (any leading
-batch dimensions, GQA heads), masks turned into key weights, dtypes, and the choice of
-polynomial. The arithmetic lives in `lrcompile.factored`.
+This module owns what a caller sees: argument checking, the layouts SDPA accepts (leading batch
+and head axes broadcast against each other, GQA heads), masks turned into key weights, rows with
+no key to attend to, dtypes, the memory budget of the feature states (`check_memory_budget`,
+also called by the policy), and the choice of polynomial. The arithmetic lives in
+`lrcompile.factored`.
 """
 
 from __future__ import annotations
