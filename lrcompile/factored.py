@@ -106,7 +106,9 @@ def factored_attention_backward(
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
     sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
-    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / denominator.unsqueeze(-1)
+    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / _safe(denominator).unsqueeze(-1)
+    # A fully masked row (D_i = 0) is the constant 0: nothing flows back from it.
+    g_hat = g_hat.masked_fill((denominator == 0).unsqueeze(-1), 0.0)
     dq, dk, dv, dw = sweeps.backward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight, g_hat, state)
     if not causal:
         dk = dk - _valid_mean_correction(dk, valid, valid_count)
@@ -160,6 +162,10 @@ def _valid_mean_correction(dk_centred, valid, valid_count):
     if valid is None:
         return dk_centred.mean(-2, keepdim=True)
     return valid * dk_centred.sum(-2, keepdim=True) / valid_count
+
+
+def _safe(denominator):
+    return denominator.masked_fill(denominator == 0, 1.0)
 
 
 def _append_ones(v):
@@ -254,7 +260,10 @@ class _Sweeps:
             out_hat, state = split_heads(self.non_causal_forward, rows, keys, weighted)
         out_hat = self.from_query_rows(out_hat, q.shape)  # (B, H, G, n_q, d_v + 1)
         denominator = out_hat[..., -1]
-        return out_hat[..., :-1] / denominator.unsqueeze(-1), denominator, state.unflatten(0, (batch, heads))
+        # D_i = 0 only where every key row i sees has weight 0 (fully masked): its numerator is 0
+        # too, and the row is 0, as SDPA gives for a query with no key to attend to.
+        out = out_hat[..., :-1] / _safe(denominator).unsqueeze(-1)
+        return out, denominator, state.unflatten(0, (batch, heads))
 
     def backward(self, q, k, v_hat, key_weight, g_hat, state):
         groups = q.shape[2]

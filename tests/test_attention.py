@@ -56,6 +56,8 @@ def run_case(case, dtype=torch.float64):
     shape = {key: case.pop(key) for key in ("heads", "kv_heads", "n_q", "n_k", "value_dim") if key in case}
     q, k, v = attention_inputs(score_range=1.0, dtype=dtype, **shape)
     mask = make_mask(case.pop("mask", None), q.shape[0], k.shape[-2])
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)  # SDPA takes a float mask in float32 or q's dtype only
     out = lowrank_attention(q, k, v, attn_mask=mask, **case)
     degree, approximation = case.get("degree", 2), case.get("approximation", "taylor")
     polynomial = exp_polynomial(degree, case.get("bound", 1.0), approximation)
@@ -237,8 +239,9 @@ def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
     [
         (dict(attn_mask=torch.ones(2, 3, 10, 10).tril().bool()), ValueError, "varies along the query axis"),
         (dict(attn_mask=torch.ones(2, 3, 1, 7)), ValueError, "does not broadcast"),
-        (dict(attn_mask=torch.ones(2, 3, 1, 10, dtype=torch.int64)), ValueError, "boolean or floating point"),
-        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(attn_mask=torch.ones(2, 3, 1, 10, dtype=torch.int64)), ValueError, "boolean, float32 or query's dtype"),
+        (dict(attn_mask=torch.ones(2, 3, 1, 10, dtype=torch.float64)), ValueError, "boolean, float32 or query's dtype"),
+        (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(degree=3, approximation="taylor", bound=5.0), ValueError, "not positive"),
         (dict(approximation="pade"), ValueError, "approximation"),
@@ -257,7 +260,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, message):
         (((2, 4, 8, 4), (2, 4, 8, 4), (2, 4, 9, 4)), {}, "same number of keys"),
         (((2, 4, 8, 4), (2, 2, 8, 4), (2, 2, 8, 4)), {}, "enable_gqa=True"),
         (((2, 4, 8, 4), (2, 3, 8, 4), (2, 3, 8, 4)), dict(enable_gqa=True), "multiple"),
-        (((2, 4, 8, 4), (2, 4, 0, 4), (2, 4, 0, 4)), {}, "at least one key"),
+        (((2, 4, 8, 4), (3, 4, 8, 4), (3, 4, 8, 4)), {}, "do not broadcast"),
     ],
 )
 def test_bad_shapes_raise_clear_errors(shapes, kwargs, message):
@@ -300,3 +303,141 @@ def test_cuda_agrees_with_the_float64_reference(name):
     expected = torch.autograd.grad(reference, inputs, grad_out)
     for a, b in zip(got, expected):
         assert max_error(a.cpu(), b) < 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_sdpa_positional_call_reads_dropout_p_then_is_causal():
+    q, k, v = attention_inputs(2, 2, 12, 12, 4, score_range=0.5, requires_grad=False)
+    out = lowrank_attention(q, k, v, None, 0.0, True, degree=8)  # SDPA's (attn_mask, dropout_p, is_causal)
+    torch.testing.assert_close(out, lowrank_attention(q, k, v, is_causal=True, degree=8))
+    assert max_error(out, exact_attention(q, k, v, is_causal=True)) < 1e-4
+    with pytest.raises(ValueError, match="dropout_p must be 0.0"):
+        lowrank_attention(q, k, v, None, 0.1)
+
+
+def test_nan_inputs_are_named_not_an_unasked_bound():
+    q, k, v = attention_inputs(1, 1, 6, 6, 4, requires_grad=False)
+    q[0, 0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="query or key holds NaN or inf"):
+        lowrank_attention(q, k, v, degree=3)
+
+
+def test_float_mask_requiring_grad_with_equal_query_rows_is_a_key_padding_mask():
+    q, k, v = attention_inputs(2, 2, 9, 9, 4, score_range=0.5)
+    leaf = make_mask("float", 2, 9).requires_grad_()
+    out = lowrank_attention(q, k, v, attn_mask=leaf.expand(2, 1, 9, 9), degree=8)
+    exact = exact_attention(q, k, v, attn_mask=leaf.expand(2, 1, 9, 9))
+    assert max_error(out, exact) < 1e-5
+    grad_out = torch.randn_like(exact)
+    got = torch.autograd.grad(out, (q, k, v, leaf), grad_out)
+    expected = torch.autograd.grad(exact, (q, k, v, leaf), grad_out)
+    for a, b in zip(got, expected):
+        assert max_error(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bool", "float_neg_inf"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fully_masked_rows_are_zero_with_finite_gradients_as_in_sdpa(kind, is_causal):
+    # score range 0.5; batch entry 0 left-padded by 4 (causally its first 4 rows see no key),
+    # batch entry 1 has no key at all (every row fully masked)
+    q, k, v = attention_inputs(2, 2, 10, 10, 4, score_range=0.5)
+    attend = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    attend[0, ..., :4] = False
+    attend[1] = False
+    mask = attend if kind == "bool" else torch.zeros(attend.shape, dtype=torch.float64).masked_fill(~attend, -math.inf)
+    out = lowrank_attention(q, k, v, attn_mask=mask, is_causal=is_causal, degree=8, chunk_size=3)
+    # float64 SDPA: zeros on fully masked rows; the pair (mask, is_causal) as one bool mask
+    causal = torch.ones(10, 10, dtype=torch.bool).tril() if is_causal else torch.ones(10, 10, dtype=torch.bool)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=attend & causal)
+    assert torch.isfinite(out).all()
+    assert out[1].abs().max() == 0
+    assert max_error(out, sdpa) < 1e-5
+    grad_out = torch.randn_like(sdpa)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = torch.autograd.grad(sdpa, (q, k, v), grad_out)
+    for a, b in zip(got, expected):
+        assert torch.isfinite(a).all() and max_error(a, b) < 1e-4
+
+
+def test_finfo_min_left_padding_averages_the_visible_keys_like_the_eager_spelling():
+    # softmax(x + finfo.min) rounds x away: a causal row whose visible keys are all padded is the
+    # plain average of their values, in the float64 reference as in the eager model. Range 0.5.
+    q, k, v = attention_inputs(2, 2, 8, 8, 4, score_range=0.5)
+    mask = torch.zeros(2, 1, 1, 8, dtype=torch.float64)
+    mask[0, ..., :3] = torch.finfo(torch.float32).min
+    out = lowrank_attention(q, k, v, attn_mask=mask, is_causal=True, degree=8)
+    exact = exact_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert max_error(out, exact) < 1e-5
+    torch.testing.assert_close(out[0, :, 1], v[0, :, :2].mean(-2))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, -1e4])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_zero_and_negative_scales_match_exact_attention(scale, is_causal):
+    q, k, v = attention_inputs(2, 2, 11, 11, 4, score_range=0.5)
+    s = abs(scale) or 1.0
+    q2, k2 = (t.detach() * math.sqrt(0.5 / s) for t in (q, k))  # |s q.k| <= 0.5 * 0.5 / range
+    q2.requires_grad_(), k2.requires_grad_()
+    out = lowrank_attention(q2, k2, v, is_causal=is_causal, scale=scale, degree=8)
+    exact = exact_attention(q2, k2, v, is_causal=is_causal, scale=scale)
+    assert max_error(out, exact) < 1e-5
+    grad_out = torch.randn_like(exact)
+    for a, b in zip(torch.autograd.grad(out, (q2, k2, v), grad_out), torch.autograd.grad(exact, (q2, k2, v), grad_out)):
+        assert max_error(a, b) < 1e-4 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("shapes", [
+    ((3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 4)),      # query with fewer leading axes (the OpInfo's case)
+    ((2, 1, 5, 4), (2, 3, 7, 4), (2, 3, 7, 4)),   # one query head
+    ((2, 3, 5, 4), (1, 1, 7, 4), (1, 1, 7, 4)),   # one key/value batch entry and head: shared state
+    ((2, 3, 5, 4), (2, 1, 7, 4), (1, 3, 7, 4)),   # key and value broadcast differently
+])
+def test_batch_and_head_axes_broadcast_as_in_sdpa(shapes):
+    q, k, v = (torch.randn(s, dtype=torch.float64) * 0.4 for s in shapes)  # |s q.k| <= ~0.5
+    out = lowrank_attention(q, k, v, degree=8)
+    sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert out.shape == sdpa.shape and max_error(out, sdpa) < 1e-5
+
+
+@pytest.mark.parametrize("shapes", [
+    ((0, 2, 5, 4), (0, 2, 7, 4)), ((2, 0, 5, 4), (2, 0, 7, 4)), ((2, 2, 0, 4), (2, 2, 7, 4)), ((2, 2, 5, 4), (2, 2, 0, 4)),
+])
+def test_empty_axes_give_sdpa_results_and_gradients(shapes):
+    q, k, v = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in (shapes[0], shapes[1], shapes[1]))
+    out = lowrank_attention(q, k, v, is_causal=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.shape == sdpa.shape and torch.equal(out, sdpa)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(sdpa.sum(), (q, k, v))):
+        assert torch.equal(a, b)
+
+
+def test_degree_whose_states_exceed_the_memory_budget_is_refused_before_allocating(monkeypatch):
+    from lrcompile import factored
+    from lrcompile.attention import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
+
+    def no_table(*args):
+        raise AssertionError("the monomial table was built before the budget check")
+
+    monkeypatch.setattr(factored, "monomial_table", no_table)
+    q, k, v = (torch.randn(1, 2, 16, 64) for _ in range(3))
+    with pytest.raises(MemoryBudgetError, match=r"degree 12 at head_dim 64 has r = C\(64\+12, 12\)") as error:
+        lowrank_attention(q, k, v, degree=12)
+    message = str(error.value)
+    assert f"{DEFAULT_MEMORY_BUDGET:,} bytes" in message and "the largest degree that fits is 4" in message
+
+
+def test_memory_budget_is_a_pure_function_of_shapes_and_a_keyword():
+    from lrcompile.attention import MemoryBudgetError, check_memory_budget, state_bytes
+
+    r = feature_dim(8, 2)  # 45
+    # float32: 2 heads x 45 features x (3 (d_v + 1) + 3 chunk) + the table
+    assert state_bytes(8, 8, 2, 2, 16, torch.float32) == 4 * 2 * r * (3 * 9 + 3 * 16) + 400 * r
+    needed = check_memory_budget(8, 8, 2, 2, 16, torch.float32, budget=10**6)
+    assert needed == state_bytes(8, 8, 2, 2, 16, torch.float32)
+    with pytest.raises(MemoryBudgetError, match="no degree fits"):
+        check_memory_budget(8, 8, 2, 2, 16, torch.float32, budget=1000)
+    q, k, v = attention_inputs(1, 2, 16, 16, 8, requires_grad=False)
+    with pytest.raises(MemoryBudgetError, match="the largest degree that fits is 1"):
+        lowrank_attention(q, k, v, degree=3, bound=1.0, memory_budget=state_bytes(8, 8, 1, 2, 16, torch.float64))
+    lowrank_attention(q, k, v, degree=2, memory_budget=state_bytes(8, 8, 2, 2, 16, torch.float64))
