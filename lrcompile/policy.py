@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from lrcompile import cost, native
-from lrcompile.attention import default_chunk_size
+from lrcompile.attention import MemoryBudgetError, check_memory_budget, default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
 from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
@@ -38,6 +38,7 @@ class Policy:
     cost_model: bool = True  # False: rewrite every eligible site, even where exact is cheaper
     max_error: float = 0.01  # largest estimated output error a call may have (lrcompile.guard)
     on_inaccurate: str = "exact"  # "exact" | "warn" | "error" | "allow": what a call above max_error does
+    memory_budget: int | None = None  # bytes a site's feature states may take; None: DEFAULT_MEMORY_BUDGET
 
     def __post_init__(self):
         for name in ("include", "exclude"):
@@ -56,6 +57,10 @@ class Policy:
             if getattr(self, name) is not None:
                 _check_type(name, getattr(self, name), (int, float), "a number or None")
         _check_type("max_error", self.max_error, (int, float), "a number")
+        if self.memory_budget is not None:
+            _check_type("memory_budget", self.memory_budget, (int, float), "a number of bytes or None")
+            if not 0 < self.memory_budget < math.inf:
+                raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget!r}")
         if not 0 <= self.max_error < math.inf:
             raise ValueError(f"max_error must be a finite number >= 0, got {self.max_error!r}")
         if self.on_inaccurate not in ON_INACCURATE:
@@ -136,6 +141,11 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     batch_heads = math.prod(q_shape[:-2])
     kv_ratio = math.prod(k_shape[:-2]) / batch_heads
     decision.chunk_size = chunk
+    try:
+        check_memory_budget(head_dim, value_dim, degree, math.prod(k_shape[:-2]), chunk, budget=policy.memory_budget)
+    except MemoryBudgetError as error:
+        decision.rewrite, decision.reason = False, str(error)
+        return decision
     decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
     decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
     if policy.cost_model:
@@ -145,7 +155,7 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
             return decision
     decision.lowrank_kwargs = dict(degree=degree, approximation=policy.approximation, bound=score_range,
                                    chunk_size=chunk, max_error=policy.max_error, on_inaccurate=policy.on_inaccurate,
-                                   site_label=site_label(site))
+                                   site_label=site_label(site), memory_budget=policy.memory_budget)
     return decision
 
 
@@ -199,6 +209,8 @@ def _choose_degree(policy: Policy, score_range: float | None) -> Decision:
     except NotPositiveError:
         return Decision(False, f"the {approximation} polynomial of degree {degree} is not positive on the "
                                f"score range [-{score_range:.3g}, {score_range:.3g}]")
+    except ValueError as error:  # coefficients beyond float64 on very wide ranges
+        return Decision(False, f"score range {score_range:.3g} too wide: {error}")
     if policy.tolerance is not None and polynomial.relative_error > policy.tolerance:
         return Decision(False, f"error bound {polynomial.relative_error:.2g} at score range {score_range:.3g} "
                                f"exceeds tolerance {policy.tolerance:g}")

@@ -71,6 +71,20 @@ def test_rewritten_sites_carry_the_guard_settings_and_their_label():
     assert decision.lowrank_kwargs["site_label"] == "h.0.attn:softmax"
 
 
+def test_sites_whose_feature_states_exceed_the_memory_budget_are_kept_with_the_degree_that_fits():
+    decision = decide(site(d=32), Policy(degree=8, cost_model=False))  # r = C(40, 8) = 76,904,685
+    assert not decision.rewrite
+    assert "r = C(32+8, 8)" in decision.reason and "largest degree that fits" in decision.reason
+    small = decide(site(d=32), Policy(degree=2, cost_model=False, memory_budget=1000))
+    assert not small.rewrite and "memory budget of 1,000 bytes" in small.reason
+    assert decide(site(d=32), Policy(degree=2, cost_model=False)).lowrank_kwargs["memory_budget"] is None
+
+
+def test_very_wide_ranges_keep_the_site_instead_of_failing():
+    decision = decide(site(), Policy(degree=16, approximation="chebyshev", bound=900.0, cost_model=False))
+    assert not decision.rewrite and "too wide" in decision.reason
+
+
 def test_a_single_pattern_string_is_accepted():
     assert Policy(include="h.*.attn").include == ("h.*.attn",)
 
@@ -134,7 +148,7 @@ def test_crossover_falls_with_head_dim_and_rises_with_degree():
 
 def test_auto_degree_is_the_smallest_meeting_the_tolerance_for_the_measured_range():
     policy = Policy(degree="auto", tolerance=1e-3, cost_model=False)
-    decision = decide(site(), policy, measured_range=1.5)
+    decision = decide(site(d=8), policy, measured_range=1.5)  # degree 8: r = C(16, 8) fits; d = 64 would not
     assert decision.rewrite and decision.degree == degree_for(1e-3, 1.5, "taylor")
     assert decision.lowrank_kwargs["bound"] == 1.5
 
