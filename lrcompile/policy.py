@@ -1,7 +1,8 @@
 """`Policy`: what the user decides, and `decide`: the per-site decision it implies (DESIGN section 6).
 
 Order, per site: include/exclude -> supported? -> key length >= min_seq_len -> degree (fixed, or
-"auto" from tolerance and bound) -> cost model -> rewrite. Conditions on sequence lengths are
+"auto" from tolerance and bound) -> feature states fit memory_budget -> cost model -> rewrite (with
+the accuracy guard's max_error and on_inaccurate, applied per call by lrcompile.guard). Conditions on sequence lengths are
 evaluated on the graph's sizes; when those are symbolic (dynamic shapes), evaluating them installs
 a guard, so a new shape on the other side of the threshold recompiles instead of taking the
 wrong path.
