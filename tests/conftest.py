@@ -17,3 +17,11 @@ def max_error(a, b):
 def _deterministic_threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after: each compile in the test starts from nothing."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

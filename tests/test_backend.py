@@ -21,11 +21,7 @@ FORCE = dict(cost_model=False, on_inaccurate="allow")  # every eligible site, co
 HIGH_DEGREE_ERROR = exp_polynomial(8, 1.5).relative_error  # about 1e-6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def traced_backend(policy, calls=None):

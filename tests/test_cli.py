@@ -5,11 +5,7 @@ from lrcompile.cli import main
 from lrcompile.models import load_model
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_explain_prints_the_site_table(capsys):

@@ -15,11 +15,7 @@ LENGTHS = (64, 128, 300, 96, 512)
 MIN_SEQ_LEN = 256
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class Attend(nn.Module):

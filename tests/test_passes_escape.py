@@ -13,11 +13,7 @@ from passes import find_attention_sites, replace_attention_site
 POLICY = Policy(degree=4, cost_model=False)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class RecordsScores(nn.Module):

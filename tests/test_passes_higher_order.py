@@ -27,11 +27,7 @@ TOLERANCE = 1e-3
 checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class CheckpointedGPT(nn.Module):

@@ -9,11 +9,7 @@ from lrcompile.features import feature_dim
 from lrcompile.models import gpt2, nanogpt
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_explain_gpt2_reports_each_site_with_its_numbers():
