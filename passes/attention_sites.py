@@ -26,6 +26,8 @@ Each site carries a `Replacement` plan (canonical q/k/v recipes, mask terms, sca
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +46,7 @@ from passes.graph_walk import (
 from passes.head_repeat import broadcast_heads, head_repeat
 from passes.higher_order import Body, bodies
 from passes.masks import (
-    ADDITIVE, ATTEND, MASKED, SUBTRACTED, MaskClassification, MaskTerm, classify_mask, is_very_negative,
+    ADDITIVE, ATTEND, MASKED, SUBTRACTED, MaskClassification, MaskTerm, classify_mask, is_very_negative, removal_fill,
 )
 
 
@@ -224,7 +226,7 @@ def _subtract_steps(node, bound, folder):
 
 def _masked_fill_steps(node, bound, folder):
     if is_very_negative(bound["value"], folder):
-        return [(bound["input"], _Step(mask=MaskTerm(bound["mask"], MASKED)))]
+        return [(bound["input"], _Step(mask=MaskTerm(bound["mask"], MASKED, _replacing_fill(bound["value"], folder))))]
     return [(bound["input"], _Step(unsupported=f"masked_fill sets scores to {bound['value']!r}, not to a "
                                                "very negative value (not a mask)"))]
 
@@ -234,10 +236,18 @@ def _where_steps(node, bound, folder):
         return []
     condition, kept, removed = bound["condition"], bound["input"], bound["other"]
     if is_very_negative(removed, folder) and _full_shape(kept, node):
-        return [(kept, _Step(mask=MaskTerm(condition, ATTEND)))]
+        return [(kept, _Step(mask=MaskTerm(condition, ATTEND, _replacing_fill(removed, folder))))]
     if is_very_negative(kept, folder) and _full_shape(removed, node):
-        return [(removed, _Step(mask=MaskTerm(condition, MASKED)))]
+        return [(removed, _Step(mask=MaskTerm(condition, MASKED, _replacing_fill(kept, folder))))]
     return []
+
+
+def _replacing_fill(value, folder):
+    """The fill of a mask that replaces scores (masked_fill / where on the scores): a finite one
+    sets every removed score to the same value, whatever the score, so a row that removes every
+    key is a plain average. As an additive mask that is the most negative float (the replacement
+    clamps it to the mask's dtype), which rounds every score away as the replacement did."""
+    return None if removal_fill(value, folder) is None else -sys.float_info.max
 
 
 # Read top to bottom: the first rule whose spelling matches says where the scores came from.

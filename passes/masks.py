@@ -26,6 +26,8 @@ sizes of the same symbols; the classification must agree at every size that can 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +56,18 @@ SUBTRACTED = "subtracted"  # float, subtracted from the scores
 class MaskTerm:
     node: Any  # a graph node (or a Python number for literal terms)
     form: str  # ATTEND | MASKED | ADDITIVE | SUBTRACTED
+    # ATTEND / MASKED: the finite score a removed key gets (masked_fill(~keep, finfo.min)), or None
+    # for -inf. A row whose every key is removed by a finite fill averages its values, by -inf is
+    # empty: the replacement must keep that difference, so it passes a finite fill as a float mask.
+    fill: float | None = None
 
     def negated(self) -> "MaskTerm":
         flipped = {ATTEND: MASKED, MASKED: ATTEND, ADDITIVE: SUBTRACTED, SUBTRACTED: ADDITIVE}
-        return MaskTerm(self.node, flipped[self.form])
+        return MaskTerm(self.node, flipped[self.form], self.fill)
+
+    def on(self, node: Any) -> "MaskTerm":
+        """The same term on another node (its input through a cast, broadcast or call)."""
+        return MaskTerm(node, self.form, self.fill)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,20 @@ def is_very_negative(value: Any, folder: ConstantFolder) -> bool:
         if isinstance(computed, torch.Tensor) and computed.is_floating_point():
             return bool((computed <= MASKED_BELOW).all())
     return False
+
+
+def removal_fill(value: Any, folder: ConstantFolder) -> float | None:
+    """The finite value a very negative fill writes (a number, or a constant tensor of one value);
+    None for -inf, or when it cannot be read."""
+    if isinstance(value, torch.fx.Node) and folder.is_constant(value):
+        try:
+            value = torch.as_tensor(folder.evaluate(value))
+        except CannotEvaluate:
+            return None
+        if value.numel() == 0 or not bool((value == value.flatten()[0]).all()):
+            return None
+        value = value.flatten()[0].item()
+    return float(value) if is_number(value) and math.isfinite(value) else None
 
 
 def _is_zero(value: Any, folder: ConstantFolder) -> bool:
@@ -109,8 +133,8 @@ def _split(term: MaskTerm, folder: ConstantFolder) -> list[MaskTerm]:
     # calls pass. Leaves left in the enclosing graph are imported into the body on replacement.
     passed = folder.bound_value(node)
     if passed is not None:
-        leaves = _split(MaskTerm(passed, term.form), folder)
-        if leaves != [MaskTerm(passed, term.form)]:
+        leaves = _split(term.on(passed), folder)
+        if leaves != [term.on(passed)]:
             return leaves
     if term.form in (ATTEND, MASKED):
         return _split_boolean(term, folder)
@@ -120,14 +144,13 @@ def _split(term: MaskTerm, folder: ConstantFolder) -> list[MaskTerm]:
 def _split_boolean(term: MaskTerm, folder: ConstantFolder) -> list[MaskTerm]:
     node = term.node
     if (bound := match(node, BROADCAST)) or (bound := _bool_cast(node)):
-        return _split(MaskTerm(bound["input"], term.form), folder)
+        return _split(term.on(bound["input"]), folder)
     if bound := match(node, LOGICAL_NOT):
-        return _split(MaskTerm(bound["input"], term.form).negated(), folder)
+        return _split(term.on(bound["input"]).negated(), folder)
     # attend = a AND b; masked = a OR b (De Morgan: the masked set of an AND is the OR of masked sets).
     joins = LOGICAL_AND if term.form == ATTEND else LOGICAL_OR
     if (bound := match(node, joins)) and _all_bool(bound["input"], bound["other"]):
-        return _split(MaskTerm(bound["input"], term.form), folder) + _split(
-            MaskTerm(bound["other"], term.form), folder)
+        return _split(term.on(bound["input"]), folder) + _split(term.on(bound["other"]), folder)
     return [term]
 
 
@@ -147,11 +170,12 @@ def _split_additive(term: MaskTerm, folder: ConstantFolder) -> list[MaskTerm]:
             condition, kept, removed = where["condition"], where["input"], where["other"]
             # where(c, x, -inf) == x + where(c, 0, -inf): c attends, x is an additive bias.
             if is_very_negative(removed, folder):
-                return _split(MaskTerm(condition, ATTEND), folder) + _bias(kept, folder)
+                return _split(MaskTerm(condition, ATTEND, removal_fill(removed, folder)), folder) + _bias(kept, folder)
             if is_very_negative(kept, folder):
-                return _split(MaskTerm(condition, MASKED), folder) + _bias(removed, folder)
+                return _split(MaskTerm(condition, MASKED, removal_fill(kept, folder)), folder) + _bias(removed, folder)
         if (fill := match(node, MASKED_FILL)) and is_very_negative(fill["value"], folder):
-            return _split(MaskTerm(fill["mask"], MASKED), folder) + _bias(fill["input"], folder)
+            masked = MaskTerm(fill["mask"], MASKED, removal_fill(fill["value"], folder))
+            return _split(masked, folder) + _bias(fill["input"], folder)
     return [term]
 
 

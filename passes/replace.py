@@ -78,7 +78,7 @@ def replace_attention_site(gm: torch.fx.GraphModule, site: AttentionSite, attent
 
 
 def _with_node(term: MaskTerm, node: Any) -> MaskTerm:
-    return term if node is term.node else MaskTerm(node, term.form)
+    return term if node is term.node else term.on(node)
 
 
 def _current(node: Any) -> Any:
@@ -123,7 +123,14 @@ def _key_padding_mask(graph: torch.fx.Graph, plan: Replacement, dtype: torch.dty
     booleans, additive, additive_dtypes = [], [], []
     for term in plan.mask_terms:
         node = _current(term.node)
-        if term.form == ATTEND:
+        if term.form in (ATTEND, MASKED) and term.fill is not None:
+            # a finite fill stays a float mask: a row that removes every key averages, as eager does
+            mask_dtype = dtype if dtype is not None else torch.get_default_dtype()
+            fill = graph.call_function(torch.tensor, (max(term.fill, torch.finfo(mask_dtype).min),), {"dtype": mask_dtype})
+            kept, removed = (0.0, fill) if term.form == ATTEND else (fill, 0.0)
+            additive.append(graph.call_function(torch.where, (node, kept, removed)))
+            additive_dtypes.append(mask_dtype)
+        elif term.form == ATTEND:
             booleans.append(node)
         elif term.form == MASKED:
             booleans.append(graph.call_function(operator.invert, (node,)))

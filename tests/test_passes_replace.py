@@ -200,3 +200,41 @@ def test_attention_fn_receives_canonical_tensors_mask_and_extra_kwargs(name, exp
             assert call[key] == pytest.approx(value)
         else:
             assert (tuple(call[key]) if key in "qkv" else call[key]) == value, key
+
+
+class FiniteFillAttention(torch.nn.Module):
+    """Key padding written as many models write it: the removed scores set to a finite value."""
+
+    def __init__(self, fill, additive):
+        super().__init__()
+        self.fill, self.additive = fill, additive
+
+    def forward(self, q, k, v, keep):
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if self.additive:  # transformers: scores + where(keep, 0, finfo.min)
+            scores = scores + torch.zeros_like(scores[:, :1, :1]).masked_fill(~keep, self.fill)
+        else:  # scores.masked_fill(~keep, -1e9)
+            scores = scores.masked_fill(~keep, self.fill)
+        return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("fill, additive", [(-1e9, False), (torch.finfo(torch.float64).min, True)])
+def test_a_finite_fill_that_removes_every_key_averages_the_values_as_the_original_does(fill, additive):
+    """A row whose keys are all removed by a finite fill is the plain average of the values in the
+    original graph (its scores are all the fill), not an empty row: the replacement passes a float
+    mask that keeps that, where a boolean one would give zeros."""
+    import lrcompile
+
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(2, 2, 6, 8, dtype=torch.float64, generator=generator) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[0, ..., 4:] = False
+    keep[1] = False  # a whole sequence of padding
+    module = FiniteFillAttention(fill, additive)
+    policy = lrcompile.Policy(degree=6, cost_model=False, on_inaccurate="allow")
+    with torch.no_grad():
+        got = torch.compile(module, backend=lrcompile.backend(policy))(q, k, v, keep)
+        expected = module(q, k, v, keep)
+    torch.testing.assert_close(expected[1], v[1].mean(-2, keepdim=True).expand_as(expected[1]))
+    assert (got - expected).abs().max().item() < 1e-6  # degree 6 on scores within 0.3
