@@ -78,6 +78,41 @@ def _load_rows(ptr, rows, row_mask, width, WIDTH: tl.constexpr):
     return tl.load(ptr + columns[None, :], mask=row_mask[:, None] & (columns[None, :] < width), other=0.0).to(tl.float32)
 
 
+# A state (BH, d (d + 1) + 1, d_v + 1) is read and written one a-slice at a time: rows a d + b,
+# b < d, as a (D, DV) value tile and its (D,) denominator column; the constant row separately.
+
+
+@triton.jit
+def _load_slice(state_ptr, a, d, d_v, D: tl.constexpr, DV: tl.constexpr):
+    columns, values = tl.arange(0, D), tl.arange(0, DV)
+    feature_rows = (a * d + columns) * (d_v + 1)
+    slice_v = tl.load(state_ptr + feature_rows[:, None] + values[None, :],
+                      mask=(columns[:, None] < d) & (values[None, :] < d_v), other=0.0)
+    slice_1 = tl.load(state_ptr + feature_rows + d_v, mask=columns < d, other=0.0)
+    return slice_v, slice_1
+
+
+@triton.jit
+def _load_constant(state_ptr, d, d_v, DV: tl.constexpr):
+    values = tl.arange(0, DV)
+    constant_row = state_ptr + d * (d + 1) * (d_v + 1)
+    return (tl.load(constant_row + values, mask=values < d_v, other=0.0),
+            tl.load(constant_row + d_v + tl.arange(0, 1)))
+
+
+@triton.jit
+def _store_slice(state_ptr, a, d, d_v, slice_v, slice_1, constant_v, constant_1, D: tl.constexpr, DV: tl.constexpr):
+    """Slice a; the program with a = d also writes the constant row."""
+    columns, values = tl.arange(0, D), tl.arange(0, DV)
+    feature_rows = (a * d + columns) * (d_v + 1)
+    tl.store(state_ptr + feature_rows[:, None] + values[None, :], slice_v,
+             mask=(columns[:, None] < d) & (values[None, :] < d_v))
+    tl.store(state_ptr + feature_rows + d_v, slice_1, mask=columns < d)
+    constant_row = state_ptr + d * (d + 1) * (d_v + 1)
+    tl.store(constant_row + values, constant_v, mask=(values < d_v) & (values * 0 + a == d))
+    tl.store(constant_row + d_v + tl.arange(0, 1), constant_1, mask=tl.arange(0, 1) + a == d)
+
+
 @triton.jit
 def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v,
                   stride_x_head, stride_x_row, stride_y_head, stride_y_row, stride_state_head,
@@ -91,7 +126,6 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v,
     head, a = tl.program_id(0), tl.program_id(1)
     x_ptr += head * stride_x_head
     y_ptr += head * stride_y_head
-    columns, values = tl.arange(0, D), tl.arange(0, DV)
     slice_v = tl.zeros((D, DV), dtype=tl.float32)
     slice_1 = tl.zeros((D,), dtype=tl.float32)
     constant_v = tl.zeros((DV,), dtype=tl.float32)
@@ -108,16 +142,7 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v,
         slice_1 += tl.sum(features * y_1[:, None], axis=0)
         constant_v += tl.sum(y_v, axis=0)
         constant_1 += tl.sum(y_1, axis=0)
-    state_ptr += head * stride_state_head
-    stride_state_row = d_v + 1
-    feature_rows = a * d + columns
-    store_mask = columns < d
-    tl.store(state_ptr + feature_rows[:, None] * stride_state_row + values[None, :], slice_v,
-             mask=store_mask[:, None] & (values[None, :] < d_v))
-    tl.store(state_ptr + feature_rows * stride_state_row + d_v, slice_1, mask=store_mask)
-    constant_row = state_ptr + (d * (d + 1)) * stride_state_row
-    tl.store(constant_row + values, constant_v, mask=(values < d_v) & (values * 0 + a == d))
-    tl.store(constant_row + d_v + tl.arange(0, 1), constant_1, mask=tl.arange(0, 1) + a == d)
+    _store_slice(state_ptr + head * stride_state_head, a, d, d_v, slice_v, slice_1, constant_v, constant_1, D, DV)
 
 
 @triton.jit
@@ -142,7 +167,6 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
     columns, values = tl.arange(0, D), tl.arange(0, DV)
     x_ptr += head * stride_x_head
     state_ptr += head * stride_state_head
-    stride_state_row = d_v + 1
     x = _load_rows(x_ptr + rows[:, None] * stride_x_row, rows, row_mask, d, D)
     if GRADIENT:
         y_ptr += head * stride_y_head
@@ -154,11 +178,7 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
     for a in range(0, d + 1):
         coefficient = tl.where(a < d, c2, c1)
         m = tl.load(x_ptr + rows * stride_x_row + a, mask=row_mask & (rows * 0 + a < d), other=1.0).to(tl.float32)
-        feature_rows = a * d + columns
-        slice_mask = columns < d
-        t_v = tl.load(state_ptr + feature_rows[:, None] * stride_state_row + values[None, :],
-                      mask=slice_mask[:, None] & (values[None, :] < d_v), other=0.0)
-        t_1 = tl.load(state_ptr + feature_rows * stride_state_row + d_v, mask=slice_mask, other=0.0)
+        t_v, t_1 = _load_slice(state_ptr, a, d, d_v, D, DV)
         if STORE_U:
             features = (coefficient * m)[:, None] * x
             u_v += tl.dot(features, t_v, input_precision="ieee")
@@ -170,9 +190,9 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
             own = (columns == a) & (columns * 0 + a < d)
             dx += tl.where(own[None, :], tl.sum(d_features * x, axis=1)[:, None], 0.0)
     if STORE_U:
-        constant_row = state_ptr + (d * (d + 1)) * stride_state_row
-        u_v += c0 * tl.load(constant_row + values, mask=values < d_v, other=0.0)[None, :]
-        u_1 += c0 * tl.sum(tl.load(constant_row + d_v + tl.arange(0, 1)), axis=0)
+        t0_v, t0_1 = _load_constant(state_ptr, d, d_v, DV)
+        u_v += c0 * t0_v[None, :]
+        u_1 += c0 * tl.sum(t0_1, axis=0)
         u_ptr += head * stride_u_head
         tl.store(u_ptr + rows[:, None] * stride_u_row + values[None, :], u_v,
                  mask=row_mask[:, None] & (values[None, :] < d_v))
@@ -181,6 +201,117 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
         dx_ptr += head * stride_dx_head
         tl.store(dx_ptr + rows[:, None] * stride_dx_row + columns[None, :], dx,
                  mask=row_mask[:, None] & (columns[None, :] < d))
+
+
+# ---- causal -------------------------------------------------------------------------------------
+# Query position i sees key position j iff chunk(i) C <= j <= i inside the block, and every j of
+# an earlier chunk through the state; keys at positions >= n_q are never seen (SDPA's top-left
+# alignment, as in lrcompile.factored). Causal rows are laid out (BH, G, n, e).
+
+
+@triton.jit
+def _polynomial_block(q, k, rows, keys, n_k, chunk_size, c0, c1, c2):
+    """(X, visible) for a (BLOCK_M, BLOCK_N) tile: X = q' k'^T, visible the in-chunk causal mask."""
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    first = rows // chunk_size * chunk_size
+    visible = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= first[:, None]) & (keys[None, :] < n_k)
+    return scores, visible
+
+
+@triton.jit
+def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_size, c0, c1, c2,
+                          stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
+                          stride_w_head, stride_w_row, stride_o_head, stride_o_group, stride_o_row,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """O^_i = sum_{chunk(i) C <= j <= i} P(q'_i . k'_j) W^_j: the in-chunk block, applied directly.
+
+    Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), k (BLOCK_N, D), X and P(X)
+    (BLOCK_M, BLOCK_N), W^ (BLOCK_N, DV) + (BLOCK_N,); the rows' keys start at their chunk's
+    first position, so at most C + BLOCK_M keys are visited. Stores O^ (plain store: this kernel
+    runs first and the sweep adds the earlier chunks' share).
+    """
+    head, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_q
+    values = tl.arange(0, DV)
+    q_ptr += head * stride_q_head + group * stride_q_group
+    k_ptr += head * stride_k_head
+    w_ptr += head * stride_w_head
+    q = _load_rows(q_ptr + rows[:, None] * stride_q_row, rows, row_mask, d, D)
+    out_v = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
+    out_1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first_key = block * BLOCK_M // chunk_size * chunk_size
+    last_key = tl.minimum((block + 1) * BLOCK_M, n_k)
+    for start in range(first_key, last_key, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < n_k
+        k = _load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
+        w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
+        w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+        scores, visible = _polynomial_block(q, k, rows, keys, n_k, chunk_size, c0, c1, c2)
+        block_weights = tl.where(visible, c0 + scores * (c1 + scores * c2), 0.0)
+        out_v += tl.dot(block_weights, w_v, input_precision="ieee")
+        out_1 += tl.sum(block_weights * w_1[None, :], axis=1)
+    out_ptr += head * stride_o_head + group * stride_o_group
+    tl.store(out_ptr + rows[:, None] * stride_o_row + values[None, :], out_v,
+             mask=row_mask[:, None] & (values[None, :] < d_v))
+    tl.store(out_ptr + rows * stride_o_row + d_v, out_1, mask=row_mask)
+
+
+@triton.jit
+def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, groups, d, d_v, chunk_size,
+                          c0, c1, c2, stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
+                          stride_w_head, stride_w_row, stride_o_head, stride_o_group, stride_o_row, stride_state_head,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """O^_i += sum_{f in slice a} c_f feat_f(q'_i) S_<c,f  for i in chunk c;  S_<c+1 = S_<c + sum_{j in c} feat(k'_j)^T W^_j.
+
+    Grid (BH, d + 1): program (h, a) walks the chunks in order holding slice a of the running
+    state, (D, DV) + (D,) (a = d also the constant feature); query tiles q (BLOCK_M, D) of every
+    group, key tiles k (BLOCK_N, D) with W^ (BLOCK_N, DV) + (BLOCK_N,). The d + 1 programs of a
+    head each add their share to O^ atomically. Stores the final state, all keys j < min(n_q, n_k).
+    """
+    head, a = tl.program_id(0), tl.program_id(1)
+    values = tl.arange(0, DV)
+    q_ptr += head * stride_q_head
+    k_ptr += head * stride_k_head
+    w_ptr += head * stride_w_head
+    out_ptr += head * stride_o_head
+    coefficient = tl.where(a < d, c2, c1)
+    constant = tl.where(a == d, c0, 0.0)  # the a = d program also carries the constant feature
+    slice_v = tl.zeros((D, DV), dtype=tl.float32)
+    slice_1 = tl.zeros((D,), dtype=tl.float32)
+    constant_v = tl.zeros((DV,), dtype=tl.float32)
+    constant_1 = tl.zeros((1,), dtype=tl.float32)
+    for chunk_start in range(0, n_q, chunk_size):
+        chunk_end = tl.minimum(chunk_start + chunk_size, n_q)
+        for group in range(0, groups):
+            for start in range(chunk_start, chunk_end, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_mask = rows < chunk_end
+                row_ptr = q_ptr + group * stride_q_group + rows * stride_q_row
+                q = _load_rows(row_ptr[:, None], rows, row_mask, d, D)
+                m = tl.load(row_ptr + a, mask=row_mask & (rows * 0 + a < d), other=1.0).to(tl.float32)
+                features = (coefficient * m)[:, None] * q
+                share_v = tl.dot(features, slice_v, input_precision="ieee") + constant * constant_v[None, :]
+                share_1 = tl.sum(features * slice_1[None, :], axis=1) + constant * tl.sum(constant_1, axis=0)
+                out_rows = out_ptr + group * stride_o_group + rows * stride_o_row
+                tl.atomic_add(out_rows[:, None] + values[None, :], share_v,
+                              mask=row_mask[:, None] & (values[None, :] < d_v))
+                tl.atomic_add(out_rows + d_v, share_1, mask=row_mask)
+        key_end = tl.minimum(chunk_end, n_k)
+        for start in range(chunk_start, key_end, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            key_mask = keys < key_end
+            k = _load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
+            m = tl.load(k_ptr + keys * stride_k_row + a, mask=key_mask & (keys * 0 + a < d), other=1.0).to(tl.float32)
+            w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
+            w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+            features = m[:, None] * k
+            slice_v += tl.dot(tl.trans(features), w_v, input_precision="ieee")
+            slice_1 += tl.sum(features * w_1[:, None], axis=0)
+            constant_v += tl.sum(w_v, axis=0)
+            constant_1 += tl.sum(w_1, axis=0)
+    _store_slice(state_ptr + head * stride_state_head, a, d, d_v, slice_v, slice_1, constant_v, constant_1, D, DV)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -259,7 +390,7 @@ def forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size, block_
     q_rows, k_rows, weighted, _, _, _ = _prepare(q, k, v, key_weight, scale, causal)
     q_rows, k_rows, weighted = q_rows.flatten(0, 1), k_rows.flatten(0, 1), weighted.flatten(0, 1)
     if causal:
-        raise NotImplementedError("causal")  # next commit
+        out_hat, state = _causal_forward(q_rows, k_rows, weighted, d, d_v, polynomial, chunk_size, block)
     else:
         state = _features_state(k_rows, weighted, d, d_v, block)
         out_hat = _apply_state(q_rows.flatten(1, 2), state, None, d, d_v, polynomial, block)[0]
@@ -267,3 +398,19 @@ def forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size, block_
     denominator = out_hat[..., d_v]
     out = out_hat[..., :d_v] / denominator.unsqueeze(-1)
     return out.to(q.dtype), denominator.contiguous(), state.unflatten(0, (batch, heads))
+
+
+def _causal_forward(q_rows, k_rows, weighted, d, d_v, polynomial, chunk_size, block):
+    """O^ (BH, G, n_q, d_v + 1) and the state of all keys j < min(n_q, n_k), for q' (BH, G, n_q, d)."""
+    heads, groups, n_q = q_rows.shape[:3]
+    n_k = k_rows.shape[1]
+    out_hat = q_rows.new_empty(heads, groups, n_q, d_v + 1, dtype=torch.float32)
+    state = q_rows.new_empty(heads, state_rows(d), d_v + 1, dtype=torch.float32)
+    common = dict(BLOCK_M=block, BLOCK_N=block, D=_tile(d), DV=_tile(d_v))
+    strides = (*q_rows.stride()[:3], *k_rows.stride()[:2], *weighted.stride()[:2], *out_hat.stride()[:3])
+    wrap_triton(_block_forward_kernel)[(heads, groups, triton.cdiv(n_q, block))](
+        q_rows, k_rows, weighted, out_hat, n_q, n_k, d, d_v, chunk_size, *polynomial, *strides, **common)
+    wrap_triton(_sweep_forward_kernel)[(heads, d + 1)](
+        q_rows, k_rows, weighted, out_hat, state, n_q, n_k, groups, d, d_v, chunk_size, *polynomial,
+        *strides, state.stride(0), **common)
+    return out_hat, state
