@@ -186,9 +186,7 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
         if GRADIENT:
             d_features = coefficient * (tl.dot(y_v, tl.trans(t_v), input_precision="ieee")
                                         + y_1[:, None] * t_1[None, :])  # (BLOCK_N, D)
-            dx += m[:, None] * d_features
-            own = (columns == a) & (columns * 0 + a < d)
-            dx += tl.where(own[None, :], tl.sum(d_features * x, axis=1)[:, None], 0.0)
+            dx += _feature_gradient(x, m, d_features, a, d, D)
     if STORE_U:
         t0_v, t0_1 = _load_constant(state_ptr, d, d_v, DV)
         u_v += c0 * t0_v[None, :]
@@ -210,11 +208,12 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
 
 
 @triton.jit
-def _polynomial_block(q, k, rows, keys, n_k, chunk_size, c0, c1, c2):
+def _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size):
     """(X, visible) for a (BLOCK_M, BLOCK_N) tile: X = q' k'^T, visible the in-chunk causal mask."""
     scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     first = rows // chunk_size * chunk_size
-    visible = (keys[None, :] <= rows[:, None]) & (keys[None, :] >= first[:, None]) & (keys[None, :] < n_k)
+    visible = ((keys[None, :] <= rows[:, None]) & (keys[None, :] >= first[:, None])
+               & (keys[None, :] < n_k) & (rows[:, None] < n_q))
     return scores, visible
 
 
@@ -248,7 +247,7 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
         k = _load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
         w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
-        scores, visible = _polynomial_block(q, k, rows, keys, n_k, chunk_size, c0, c1, c2)
+        scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size)
         block_weights = tl.where(visible, c0 + scores * (c1 + scores * c2), 0.0)
         out_v += tl.dot(block_weights, w_v, input_precision="ieee")
         out_1 += tl.sum(block_weights * w_1[None, :], axis=1)
@@ -312,6 +311,189 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
             constant_v += tl.sum(w_v, axis=0)
             constant_1 += tl.sum(w_1, axis=0)
     _store_slice(state_ptr + head * stride_state_head, a, d, d_v, slice_v, slice_1, constant_v, constant_1, D, DV)
+
+
+@triton.jit
+def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d, d_v, chunk_size, c1, c2,
+                                 stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
+                                 stride_w_head, stride_w_row, stride_g_head, stride_g_group, stride_g_row,
+                                 stride_dq_head, stride_dq_group, stride_dq_row,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """dq'_i = sum_{chunk(i) C <= j <= i} (G^_i . W^_j) P'(X_ij) k'_j: the in-chunk block's share of dq'.
+
+    Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,),
+    k (BLOCK_N, D), W^ (BLOCK_N, DV) + (BLOCK_N,), dX (BLOCK_M, BLOCK_N). Plain store: runs before the sweep.
+    """
+    head, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_q
+    columns = tl.arange(0, D)
+    q_ptr += head * stride_q_head + group * stride_q_group
+    g_ptr += head * stride_g_head + group * stride_g_group
+    k_ptr += head * stride_k_head
+    w_ptr += head * stride_w_head
+    q = _load_rows(q_ptr + rows[:, None] * stride_q_row, rows, row_mask, d, D)
+    g_v = _load_rows(g_ptr + rows[:, None] * stride_g_row, rows, row_mask, d_v, DV)
+    g_1 = tl.load(g_ptr + rows * stride_g_row + d_v, mask=row_mask, other=0.0).to(tl.float32)
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    first_key = block * BLOCK_M // chunk_size * chunk_size
+    last_key = tl.minimum((block + 1) * BLOCK_M, n_k)
+    for start in range(first_key, last_key, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < n_k
+        k = _load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
+        w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
+        w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+        scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size)
+        d_weights = tl.dot(g_v, tl.trans(w_v), input_precision="ieee") + g_1[:, None] * w_1[None, :]
+        d_scores = tl.where(visible, d_weights * (c1 + 2.0 * c2 * scores), 0.0)
+        dq += tl.dot(d_scores, k, input_precision="ieee")
+    dq_ptr += head * stride_dq_head + group * stride_dq_group
+    tl.store(dq_ptr + rows[:, None] * stride_dq_row + columns[None, :], dq,
+             mask=row_mask[:, None] & (columns[None, :] < d))
+
+
+@triton.jit
+def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n_k, groups, d, d_v, chunk_size,
+                               c0, c1, c2, stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
+                               stride_w_head, stride_w_row, stride_g_head, stride_g_group, stride_g_row,
+                               stride_dk_head, stride_dk_row, stride_u_head, stride_u_row,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """dk'_j = sum_i (G^_i . W^_j) P'(X_ij) q'_i   and   U_j = sum_i P(X_ij) G^_i   over the block's
+    queries i (every group, j <= i < end of chunk(j)): the in-chunk block's share of dk' and U.
+
+    Grid (BH, cdiv(n_k, BLOCK_N)). Per step: k (BLOCK_N, D), W^ (BLOCK_N, DV) + (BLOCK_N,) held;
+    q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,), X (BLOCK_M, BLOCK_N). Plain store: keys no
+    query sees (j >= n_q) get zeros.
+    """
+    head, block = tl.program_id(0), tl.program_id(1)
+    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_mask = keys < n_k
+    columns, values = tl.arange(0, D), tl.arange(0, DV)
+    q_ptr += head * stride_q_head
+    g_ptr += head * stride_g_head
+    k_ptr += head * stride_k_head
+    w_ptr += head * stride_w_head
+    k = _load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
+    w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
+    w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    u_v = tl.zeros((BLOCK_N, DV), dtype=tl.float32)
+    u_1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first_row = block * BLOCK_N
+    last_row = tl.minimum(((block + 1) * BLOCK_N - 1) // chunk_size * chunk_size + chunk_size, n_q)
+    for group in range(0, groups):
+        for start in range(first_row, last_row, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_q
+            q = _load_rows(q_ptr + group * stride_q_group + rows[:, None] * stride_q_row, rows, row_mask, d, D)
+            g_rows = g_ptr + group * stride_g_group + rows * stride_g_row
+            g_v = _load_rows(g_rows[:, None], rows, row_mask, d_v, DV)
+            g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
+            scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size)
+            block_weights = tl.where(visible, c0 + scores * (c1 + scores * c2), 0.0)
+            d_weights = tl.dot(g_v, tl.trans(w_v), input_precision="ieee") + g_1[:, None] * w_1[None, :]
+            d_scores = tl.where(visible, d_weights * (c1 + 2.0 * c2 * scores), 0.0)
+            dk += tl.dot(tl.trans(d_scores), q, input_precision="ieee")
+            u_v += tl.dot(tl.trans(block_weights), g_v, input_precision="ieee")
+            u_1 += tl.sum(block_weights * g_1[:, None], axis=0)
+    dk_ptr += head * stride_dk_head
+    tl.store(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :], dk,
+             mask=key_mask[:, None] & (columns[None, :] < d))
+    u_ptr += head * stride_u_head
+    tl.store(u_ptr + keys[:, None] * stride_u_row + values[None, :], u_v,
+             mask=key_mask[:, None] & (values[None, :] < d_v))
+    tl.store(u_ptr + keys * stride_u_row + d_v, u_1, mask=key_mask)
+
+
+@triton.jit
+def _feature_gradient(x, m, d_features, a, d, D: tl.constexpr):
+    """dL/dx for features m_a(x) x_b with gradients d_features (rows, D): m_a dF_(a,b) into column b,
+    and for a < d, sum_b dF_(a,b) x_b into column a."""
+    columns = tl.arange(0, D)
+    own = (columns == a) & (columns * 0 + a < d)
+    return m[:, None] * d_features + tl.where(own[None, :], tl.sum(d_features * x, axis=1)[:, None], 0.0)
+
+
+@triton.jit
+def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr, u_ptr,
+                           n_q, n_k, groups, d, d_v, chunk_size, c0, c1, c2,
+                           stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
+                           stride_w_head, stride_w_row, stride_g_head, stride_g_group, stride_g_row,
+                           stride_state_head, stride_dq_head, stride_dq_group, stride_dq_row,
+                           stride_dk_head, stride_dk_row, stride_u_head, stride_u_row,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    """The reverse sweep over chunks c, for slice a of the states (a = d also the constant feature):
+
+        S_<c = S_<c+1 - sum_{j in c} feat(k'_j)^T W^_j           (peeled from the forward's total)
+        U_j  += sum_{f in a} c_f feat_f(k'_j) R_>c,f,   dk'_j += d/dk'_j of dfeat_(a,.) = c_a R_>c,(a,.) W^_j
+        dq'_i += d/dq'_i of dfeat_(a,.) = c_a S_<c,(a,.) G^_i
+        R_>=c = R_>c + sum_{i in c} feat(q'_i)^T G^_i
+
+    Grid (BH, d + 1); held: slices of S and R, (D, DV) + (D,) each; tiles as in the forward sweep.
+    Adds its share to dq', dk', U atomically (the block kernels stored theirs first).
+    """
+    head, a = tl.program_id(0), tl.program_id(1)
+    values = tl.arange(0, DV)
+    q_ptr += head * stride_q_head
+    g_ptr += head * stride_g_head
+    k_ptr += head * stride_k_head
+    w_ptr += head * stride_w_head
+    dq_ptr += head * stride_dq_head
+    dk_ptr += head * stride_dk_head
+    u_ptr += head * stride_u_head
+    columns = tl.arange(0, D)
+    coefficient = tl.where(a < d, c2, c1)
+    constant = tl.where(a == d, c0, 0.0)
+    slice_v, slice_1 = _load_slice(state_ptr + head * stride_state_head, a, d, d_v, D, DV)
+    r_v = tl.zeros((D, DV), dtype=tl.float32)
+    r_1 = tl.zeros((D,), dtype=tl.float32)
+    r0_v = tl.zeros((DV,), dtype=tl.float32)
+    r0_1 = tl.zeros((1,), dtype=tl.float32)
+    n_chunks = tl.cdiv(n_q, chunk_size)
+    for reverse in range(0, n_chunks):
+        chunk_start = (n_chunks - 1 - reverse) * chunk_size
+        chunk_end = tl.minimum(chunk_start + chunk_size, n_q)
+        key_end = tl.minimum(chunk_end, n_k)
+        for start in range(chunk_start, key_end, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            key_mask = keys < key_end
+            k = _load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
+            m = tl.load(k_ptr + keys * stride_k_row + a, mask=key_mask & (keys * 0 + a < d), other=1.0).to(tl.float32)
+            w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
+            w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+            features = m[:, None] * k
+            slice_v -= tl.dot(tl.trans(features), w_v, input_precision="ieee")
+            slice_1 -= tl.sum(features * w_1[:, None], axis=0)
+            share_v = coefficient * tl.dot(features, r_v, input_precision="ieee") + constant * r0_v[None, :]
+            share_1 = coefficient * tl.sum(features * r_1[None, :], axis=1) + constant * tl.sum(r0_1, axis=0)
+            u_rows = u_ptr + keys * stride_u_row
+            tl.atomic_add(u_rows[:, None] + values[None, :], share_v, mask=key_mask[:, None] & (values[None, :] < d_v))
+            tl.atomic_add(u_rows + d_v, share_1, mask=key_mask)
+            d_features = coefficient * (tl.dot(w_v, tl.trans(r_v), input_precision="ieee") + w_1[:, None] * r_1[None, :])
+            tl.atomic_add(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :],
+                          _feature_gradient(k, m, d_features, a, d, D),
+                          mask=key_mask[:, None] & (columns[None, :] < d))
+        for group in range(0, groups):
+            for start in range(chunk_start, chunk_end, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_mask = rows < chunk_end
+                q_rows = q_ptr + group * stride_q_group + rows * stride_q_row
+                q = _load_rows(q_rows[:, None], rows, row_mask, d, D)
+                m = tl.load(q_rows + a, mask=row_mask & (rows * 0 + a < d), other=1.0).to(tl.float32)
+                g_rows = g_ptr + group * stride_g_group + rows * stride_g_row
+                g_v = _load_rows(g_rows[:, None], rows, row_mask, d_v, DV)
+                g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
+                d_features = coefficient * (tl.dot(g_v, tl.trans(slice_v), input_precision="ieee")
+                                            + g_1[:, None] * slice_1[None, :])
+                tl.atomic_add(dq_ptr + group * stride_dq_group + rows[:, None] * stride_dq_row + columns[None, :],
+                              _feature_gradient(q, m, d_features, a, d, D),
+                              mask=row_mask[:, None] & (columns[None, :] < d))
+                features = m[:, None] * q
+                r_v += tl.dot(tl.trans(features), g_v, input_precision="ieee")
+                r_1 += tl.sum(features * g_1[:, None], axis=0)
+                r0_v += tl.sum(g_v, axis=0)
+                r0_1 += tl.sum(g_1, axis=0)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -414,3 +596,64 @@ def _causal_forward(q_rows, k_rows, weighted, d, d_v, polynomial, chunk_size, bl
         q_rows, k_rows, weighted, out_hat, state, n_q, n_k, groups, d, d_v, chunk_size, *polynomial,
         *strides, state.stride(0), **common)
     return out_hat, state
+
+
+def backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale, causal, chunk_size,
+             key_weight_grad, block_size=None):
+    """(dq, dk, dv, d key_weight): factored_attention_backward's values; the last is empty unless key_weight_grad.
+
+    `out`, `denominator` and `state` are what `forward` returned for the same inputs.
+    """
+    if not supports(q, coefficients):
+        return torch.ops.lrcompile.factored_attention_backward(
+            grad_out, q, k, v, key_weight, out, denominator, state, q.new_zeros((), dtype=torch.bool),
+            list(coefficients), scale, causal, chunk_size, key_weight_grad)
+    batch, heads, groups, n_q, d = q.shape
+    d_v = v.shape[-1]
+    block = block_size or _block_size(q.device)
+    polynomial = _polynomial(coefficients)
+    q_rows, k_rows, weighted, key_weight32, valid, valid_count = _prepare(q, k, v, key_weight, scale, causal)
+    grad_out, out = grad_out.float(), out.float()
+    # G^_i = [dO_i | -(dO_i . out_i)] / D_i  (B, H, G, n_q, d_v + 1)
+    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / denominator.unsqueeze(-1)
+    q_rows, g_rows = q_rows.flatten(0, 1), g_hat.contiguous().flatten(0, 1)
+    k_rows, weighted, state = k_rows.flatten(0, 1), weighted.flatten(0, 1), state.flatten(0, 1).contiguous()
+    if causal:
+        dq, dk, key_grads = _causal_backward(q_rows, k_rows, weighted, g_rows, state, d, d_v, polynomial,
+                                             chunk_size, block)
+    else:
+        query_state = _features_state(q_rows.flatten(1, 2), g_rows.flatten(1, 2), d, d_v, block)  # R
+        dq = _apply_state(q_rows.flatten(1, 2), state, g_rows.flatten(1, 2), d, d_v, polynomial, block,
+                          store_u=False, gradient=True)[1]
+        key_grads, dk = _apply_state(k_rows, query_state, weighted, d, d_v, polynomial, block, gradient=True)
+    dq = dq.reshape(batch, heads, groups, n_q, d)
+    dk, key_grads = dk.unflatten(0, (batch, heads)), key_grads.unflatten(0, (batch, heads))
+    if not causal:
+        dk = dk - _valid_mean_correction(dk, valid, valid_count)
+    # U_j: dV_j = w_j U_j[:d_v], dw_j = U_j . V^_j
+    dv = _weighted(key_grads[..., :d_v], key_weight32)
+    dw = (key_grads * _append_ones(v.float())).sum(-1).to(key_weight.dtype) if key_weight_grad else q.new_empty(0)
+    root_scale = scale**0.5
+    return (dq * root_scale).to(q.dtype), (dk * root_scale).to(k.dtype), dv.to(v.dtype), dw
+
+
+def _causal_backward(q_rows, k_rows, weighted, g_rows, state, d, d_v, polynomial, chunk_size, block):
+    """dq' (BH, G, n_q, d), dk' (BH, n_k, d), U (BH, n_k, d_v + 1): block kernels store, the sweep adds."""
+    heads, groups, n_q = q_rows.shape[:3]
+    n_k = k_rows.shape[1]
+    dq = torch.empty_like(q_rows, dtype=torch.float32)
+    dk = torch.empty_like(k_rows, dtype=torch.float32)
+    key_grads = k_rows.new_empty(heads, n_k, d_v + 1, dtype=torch.float32)
+    common = dict(BLOCK_M=block, BLOCK_N=block, D=_tile(d), DV=_tile(d_v))
+    inputs = (*q_rows.stride()[:3], *k_rows.stride()[:2], *weighted.stride()[:2], *g_rows.stride()[:3])
+    wrap_triton(_block_query_backward_kernel)[(heads, groups, triton.cdiv(n_q, block))](
+        q_rows, k_rows, weighted, g_rows, dq, n_q, n_k, d, d_v, chunk_size, *polynomial[1:],
+        *inputs, *dq.stride()[:3], **common)
+    wrap_triton(_block_key_backward_kernel)[(heads, triton.cdiv(n_k, block))](
+        q_rows, k_rows, weighted, g_rows, dk, key_grads, n_q, n_k, groups, d, d_v, chunk_size, *polynomial,
+        *inputs, *dk.stride()[:2], *key_grads.stride()[:2], **common)
+    wrap_triton(_sweep_backward_kernel)[(heads, d + 1)](
+        q_rows, k_rows, weighted, g_rows, state, dq, dk, key_grads, n_q, n_k, groups, d, d_v, chunk_size,
+        *polynomial, *inputs, state.stride(0), *dq.stride()[:3], *dk.stride()[:2], *key_grads.stride()[:2],
+        **common)
+    return dq, dk, key_grads
