@@ -657,3 +657,53 @@ def _causal_backward(q_rows, k_rows, weighted, g_rows, state, d, d_v, polynomial
         *polynomial, *inputs, state.stride(0), *dq.stride()[:3], *dk.stride()[:2], *key_grads.stride()[:2],
         **common)
     return dq, dk, key_grads
+
+
+# ---- the ops ------------------------------------------------------------------------------------
+# Registered with torch.library.triton_op so that under torch.compile Inductor sees the kernels
+# themselves (wrap_triton) beside the Triton it generates for the rest of the model. They are
+# for CUDA sites only: under torch.compile a triton_op is decomposed into its kernels whatever
+# the device, and Inductor cannot run user Triton kernels on the CPU, so the rewrite must pick
+# `lrcompile::factored_attention` for CPU sites (DESIGN §8). No CPU kernel is registered here.
+# Eagerly, and under TRITON_INTERPRET=1 on CPU tensors, the op runs `forward`/`backward` above.
+
+
+@triton_op("lrcompile::triton_factored_attention", mutates_args=())
+def triton_factored_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
+    coefficients: list[float], scale: float, causal: bool, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state (B, H, d (d + 1) + 1, d_v + 1))."""
+    out, denominator, state = forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    return out.contiguous(), denominator.contiguous(), state.contiguous()
+
+
+@triton_op("lrcompile::triton_factored_attention_backward", mutates_args=())
+def triton_factored_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
+    out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor,
+    coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
+    grads = backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale, causal,
+                     chunk_size, key_weight_grad)
+    return tuple(g.contiguous() for g in grads)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_weight, coefficients, scale, causal, chunk_size = inputs
+    out, denominator, state = output
+    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state)
+    ctx.config = (list(coefficients), scale, causal, chunk_size)
+    ctx.mark_non_differentiable(denominator, state)
+
+
+def _backward(ctx, grad_out, _grad_denominator, _grad_state):
+    q, k, v, key_weight, out, denominator, state = ctx.saved_tensors
+    key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dw = torch.ops.lrcompile.triton_factored_attention_backward(
+        grad_out, q, k, v, key_weight, out, denominator, state, *ctx.config, key_weight_grad)
+    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None
+
+
+triton_factored_attention.register_autograd(_backward, setup_context=_setup_context)
