@@ -35,16 +35,18 @@ Kernels (grid, tile shapes in each kernel's docstring):
 The causal sweeps give one program the a-slice of the state for every chunk in turn, so their
 contributions to rows (outputs, dq, dk, U) are reduced over the d + 1 slices with atomic adds
 into float32 buffers that the in-chunk kernels initialised with plain stores. Everything
-accumulates in float32; float16/bfloat16 inputs are read as they are and results cast back.
+accumulates in float32, tile products as DOT_PRECISION says; float16/bfloat16 inputs are upcast
+to float32 in torch before the kernels (an O(n d) copy) and the results cast back.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (tests/test_triton_kernels.py
 calls `forward` and `backward` below directly). Fallback to the torch sweep (lrcompile.factored):
-degree > 2, and float64 inputs (the kernels accumulate in float32).
+degree > 2 (degree 3 at d <= 32 and beyond are not written yet), d or d_v > 128, and float64
+inputs (the kernels accumulate in float32). Degrees 0 and 1 run the degree-2 kernels with c_2 = 0.
 """
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -55,11 +57,14 @@ from lrcompile.factored import _append_ones, _valid_mean_correction, _weighted, 
 
 MAX_DEGREE = 2
 MAX_HEAD_DIM = 128
+# Products of float32 tiles: "tf32x3" (three tf32 tensor-core products, float32-accurate to a few
+# ulps) keeps them on tensor cores; "ieee" would fall back to FMA loops that spill at these tiles.
+DOT_PRECISION: tl.constexpr = tl.constexpr(os.environ.get("LRCOMPILE_TRITON_DOT_PRECISION", "tf32x3"))
 
 
-def supports(q: torch.Tensor, coefficients) -> bool:
+def supports(q: torch.Tensor, v: torch.Tensor, coefficients) -> bool:
     """True where the Triton kernels run this call; elsewhere `forward`/`backward` fall back to the torch sweep."""
-    return (len(coefficients) - 1 <= MAX_DEGREE and q.shape[-1] <= MAX_HEAD_DIM
+    return (len(coefficients) - 1 <= MAX_DEGREE and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
             and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
@@ -138,7 +143,7 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v,
         y_v = _load_rows(y_ptr + rows[:, None] * stride_y_row, rows, row_mask, d_v, DV)
         y_1 = tl.load(y_ptr + rows * stride_y_row + d_v, mask=row_mask, other=0.0).to(tl.float32)
         features = m[:, None] * x  # (BLOCK_N, D): features (a, 0..d-1) of these rows
-        slice_v += tl.dot(tl.trans(features), y_v, input_precision="ieee")
+        slice_v += tl.dot(tl.trans(features), y_v, input_precision=DOT_PRECISION)
         slice_1 += tl.sum(features * y_1[:, None], axis=0)
         constant_v += tl.sum(y_v, axis=0)
         constant_1 += tl.sum(y_1, axis=0)
@@ -181,10 +186,10 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
         t_v, t_1 = _load_slice(state_ptr, a, d, d_v, D, DV)
         if STORE_U:
             features = (coefficient * m)[:, None] * x
-            u_v += tl.dot(features, t_v, input_precision="ieee")
+            u_v += tl.dot(features, t_v, input_precision=DOT_PRECISION)
             u_1 += tl.sum(features * t_1[None, :], axis=1)
         if GRADIENT:
-            d_features = coefficient * (tl.dot(y_v, tl.trans(t_v), input_precision="ieee")
+            d_features = coefficient * (tl.dot(y_v, tl.trans(t_v), input_precision=DOT_PRECISION)
                                         + y_1[:, None] * t_1[None, :])  # (BLOCK_N, D)
             dx += _feature_gradient(x, m, d_features, a, d, D)
     if STORE_U:
@@ -210,7 +215,7 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
 @triton.jit
 def _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size):
     """(X, visible) for a (BLOCK_M, BLOCK_N) tile: X = q' k'^T, visible the in-chunk causal mask."""
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     first = rows // chunk_size * chunk_size
     visible = ((keys[None, :] <= rows[:, None]) & (keys[None, :] >= first[:, None])
                & (keys[None, :] < n_k) & (rows[:, None] < n_q))
@@ -249,7 +254,7 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size)
         block_weights = tl.where(visible, c0 + scores * (c1 + scores * c2), 0.0)
-        out_v += tl.dot(block_weights, w_v, input_precision="ieee")
+        out_v += tl.dot(block_weights, w_v, input_precision=DOT_PRECISION)
         out_1 += tl.sum(block_weights * w_1[None, :], axis=1)
     out_ptr += head * stride_o_head + group * stride_o_group
     tl.store(out_ptr + rows[:, None] * stride_o_row + values[None, :], out_v,
@@ -291,7 +296,7 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
                 q = _load_rows(row_ptr[:, None], rows, row_mask, d, D)
                 m = tl.load(row_ptr + a, mask=row_mask & (rows * 0 + a < d), other=1.0).to(tl.float32)
                 features = (coefficient * m)[:, None] * q
-                share_v = tl.dot(features, slice_v, input_precision="ieee") + constant * constant_v[None, :]
+                share_v = tl.dot(features, slice_v, input_precision=DOT_PRECISION) + constant * constant_v[None, :]
                 share_1 = tl.sum(features * slice_1[None, :], axis=1) + constant * tl.sum(constant_1, axis=0)
                 out_rows = out_ptr + group * stride_o_group + rows * stride_o_row
                 tl.atomic_add(out_rows[:, None] + values[None, :], share_v,
@@ -306,7 +311,7 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
             w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
             w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
             features = m[:, None] * k
-            slice_v += tl.dot(tl.trans(features), w_v, input_precision="ieee")
+            slice_v += tl.dot(tl.trans(features), w_v, input_precision=DOT_PRECISION)
             slice_1 += tl.sum(features * w_1[:, None], axis=0)
             constant_v += tl.sum(w_v, axis=0)
             constant_1 += tl.sum(w_1, axis=0)
@@ -345,9 +350,9 @@ def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d
         w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size)
-        d_weights = tl.dot(g_v, tl.trans(w_v), input_precision="ieee") + g_1[:, None] * w_1[None, :]
+        d_weights = tl.dot(g_v, tl.trans(w_v), input_precision=DOT_PRECISION) + g_1[:, None] * w_1[None, :]
         d_scores = tl.where(visible, d_weights * (c1 + 2.0 * c2 * scores), 0.0)
-        dq += tl.dot(d_scores, k, input_precision="ieee")
+        dq += tl.dot(d_scores, k, input_precision=DOT_PRECISION)
     dq_ptr += head * stride_dq_head + group * stride_dq_group
     tl.store(dq_ptr + rows[:, None] * stride_dq_row + columns[None, :], dq,
              mask=row_mask[:, None] & (columns[None, :] < d))
@@ -392,10 +397,10 @@ def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n
             g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
             scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size)
             block_weights = tl.where(visible, c0 + scores * (c1 + scores * c2), 0.0)
-            d_weights = tl.dot(g_v, tl.trans(w_v), input_precision="ieee") + g_1[:, None] * w_1[None, :]
+            d_weights = tl.dot(g_v, tl.trans(w_v), input_precision=DOT_PRECISION) + g_1[:, None] * w_1[None, :]
             d_scores = tl.where(visible, d_weights * (c1 + 2.0 * c2 * scores), 0.0)
-            dk += tl.dot(tl.trans(d_scores), q, input_precision="ieee")
-            u_v += tl.dot(tl.trans(block_weights), g_v, input_precision="ieee")
+            dk += tl.dot(tl.trans(d_scores), q, input_precision=DOT_PRECISION)
+            u_v += tl.dot(tl.trans(block_weights), g_v, input_precision=DOT_PRECISION)
             u_1 += tl.sum(block_weights * g_1[:, None], axis=0)
     dk_ptr += head * stride_dk_head
     tl.store(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :], dk,
@@ -463,14 +468,14 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
             w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
             w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
             features = m[:, None] * k
-            slice_v -= tl.dot(tl.trans(features), w_v, input_precision="ieee")
+            slice_v -= tl.dot(tl.trans(features), w_v, input_precision=DOT_PRECISION)
             slice_1 -= tl.sum(features * w_1[:, None], axis=0)
-            share_v = coefficient * tl.dot(features, r_v, input_precision="ieee") + constant * r0_v[None, :]
+            share_v = coefficient * tl.dot(features, r_v, input_precision=DOT_PRECISION) + constant * r0_v[None, :]
             share_1 = coefficient * tl.sum(features * r_1[None, :], axis=1) + constant * tl.sum(r0_1, axis=0)
             u_rows = u_ptr + keys * stride_u_row
             tl.atomic_add(u_rows[:, None] + values[None, :], share_v, mask=key_mask[:, None] & (values[None, :] < d_v))
             tl.atomic_add(u_rows + d_v, share_1, mask=key_mask)
-            d_features = coefficient * (tl.dot(w_v, tl.trans(r_v), input_precision="ieee") + w_1[:, None] * r_1[None, :])
+            d_features = coefficient * (tl.dot(w_v, tl.trans(r_v), input_precision=DOT_PRECISION) + w_1[:, None] * r_1[None, :])
             tl.atomic_add(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :],
                           _feature_gradient(k, m, d_features, a, d, D),
                           mask=key_mask[:, None] & (columns[None, :] < d))
@@ -484,13 +489,13 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
                 g_rows = g_ptr + group * stride_g_group + rows * stride_g_row
                 g_v = _load_rows(g_rows[:, None], rows, row_mask, d_v, DV)
                 g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
-                d_features = coefficient * (tl.dot(g_v, tl.trans(slice_v), input_precision="ieee")
+                d_features = coefficient * (tl.dot(g_v, tl.trans(slice_v), input_precision=DOT_PRECISION)
                                             + g_1[:, None] * slice_1[None, :])
                 tl.atomic_add(dq_ptr + group * stride_dq_group + rows[:, None] * stride_dq_row + columns[None, :],
                               _feature_gradient(q, m, d_features, a, d, D),
                               mask=row_mask[:, None] & (columns[None, :] < d))
                 features = m[:, None] * q
-                r_v += tl.dot(tl.trans(features), g_v, input_precision="ieee")
+                r_v += tl.dot(tl.trans(features), g_v, input_precision=DOT_PRECISION)
                 r_1 += tl.sum(features * g_1[:, None], axis=0)
                 r0_v += tl.sum(g_v, axis=0)
                 r0_1 += tl.sum(g_1, axis=0)
@@ -507,9 +512,15 @@ def _tile(width: int) -> int:
     return max(16, triton.next_power_of_2(width))
 
 
-def _block_size(device: torch.device) -> int:
-    # the interpreter runs every program in Python: small tiles keep its tests quick
-    return 64 if device.type == "cuda" else 16
+def _block_size(device: torch.device, head_dim: int, value_dim: int) -> int:
+    """Rows per tile. Under the interpreter (CPU tensors) 16: it runs every program in Python.
+
+    On CUDA, 64, or 32 past d or d_v = 64: the sweeps hold (D, DV) float32 state slices in
+    registers, and compiled for sm_90 they spill at 64-row tiles once D or DV is 128.
+    """
+    if device.type != "cuda":
+        return 16
+    return 64 if max(head_dim, value_dim) <= 64 else 32
 
 
 def _polynomial(coefficients) -> tuple[float, float, float]:
@@ -561,13 +572,13 @@ def forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size, block_
     The state is (B, H, d (d + 1) + 1, d_v + 1) in the full layout, or factored.py's where the
     call falls back to the torch sweep (degree > 2, float64, d > 128).
     """
-    if not supports(q, coefficients):
+    if not supports(q, v, coefficients):
         out, denominator, state, _ = torch.ops.lrcompile.factored_attention(
             q, k, v, key_weight, list(coefficients), scale, causal, chunk_size, 0.0, "allow", "triton-fallback")
         return out, denominator, state
     batch, heads, groups, n_q, d = q.shape
     d_v = v.shape[-1]
-    block = block_size or _block_size(q.device)
+    block = block_size or _block_size(q.device, d, d_v)
     polynomial = _polynomial(coefficients)
     q_rows, k_rows, weighted, _, _, _ = _prepare(q, k, v, key_weight, scale, causal)
     q_rows, k_rows, weighted = q_rows.flatten(0, 1), k_rows.flatten(0, 1), weighted.flatten(0, 1)
@@ -604,13 +615,13 @@ def backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficient
 
     `out`, `denominator` and `state` are what `forward` returned for the same inputs.
     """
-    if not supports(q, coefficients):
+    if not supports(q, v, coefficients):
         return torch.ops.lrcompile.factored_attention_backward(
             grad_out, q, k, v, key_weight, out, denominator, state, q.new_zeros((), dtype=torch.bool),
             list(coefficients), scale, causal, chunk_size, key_weight_grad)
     batch, heads, groups, n_q, d = q.shape
     d_v = v.shape[-1]
-    block = block_size or _block_size(q.device)
+    block = block_size or _block_size(q.device, d, d_v)
     polynomial = _polynomial(coefficients)
     q_rows, k_rows, weighted, key_weight32, valid, valid_count = _prepare(q, k, v, key_weight, scale, causal)
     grad_out, out = grad_out.float(), out.float()

@@ -199,12 +199,16 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     assert _relative_error(out, sweep_out) < 1e-2  # the output's own rounding: accumulation is float32
 
 
+FALLBACKS = {"degree_3": ([1.0, 1.0, 0.5, 1 / 6], torch.float32), "float64": (TAYLOR_2, torch.float64)}
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-def test_degree_three_falls_back_to_the_torch_sweep(causal):
-    coefficients = [1.0, 1.0, 0.5, 1 / 6]
-    q, k, v, key_weight = _inputs(20, 20, 4, 3, padding=True)
-    grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    assert not triton_kernels.supports(q, coefficients)
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_unsupported_calls_fall_back_to_the_torch_sweep(fallback, causal):
+    coefficients, dtype = FALLBACKS[fallback]
+    q, k, v, key_weight = (t.to(dtype) for t in _inputs(20, 20, 4, 3, padding=True))
+    grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(5), dtype=dtype).to(DEVICE)
+    assert not triton_kernels.supports(q, v, coefficients)
     out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, 0.5, causal, 8)
     grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, 0.5,
                                     causal, 8, True)
@@ -212,6 +216,24 @@ def test_degree_three_falls_back_to_the_torch_sweep(causal):
     assert torch.equal(out, sweep_out)
     for grad, sweep_grad in zip(grads, sweep_grads):
         assert torch.equal(grad, sweep_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_degree_one_runs_the_degree_two_kernels_with_no_quadratic_term(causal):
+    coefficients = [2.0, 1.0]  # positive on the tested range |x| <= 2
+    q, k, v, key_weight = _inputs(24, 24, 4, 3, groups=2, padding=True)
+    grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, 0.5, causal, 16)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, 0.5,
+                                    causal, 16, True)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, 0.5, causal, grad_out)
+    assert _relative_error(out, exact_out) < 1e-5
+    valid = key_weight > 0
+    for name, grad, exact_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, exact_grads):
+        if name == "dkey_weight":
+            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
+        assert _relative_error(grad, exact_grad) < 1e-4, name
 
 
 # ---- the registered op, on CUDA only -----------------------------------------------------------
