@@ -46,8 +46,6 @@ inputs (the kernels accumulate in float32). Degrees 0 and 1 run the degree-2 ker
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -59,7 +57,7 @@ MAX_DEGREE = 2
 MAX_HEAD_DIM = 128
 # Products of float32 tiles: "tf32x3" (three tf32 tensor-core products, float32-accurate to a few
 # ulps) keeps them on tensor cores; "ieee" would fall back to FMA loops that spill at these tiles.
-DOT_PRECISION: tl.constexpr = tl.constexpr(os.environ.get("LRCOMPILE_TRITON_DOT_PRECISION", "tf32x3"))
+DOT_PRECISION: tl.constexpr = tl.constexpr("tf32x3")
 
 
 def supports(q: torch.Tensor, v: torch.Tensor, coefficients) -> bool:
@@ -80,7 +78,8 @@ def supports(q: torch.Tensor, v: torch.Tensor, coefficients) -> bool:
 def _load_rows(ptr, rows, row_mask, width, WIDTH: tl.constexpr):
     """A (rows, WIDTH) float32 tile of a row-major matrix with `width` columns (row stride given in ptr math)."""
     columns = tl.arange(0, WIDTH)
-    return tl.load(ptr + columns[None, :], mask=row_mask[:, None] & (columns[None, :] < width), other=0.0).to(tl.float32)
+    mask = row_mask[:, None] & (columns[None, :] < width)
+    return tl.load(ptr + columns[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 # A state (BH, d (d + 1) + 1, d_v + 1) is read and written one a-slice at a time: rows a d + b,
@@ -267,7 +266,8 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
                           c0, c1, c2, stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
                           stride_w_head, stride_w_row, stride_o_head, stride_o_group, stride_o_row, stride_state_head,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
-    """O^_i += sum_{f in slice a} c_f feat_f(q'_i) S_<c,f  for i in chunk c;  S_<c+1 = S_<c + sum_{j in c} feat(k'_j)^T W^_j.
+    """O^_i += sum_{f in slice a} c_f feat_f(q'_i) S_<c,f  for i in chunk c,
+    S_<c+1 = S_<c + sum_{j in c} feat(k'_j)^T W^_j.
 
     Grid (BH, d + 1): program (h, a) walks the chunks in order holding slice a of the running
     state, (D, DV) + (D,) (a = d also the constant feature); query tiles q (BLOCK_M, D) of every
@@ -475,7 +475,8 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
             u_rows = u_ptr + keys * stride_u_row
             tl.atomic_add(u_rows[:, None] + values[None, :], share_v, mask=key_mask[:, None] & (values[None, :] < d_v))
             tl.atomic_add(u_rows + d_v, share_1, mask=key_mask)
-            d_features = coefficient * (tl.dot(w_v, tl.trans(r_v), input_precision=DOT_PRECISION) + w_1[:, None] * r_1[None, :])
+            d_features = coefficient * (tl.dot(w_v, tl.trans(r_v), input_precision=DOT_PRECISION)
+                                        + w_1[:, None] * r_1[None, :])
             tl.atomic_add(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :],
                           _feature_gradient(k, m, d_features, a, d, D),
                           mask=key_mask[:, None] & (columns[None, :] < d))
@@ -548,7 +549,7 @@ def _apply_state(x, state, y, d, d_v, polynomial, block, store_u=True, gradient=
     heads, n = x.shape[:2]
     u = x.new_empty(heads, n, d_v + 1, dtype=torch.float32) if store_u else x.new_empty(0, 1, 1)
     dx = x.new_empty(heads, n, d, dtype=torch.float32) if gradient else x.new_empty(0, 1, 1)
-    y = y if gradient else x
+    y = y if gradient else x  # unread without GRADIENT: any tensor will do as the pointer
     wrap_triton(_apply_state_kernel)[(heads, triton.cdiv(n, block))](
         x, state, y, u, dx, n, d, d_v, *polynomial,
         x.stride(0), x.stride(1), state.stride(0), y.stride(0), y.stride(1),

@@ -12,6 +12,7 @@ when conftest got there first, the kernel tests skip here and one test runs this
 a fresh process that sets the variable before anything else.
 """
 
+import inspect
 import math
 import os
 import subprocess
@@ -50,7 +51,8 @@ needs_kernels = pytest.mark.skipif(
                     reason="the kernel tests run in this process")
 def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu", "-k", "not fresh_process"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+         "-k", "not fresh_process and not compile_to_cubin"],
         cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1"),
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
@@ -114,7 +116,9 @@ LAYOUTS = {
     "cross_longer_keys": (24, 40, 1, 1, 8),
     "cross_longer_queries": (40, 27, 2, 1, 32),
 }
-MASKS = {"none": (False, False), "key_padding": (False, True), "causal": (True, False), "causal_key_padding": (True, True)}
+MASKS = {  # (causal, key padding)
+    "none": (False, False), "key_padding": (False, True), "causal": (True, False), "causal_key_padding": (True, True),
+}
 
 
 @needs_kernels
@@ -234,6 +238,49 @@ def test_degree_one_runs_the_degree_two_kernels_with_no_quadratic_term(causal):
         if name == "dkey_weight":
             grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
         assert _relative_error(grad, exact_grad) < 1e-4, name
+
+
+# ---- compiled for a GPU, without one ---------------------------------------------------------------
+
+
+def _compiled_kernels():
+    """Every kernel with the constants a launch for d = d_v = 64 on CUDA gives it."""
+    tiles = dict(BLOCK_M=64, BLOCK_N=64, D=64, DV=64)
+    rows = dict(BLOCK_N=64, D=64, DV=64)
+    return [
+        (triton_kernels._state_kernel, rows),
+        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
+        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
+        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
+        (triton_kernels._block_forward_kernel, tiles),
+        (triton_kernels._sweep_forward_kernel, tiles),
+        (triton_kernels._block_query_backward_kernel, tiles),
+        (triton_kernels._block_key_backward_kernel, tiles),
+        (triton_kernels._sweep_backward_kernel, tiles),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() and KERNELS_RUN_HERE,
+                    reason="the kernels are interpreted in this process: nothing to compile")
+def test_kernels_compile_to_cubin_for_sm90():
+    """The interpreter accepts what the compiler may not (layouts, loop-carried types, scalar masks):
+    compile each kernel down to a cubin for the H100/H200 architecture, which needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for kernel, constants in _compiled_kernels():
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*fp32"
+            else:
+                signature[name] = "fp32" if name in ("c0", "c1", "c2") else "i32"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], kernel.fn.__name__
 
 
 # ---- the registered op, on CUDA only -----------------------------------------------------------
