@@ -1,0 +1,310 @@
+"""The Triton kernels (lrcompile.triton_kernels) against the torch sweep and a float64 quadratic reference.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors, calling the launchers
+`forward` / `backward` directly: under the interpreter wrap_triton cannot be traced, and the
+triton_op itself is meant for CUDA sites only, so the op's registration (fake kernel, autograd,
+torch.compile) is tested on CUDA only. The interpreter runs every program in Python: the shapes
+are tiny and the tiles 16 wide.
+
+TRITON_INTERPRET must be set before triton itself is imported (triton.language's own jit
+functions are fixed then). Importing lrcompile imports torch._inductor and with it triton, so
+when conftest got there first, the kernel tests skip here and one test runs this file again in
+a fresh process that sets the variable before anything else.
+"""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from lrcompile import factored, triton_kernels  # noqa: E402
+from lrcompile.features import monomial_table  # noqa: E402
+from lrcompile.reference import polynomial_attention, random_attention_inputs  # noqa: E402
+
+TAYLOR_2 = [1.0, 1.0, 0.5]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels_run_here() -> bool:
+    if torch.cuda.is_available():
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(triton.language.zeros, InterpretedFunction)
+
+
+KERNELS_RUN_HERE = _kernels_run_here()
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1 could be set; "
+                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process runs this test")
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the kernel tests run in this process")
+def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+         "-k", "not fresh_process and not compile_to_cubin"],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, result.stdout[-4000:]  # every kernel test ran
+
+
+@pytest.fixture(autouse=True)
+def _torch_sweep(monkeypatch):
+    """The torch sweep, not the C one, is the reference every kernel is held to (DESIGN §8)."""
+    monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
+
+
+def _inputs(n_q, n_k, head_dim, value_dim, groups=1, kv_heads=1, padding=False, seed=0):
+    """q (B, H, G, n_q, d), k, v, key weights (B, H, n_k) or None, all float32, scores within |x| <= 2."""
+    q, k, v = random_attention_inputs(1, kv_heads * groups, n_q, n_k, head_dim, value_dim, score_range=2.0,
+                                      kv_heads=kv_heads, dtype=torch.float32, seed=seed, requires_grad=False)
+    key_weight = None
+    if padding:  # padded keys (w = 0) and soft weights in between, one valid key at least
+        generator = torch.Generator().manual_seed(seed + 1)
+        key_weight = 0.5 + torch.rand(1, kv_heads, n_k, generator=generator)
+        key_weight[torch.rand(1, kv_heads, n_k, generator=generator) < 0.3] = 0
+        key_weight[..., 0] = 1
+    q = q.unflatten(1, (kv_heads, groups))
+    return [t if t is None else t.to(DEVICE) for t in (q, k, v, key_weight)]
+
+
+def _relative_error(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _torch_sweep_values(q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out):
+    out, denominator, state, exact = factored.factored_attention(
+        q, k, v, key_weight, coefficients, scale, causal, chunk_size, 0.0, "allow", "test")
+    grads = factored.factored_attention_backward(
+        grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
+        key_weight is not None)
+    return out, denominator, grads
+
+
+def _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out):
+    """out and (dq, dk, dv, dw) of the quadratic float64 polynomial attention, by autograd."""
+    batch, heads, groups, n_q, d = q.shape
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    inputs, mask = [q64, k64, v64], None
+    if key_weight is not None:
+        w64 = key_weight.detach().cpu().double().requires_grad_()
+        inputs.append(w64)
+        mask = w64.log().repeat_interleave(groups, dim=1).unsqueeze(-2)  # (B, H G, 1, n_k), -inf where padded
+    out = polynomial_attention(q64.flatten(1, 2), k64, v64, coefficients, attn_mask=mask, is_causal=causal,
+                               scale=scale, enable_gqa=groups > 1).unflatten(1, (heads, groups))
+    grads = torch.autograd.grad(out, inputs, grad_out.cpu().double())
+    return out, grads
+
+
+# (n_q, n_k, groups, kv_heads, chunk_size): self-attention, GQA (two query heads per key head),
+# cross-attention; chunks of a tile (16), ending inside a tile (12), smaller (8) and larger (32)
+LAYOUTS = {
+    "self": (40, 40, 1, 2, 16),
+    "gqa": (40, 40, 2, 1, 12),
+    "cross_longer_keys": (24, 40, 1, 1, 8),
+    "cross_longer_queries": (40, 27, 2, 1, 32),
+}
+MASKS = {  # (causal, key padding)
+    "none": (False, False), "key_padding": (False, True), "causal": (True, False), "causal_key_padding": (True, True),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask):
+    n_q, n_k, groups, kv_heads, chunk_size = LAYOUTS[layout]
+    causal, padding = MASKS[mask]
+    head_dim, value_dim = 4, 5
+    scale = 1 / math.sqrt(head_dim)
+    q, k, v, key_weight = _inputs(n_q, n_k, head_dim, value_dim, groups, kv_heads, padding)
+    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, TAYLOR_2, scale,
+                                    causal, chunk_size, key_weight is not None)
+    sweep_out, sweep_denominator, sweep_grads = _torch_sweep_values(
+        q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size, grad_out)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, TAYLOR_2, scale, causal, grad_out)
+
+    assert _relative_error(out, sweep_out) < 1e-5
+    assert _relative_error(denominator, sweep_denominator) < 1e-5
+    assert _relative_error(out, exact_out) < 1e-5
+    names = ("dq", "dk", "dv", "dkey_weight")
+    for name, grad, sweep_grad, exact_grad in zip(names, grads, sweep_grads, exact_grads):
+        assert grad.shape == sweep_grad.shape, name
+        assert _relative_error(grad, sweep_grad) < 1e-4, name
+        if name == "dkey_weight":  # d/dw of the reference's log(w) mask is undefined at w = 0
+            valid = key_weight > 0
+            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
+        assert _relative_error(grad, exact_grad) < 1e-4, name
+    if causal and n_k > n_q:  # keys no query sees get no gradient
+        assert grads[1][..., n_q:, :].abs().max() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_largest_tested_head_dim_matches_the_torch_sweep(causal):
+    head_dim, value_dim, chunk_size = 32, 16, 16
+    scale = 1 / math.sqrt(head_dim)
+    q, k, v, key_weight = _inputs(20, 20, head_dim, value_dim, padding=True)
+    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, TAYLOR_2, scale,
+                                    causal, chunk_size, True)
+    sweep_out, _, sweep_grads = _torch_sweep_values(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size, grad_out)
+    assert _relative_error(out, sweep_out) < 1e-5
+    for name, grad, sweep_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, sweep_grads):
+        assert _relative_error(grad, sweep_grad) < 1e-4, name
+
+
+@needs_kernels
+def test_state_is_the_full_layout_of_the_symmetric_state():
+    """Row a d + b of the Triton state is feature k'_a k'_b (a < d), row d d + b is k'_b, the last row 1:
+    the symmetric state's monomial (i <= j) is the full layout's row i d + j."""
+    head_dim, value_dim = 4, 3
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True)
+    state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16)[2]
+    symmetric = factored.factored_attention(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16, 0.0, "allow", "test")[2]
+    table = monomial_table(head_dim, 2)
+    d = head_dim
+    full_rows = [d * (d + 1)] + [d * d + b for b in range(d)]
+    for feature in range(1 + d, table.feature_dim):  # degree 2: feature = x_last * (parent = x_i)
+        i, j = table.last[table.parent[feature]], table.last[feature]
+        full_rows.append(i * d + j)
+    assert state.shape == (1, 1, triton_kernels.state_rows(d), value_dim + 1)
+    assert _relative_error(state[:, :, full_rows], symmetric) < 1e-5
+    lower, upper = [i * d + j for i in range(d) for j in range(d)], [j * d + i for i in range(d) for j in range(d)]
+    assert _relative_error(state[:, :, lower], state[:, :, upper]) < 1e-6  # (a, b) and (b, a): one monomial
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    head_dim, value_dim, scale = 4, 5, 0.5
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, groups=2, padding=True)
+    half = [t.to(dtype) for t in (q, k, v, key_weight)]
+    out, denominator, _ = triton_kernels.forward(*half, TAYLOR_2, scale, True, 16)
+    sweep_out = factored.factored_attention(*(t.float() for t in half), TAYLOR_2, scale, True, 16, 0.0, "allow",
+                                            "test")[0]
+    assert out.dtype == dtype and denominator.dtype == torch.float32
+    assert _relative_error(out, sweep_out) < 1e-2  # the output's own rounding: accumulation is float32
+
+
+FALLBACKS = {"degree_3": ([1.0, 1.0, 0.5, 1 / 6], torch.float32), "float64": (TAYLOR_2, torch.float64)}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("fallback", FALLBACKS)
+def test_unsupported_calls_fall_back_to_the_torch_sweep(fallback, causal):
+    coefficients, dtype = FALLBACKS[fallback]
+    q, k, v, key_weight = (t.to(dtype) for t in _inputs(20, 20, 4, 3, padding=True))
+    grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(5), dtype=dtype).to(DEVICE)
+    assert not triton_kernels.supports(q, v, coefficients)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, 0.5, causal, 8)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, 0.5,
+                                    causal, 8, True)
+    sweep_out, _, sweep_grads = _torch_sweep_values(q, k, v, key_weight, coefficients, 0.5, causal, 8, grad_out)
+    assert torch.equal(out, sweep_out)
+    for grad, sweep_grad in zip(grads, sweep_grads):
+        assert torch.equal(grad, sweep_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_degree_one_runs_the_degree_two_kernels_with_no_quadratic_term(causal):
+    coefficients = [2.0, 1.0]  # positive on the tested range |x| <= 2
+    q, k, v, key_weight = _inputs(24, 24, 4, 3, groups=2, padding=True)
+    grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, 0.5, causal, 16)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, 0.5,
+                                    causal, 16, True)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, 0.5, causal, grad_out)
+    assert _relative_error(out, exact_out) < 1e-5
+    valid = key_weight > 0
+    for name, grad, exact_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, exact_grads):
+        if name == "dkey_weight":
+            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
+        assert _relative_error(grad, exact_grad) < 1e-4, name
+
+
+# ---- compiled for a GPU, without one ---------------------------------------------------------------
+
+
+def _compiled_kernels():
+    """Every kernel with the constants a launch for d = d_v = 64 on CUDA gives it."""
+    tiles = dict(BLOCK_M=64, BLOCK_N=64, D=64, DV=64)
+    rows = dict(BLOCK_N=64, D=64, DV=64)
+    return [
+        (triton_kernels._state_kernel, rows),
+        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
+        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
+        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
+        (triton_kernels._block_forward_kernel, tiles),
+        (triton_kernels._sweep_forward_kernel, tiles),
+        (triton_kernels._block_query_backward_kernel, tiles),
+        (triton_kernels._block_key_backward_kernel, tiles),
+        (triton_kernels._sweep_backward_kernel, tiles),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() and KERNELS_RUN_HERE,
+                    reason="the kernels are interpreted in this process: nothing to compile")
+def test_kernels_compile_to_cubin_for_sm90():
+    """The interpreter accepts what the compiler may not (layouts, loop-carried types, scalar masks):
+    compile each kernel down to a cubin for the H100/H200 architecture, which needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for kernel, constants in _compiled_kernels():
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*fp32"
+            else:
+                signature[name] = "fp32" if name in ("c0", "c1", "c2") else "i32"
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+# ---- the registered op, on CUDA only -----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_triton_op_compiles_and_matches_the_torch_sweep_on_cuda(causal):
+    head_dim, value_dim, scale = 64, 64, 0.125
+    q, k, v, key_weight = _inputs(300, 300, head_dim, value_dim, groups=2, kv_heads=2, padding=True)
+    args = (TAYLOR_2, scale, causal, 64)
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (q, k, v, key_weight, *args),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, key_weight)]
+
+    def attention(q, k, v, key_weight):
+        return torch.ops.lrcompile.triton_factored_attention(q, k, v, key_weight, *args)[0]
+
+    out = torch.compile(attention, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    sweep_leaves = [t.clone().requires_grad_() for t in (q, k, v, key_weight)]
+    sweep_out = factored.factored_attention(*sweep_leaves, *args, 0.0, "allow", "test")[0]
+    sweep_grads = torch.autograd.grad(sweep_out.square().sum(), sweep_leaves)
+    assert _relative_error(out, sweep_out) < 1e-4
+    for grad, sweep_grad in zip(grads, sweep_grads):
+        assert _relative_error(grad, sweep_grad) < 1e-3
