@@ -132,8 +132,8 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
     except _MUST_PROPAGATE:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of ours falls back to the original graph
-        warnings.warn(f"lrcompile: rewriting failed ({type(error).__name__}: {error}); compiling the graph "
-                      f"unchanged", stacklevel=2)
+        warnings.warn(f"lrcompile: rewriting failed ({type(error).__name__}: {error}); compiling the graph of "
+                      f"{_modules_of(gm)} unchanged: its attention stays exact", stacklevel=2)
         return inner(gm, example_inputs)
     if on_rewrite is not None:
         on_rewrite(result)
@@ -148,6 +148,17 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
         warnings.warn(f"lrcompile: compiling the rewritten graph failed ({type(error).__name__}: {error}); "
                       f"sites {names} stay exact attention", stacklevel=2)
         return inner(gm, example_inputs)
+
+
+def _modules_of(gm: torch.fx.GraphModule) -> str:
+    """The innermost modules a graph was traced through, for a message about the whole graph."""
+    try:
+        paths = sorted(module_paths(gm.graph))
+    except Exception:  # noqa: BLE001 - a message must not fail where the rewrite already did
+        return "this graph"
+    leaves = [path for path in paths if path and not any(other.startswith(path + ".") for other in paths)]
+    shown = ", ".join(leaves[:6]) + (f" and {len(leaves) - 6} more" if len(leaves) > 6 else "")
+    return f"modules {shown}" if leaves else "the root module"
 
 
 def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, measure: bool | None = None) -> Rewrite:
