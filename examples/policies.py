@@ -9,7 +9,7 @@ One line per policy, from lrcompile.explain's report and lrcompile.stats():
                           what a call whose estimated error is above max_error does: "exact" returns
                           exact attention, "allow" checks nothing (the polynomial is the model)
 
-    python examples/policies.py              # n = 64: seconds
+    python examples/policies.py              # n = 64: about half a minute, most of it compiling
     python examples/policies.py --n 256
 """
 

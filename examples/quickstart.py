@@ -5,7 +5,7 @@ compiled model's logits against the exact model, and what the run-time accuracy 
 (lrcompile.stats()). The model is built from a small GPT2Config with random weights: nothing is
 downloaded.
 
-    python examples/quickstart.py                  # n = 64: seconds, most of them Inductor compiling
+    python examples/quickstart.py                  # n = 64: about 20 s, most of it Inductor compiling
     python examples/quickstart.py --n 512 --n-layer 4
 """
 
