@@ -1,6 +1,6 @@
 """Training-step time and peak memory of a 4-layer GPT, Inductor against lrcompile, versus n.
 
-The model is examples/gpt.py (nanoGPT's architecture: n_embd 256, 4 heads of d = 64, causal
+The model is lrcompile.models.build() (nanoGPT's architecture: n_embd 256, 4 heads of d = 64, causal
 attention through F.scaled_dot_product_attention, byte vocabulary). One training step is forward,
 cross-entropy loss, backward and an AdamW step, batch 1. Two copies of the same initial model,
 each with its own optimizer, compiled with dynamic=False by
@@ -35,14 +35,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from lrcompile import bench
+from lrcompile.models import build
+from lrcompile.policy import Policy
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # examples/ and lrcompile from a checkout
-
-import torch  # noqa: E402
-
-from examples.gpt import build  # noqa: E402
-from lrcompile import bench  # noqa: E402
-from lrcompile.policy import Policy  # noqa: E402
 
 SECTION = "model-speed"
 METHODS = ("inductor", "lrcompile", "lrcompile_default")
