@@ -399,16 +399,14 @@ def rows_seeing_no_key(example: Example) -> torch.Tensor:
     return ~seen.any(-1)
 
 
-def finite_fill_read_as_removal(example: Example) -> bool:
-    return (example.spelling.padding in ("additive_finfo", "masked_fill_large")
-            and bool(rows_seeing_no_key(example).any()))
-
-
 def documented_difference(example: Example) -> bool:
-    """A documented difference (README, "The op"): a causal row that sees no kept key under a finite
-    fill. The original graph's answer there depends on the order of its fills (a padding fill
-    written after the causal one re-opens the future keys); the rewrite averages the visible keys."""
-    return example.spelling.causal != "none" and finite_fill_read_as_removal(example)
+    """The documented differences (README, "The op") of a causal row that sees no kept key under a
+    finite mask: the rewrite averages its visible keys. The original graph's answer depends on the
+    order of its fills (a padding fill written after the causal one re-opens the future keys), and
+    on whether -1e9 + score rounds the score away (float32) or not (float64)."""
+    finite = ("additive_finfo", "masked_fill_large", "additive_large")
+    return (example.spelling.causal != "none" and example.spelling.padding in finite
+            and bool(rows_seeing_no_key(example).any()))
 
 
 
