@@ -9,7 +9,10 @@ to the largest entry), since only the order of the summations differs.
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
+import time
 import warnings
 
 import pytest
@@ -24,6 +27,7 @@ from attention_corpus import SdpaIsCausal
 
 WORLD_SIZE, BATCH, SEQ, STEPS, LR = 2, 4, 16, 3, 0.1
 TOLERANCE = 1e-10  # relative to the largest entry of each gradient; float64 throughout
+RANK_TIMEOUT_S = 300  # a hung rank fails the test instead of holding CI to its limit
 GUARD = "on_inaccurate" in getattr(lrcompile.Policy, "__dataclass_fields__", {})
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -75,7 +79,8 @@ def counting_rewrites(counts: list):
 def worker(rank: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     try:
         counts = []
         lrcompile.compiler.rewrite_graph = counting_rewrites(counts)  # this child process only
@@ -87,8 +92,13 @@ def worker(rank: int, port: int, out_dir: str):
         torch.save({"history": history, "rewritten": sum(counts),
                     "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}},
                    f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # DDP's reducer, still referenced by Dynamo's caches, would be destroyed at exit after its
+    # process group: that destructor can wait forever on gloo's thread (seen on a fresh checkout).
+    # The results are on disk, so leave without running destructors.
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -113,8 +123,12 @@ def test_ddp_gradients_agree_across_ranks_and_with_one_process_on_the_whole_batc
         history = train(single, torch.compile(single, backend=lrcompile.backend(policy())), batch())
         torch._dynamo.reset()
     finally:
-        while not ranks.join():  # raises if a rank failed
-            pass
+        deadline = time.monotonic() + RANK_TIMEOUT_S
+        while not ranks.join(timeout=max(1.0, deadline - time.monotonic())):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail(f"the DDP ranks did not finish within {RANK_TIMEOUT_S} s")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
     assert sum(counts) >= 1, "the single-process model was not rewritten"
