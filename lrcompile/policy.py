@@ -15,9 +15,10 @@ import math
 from dataclasses import dataclass, field
 
 from lrcompile import cost, native
-from lrcompile.attention import MemoryBudgetError, check_memory_budget, default_chunk_size
+from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
+from lrcompile.memory_budget import MemoryBudgetError, check_memory_budget
 from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
 
 ON_UNSUPPORTED = ("keep", "warn", "error")
