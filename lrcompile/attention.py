@@ -14,9 +14,9 @@ import warnings
 
 import torch
 
+from lrcompile import guard
 from lrcompile.factored import centre_keys, factored_attention
 from lrcompile.features import feature_dim, is_tracing
-from lrcompile.guard import ON_INACCURATE
 from lrcompile.memory_budget import check_memory_budget
 from lrcompile.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial
 
@@ -75,7 +75,7 @@ def lowrank_attention(
     q, k, v = query, key, value
     _check_tensors(q, k, v, enable_gqa)
     _check_flags(dropout_p, is_causal)
-    check_guard(max_error, on_inaccurate)
+    guard.check_settings(max_error, on_inaccurate)
     _check_degree(degree)
     head_dim = q.shape[-1]
     scale = _check_scale(scale, head_dim)
@@ -110,13 +110,6 @@ def lowrank_attention(
     if is_causal and mask3 is not None and mask3.is_floating_point():
         out = _rows_without_weight(out, denominator, v4, torch.isfinite(mask3))
     return layout.restore(out).to(q.dtype)
-
-
-def check_guard(max_error, on_inaccurate):
-    if on_inaccurate not in ON_INACCURATE:
-        raise ValueError(f"on_inaccurate must be one of {ON_INACCURATE}, got {on_inaccurate!r}")
-    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not 0 <= max_error < math.inf:
-        raise ValueError(f"max_error must be a finite number >= 0, got {max_error!r}")
 
 
 def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:

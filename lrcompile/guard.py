@@ -90,6 +90,15 @@ def measuring():
         _MEASURING.remove(measured)
 
 
+def check_settings(max_error, on_inaccurate):
+    """ValueError unless max_error is a finite number >= 0 and on_inaccurate one of ON_INACCURATE
+    (what the op and the Policy both accept)."""
+    if on_inaccurate not in ON_INACCURATE:
+        raise ValueError(f"on_inaccurate must be one of {ON_INACCURATE}, got {on_inaccurate!r}")
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not 0 <= max_error < math.inf:
+        raise ValueError(f"max_error must be a finite number >= 0, got {max_error!r}")
+
+
 def check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate) -> bool:
     """Estimate the error of `out` (B, H, G, n_q, d_v), record it, act by `on_inaccurate`.
 

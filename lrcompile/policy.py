@@ -14,7 +14,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
-from lrcompile import cost, native
+from lrcompile import cost, guard, native
 from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
@@ -63,10 +63,7 @@ class Policy:
             _check_type("memory_budget", self.memory_budget, (int, float), "a number of bytes or None")
             if not 0 < self.memory_budget < math.inf:
                 raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget!r}")
-        if not 0 <= self.max_error < math.inf:
-            raise ValueError(f"max_error must be a finite number >= 0, got {self.max_error!r}")
-        if self.on_inaccurate not in ON_INACCURATE:
-            raise ValueError(f"on_inaccurate must be one of {ON_INACCURATE}, got {self.on_inaccurate!r}")
+        guard.check_settings(self.max_error, self.on_inaccurate)
         if self.degree != "auto" and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
                                       or not 1 <= self.degree <= MAX_DEGREE):
             raise ValueError(f"degree must be an int in [1, {MAX_DEGREE}] or 'auto', got {self.degree!r}")
