@@ -10,7 +10,9 @@ and `lrcompile.factored` compute the same values with torch operations; `status(
 path is in use and why.
 
 Environment: LRCOMPILE_NATIVE=0 turns the kernels off; LRCOMPILE_CACHE_DIR moves the cache
-(default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile); CC names the compiler (default cc).
+(default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile; where it cannot be written, a directory
+of the user's own under the system's temporary directory, with a warning); CC names the compiler
+(default cc).
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ def causal_block(scores: torch.Tensor, grad: torch.Tensor | None, offset: int, g
              None if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0),
              0 if grad is None else grad.stride(1), offset, groups, coefficients.data_ptr(),
              coefficients.numel() - 1, torch.get_num_threads())
+
+
+class NativeLayoutError(RuntimeError):
+    """The C kernels and their ctypes mirror (Problem) disagree on a structure's layout."""
 
 
 class Problem(ctypes.Structure):
@@ -246,28 +252,66 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        path = _cache_dir() / f"kernels-{_build_key(compiler, version)}.so"
-        if not path.exists():
-            _build(compiler, path)
+        name = f"kernels-{_build_key(compiler, version)}.so"
+        path = _cache_dir() / name
+        if not path.exists():  # a read-only cache may still hold it; else build where we can write
+            path = _writable(path.parent) / name
+            if not path.exists():
+                _build(compiler, path)
         library = ctypes.CDLL(str(path))
         for name, (result, arguments) in _SIGNATURES.items():
             for suffix in SUFFIX.values():
                 function = getattr(library, f"{name}_{suffix}")
                 function.restype, function.argtypes = result, arguments
+        library.lrc_sizeof_problem.restype, library.lrc_sizeof_problem.argtypes = _INT64, []
     # Any failure (a missing symbol in a damaged cached .so is an AttributeError) means torch
     # operations instead: this runs inside a user's forward, which must not die of it.
     except Exception as error:  # noqa: BLE001
         return None, " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    # Not so a layout mismatch: it is a defect of this package, and running on would let C write
+    # through pointers read from the wrong offsets.
+    check_layout(library)
     return library, f"{version.splitlines()[0] if version else compiler}; {path}"
 
 
+def check_layout(library) -> None:
+    """NativeLayoutError unless the C side's lrc_problem has the size of its mirror `Problem`."""
+    c_size, mirror_size = library.lrc_sizeof_problem(), ctypes.sizeof(Problem)
+    if c_size != mirror_size:
+        raise NativeLayoutError(
+            f"lrcompile: the C kernels' lrc_problem is {c_size} bytes but its ctypes mirror native.Problem is "
+            f"{mirror_size}: csrc/kernels.c and lrcompile/native.py disagree on its fields; refusing to call "
+            f"the kernels (they would read and write the wrong addresses). Set LRCOMPILE_NATIVE=0 to run "
+            f"without them")
+
+
 def _cache_dir() -> Path:
+    """Where built kernels are kept: LRCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/lrcompile."""
     root = os.environ.get("LRCOMPILE_CACHE_DIR")
     if root is None:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lrcompile"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root)
+
+
+def _writable(directory: Path) -> Path:
+    """`directory`, created if needed; where it cannot be written, a directory of this user's own
+    under the temporary directory, with a warning naming both."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK | os.X_OK):
+            return directory
+        problem = "no write permission"
+    except OSError as error:
+        problem = f"{type(error).__name__}: {error}"
+    fallback = Path(tempfile.gettempdir()) / f"lrcompile-{os.getuid()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    if fallback.stat().st_uid != os.getuid() or fallback.stat().st_mode & 0o022:
+        # another user's (or a shared-writable) directory could hold a planted library
+        fallback = Path(tempfile.mkdtemp(prefix="lrcompile-"))
+    warnings.warn(f"lrcompile: the kernel cache {directory} cannot be written ({problem}); building the C "
+                  f"kernels in {fallback} instead (set LRCOMPILE_CACHE_DIR to a writable directory to keep them)",
+                  stacklevel=2)
+    return fallback
 
 
 def _build_key(compiler: str, version: str) -> str:

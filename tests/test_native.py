@@ -7,8 +7,10 @@ to torch would hide a broken kernel behind a slower but correct path.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +96,34 @@ def test_only_float32_and_float64_cpu_tensors_take_the_native_path():
     assert FeatureMap(table, None, torch.empty(1)).native is not None
     assert FeatureMap(table, None, torch.empty(1, dtype=torch.bfloat16)).native is None
     assert FeatureMap(table, None, torch.empty(1, device="meta")).native is None
+
+
+def test_a_struct_whose_ctypes_mirror_differs_from_the_c_side_is_refused(monkeypatch):
+    class Widened(native.Problem):  # a field added in Python only
+        _fields_ = [("extra", native.ctypes.c_int64)]
+
+    assert native.library() is not None
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "Problem", Widened)
+    with pytest.raises(native.NativeLayoutError, match=r"lrc_problem is \d+ bytes but its ctypes mirror native.Problem is"):
+        native.library()
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory_and_says_so(monkeypatch, tmp_path):
+    assert native.library() is not None
+    built = Path(native.status().rsplit("; ", 1)[1].rstrip(")"))  # "native C kernels (compiler; path)"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    temporary = tmp_path / "tmp"
+    fallback = temporary / f"lrcompile-{os.getuid()}"
+    fallback.mkdir(parents=True, mode=0o700)
+    shutil.copy(built, fallback / built.name)  # the same build: found there instead of compiled again
+    monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(temporary))
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(UserWarning, match=f"kernel cache {blocker / 'cache'} cannot be written .* in {fallback} instead"):
+        assert native.library() is not None
+    assert native.status().endswith(f"{fallback / built.name})")
 
 
 def _run_fresh_python(code, **environment):

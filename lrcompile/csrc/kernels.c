@@ -24,6 +24,10 @@ typedef struct {
     void *gemm;
 } lrc_problem;
 
+/* native.py compares this with the size of its ctypes mirror when it loads the library: a field
+ * added on one side only would otherwise make every later field land at the wrong address. */
+int64_t lrc_sizeof_problem(void) { return (int64_t)sizeof(lrc_problem); }
+
 #define real float
 #define SUFFIX(name) name##_f32
 #include "features.h"
