@@ -18,7 +18,7 @@ from lrcompile import guard
 from lrcompile.factored import centre_keys, factored_attention
 from lrcompile.features import feature_dim, is_tracing
 from lrcompile.memory_budget import check_memory_budget
-from lrcompile.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial
+from lrcompile.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial, needs_bound, polynomial_without_bound
 
 SUPPORTED_MASKS = "None, is_causal, or a key-padding mask broadcast over queries (shape (..., 1, n_k))"
 
@@ -124,10 +124,8 @@ def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:
 
 def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, causal) -> ExpPolynomial:
     """The polynomial the op will use, refusing one that is not positive on the score range."""
-    if bound is None and approximation == "taylor" and isinstance(degree, int) and degree % 2 == 0:
-        # Even Taylor polynomials are positive on all of R and their coefficients 1/m! do not
-        # depend on B, so no range is needed (and none is measured: no device sync).
-        return exp_polynomial(degree, 1.0, "taylor")
+    if bound is None and not needs_bound(degree, approximation):
+        return polynomial_without_bound(degree, approximation)  # no range measured: no device sync
     given = bound is not None
     if not given:
         if is_tracing(q):
@@ -138,9 +136,8 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, cau
             )
         bound = _finite_score_bound(q, k, key_weight, scale, causal, approximation, degree)
     polynomial = exp_polynomial(degree, bound, approximation)
-    positive_everywhere = approximation == "taylor" and degree % 2 == 0
     # An estimated bound is the measured range already; only a caller's bound can fall short of it.
-    if given and not positive_everywhere and not is_tracing(q):
+    if given and needs_bound(degree, approximation) and not is_tracing(q):
         measured = score_bound(q, k, key_weight, scale, causal)
         if measured > polynomial.bound:
             warnings.warn(

@@ -19,7 +19,8 @@ from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
 from lrcompile.memory_budget import MemoryBudgetError, check_memory_budget
-from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
+from lrcompile.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial,
+                                  needs_bound)
 
 ON_UNSUPPORTED = ("keep", "warn", "error")
 
@@ -86,8 +87,8 @@ class Policy:
     @property
     def needs_score_range(self) -> bool:
         """Whether decisions depend on the sites' score ranges (measured when bound is None)."""
-        return (self.degree == "auto" or self.approximation != "taylor" or self.tolerance is not None
-                or (isinstance(self.degree, int) and self.degree % 2 == 1))
+        return (self.degree == "auto" or self.tolerance is not None
+                or needs_bound(self.degree, self.approximation))
 
 
 def _check_type(name, value, types, accepted):
@@ -199,8 +200,8 @@ def _choose_degree(policy: Policy, score_range: float | None) -> Decision:
         return Decision(True, degree=degree, polynomial=exp_polynomial(degree, score_range, approximation))
     degree = policy.degree
     if score_range is None:
-        if approximation == "taylor" and degree % 2 == 0:
-            return Decision(True, degree=degree)  # positive everywhere; no range needed
+        if not needs_bound(degree, approximation):
+            return Decision(True, degree=degree)
         return Decision(False, f"{approximation} degree {degree} needs a score range to be used safely: set "
                                f"Policy(bound=...) or compile with real inputs")
     try:
