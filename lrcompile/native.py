@@ -12,7 +12,7 @@ path is in use and why.
 Environment: LRCOMPILE_NATIVE=0 turns the kernels off; LRCOMPILE_CACHE_DIR moves the cache
 (default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile; where it cannot be written, a directory
 of the user's own under the system's temporary directory, with a warning); CC names the compiler
-(default cc).
+(default cc). Which calls the kernels run is decided by `lrcompile.kernels`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from lrcompile.threads import worth_splitting
 
 SOURCES = Path(__file__).parent / "csrc"
 MAIN_SOURCE = SOURCES / "kernels.c"  # includes the others
@@ -67,10 +65,6 @@ def status() -> str:
     if library() is None:
         return f"torch operations ({_state['reason']})"
     return f"native C kernels ({_state['reason']})"
-
-
-def supports(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
 
 
 class FeatureKernels:
@@ -146,8 +140,8 @@ class Sweep:
     """The forward and backward sweeps of lrcompile.factored in C, one head per thread.
 
     Tensors are those of factored._Sweeps, flattened to (heads, rows, .) and contiguous; states
-    and the (e, rows) outputs are transposed, as sweeps.h describes. Built by `sweep()`, which
-    says when this path applies.
+    and the (e, rows) outputs are transposed, as sweeps.h describes. Built by `sweep()` where
+    `lrcompile.kernels.sweep` says the C sweep runs.
     """
 
     def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk: int, causal: bool,
@@ -160,7 +154,7 @@ class Sweep:
         self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk=chunk, causal=int(causal),
                            degree=self._polynomial.numel() - 1, threads=threads, parent=features.tables[0],
                            last=features.tables[1], phi_coefficients=features.tables[2],
-                           polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
+                           polynomial=self._polynomial.data_ptr(), gemm=gemm_address(dtype))
 
     def forward(self, rows, keys, weighted, groups):
         """(O^ transposed (heads, e, N), S transposed (heads, e, r))."""
@@ -190,21 +184,12 @@ class Sweep:
             raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
 
 
-def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep | None:
-    """The native sweep for `rows` (heads, N, d), or None where the torch sweep should run instead.
-
-    It runs heads in parallel, one per thread, with single-threaded products: used when there are
-    enough heads to keep every thread busy (see lrcompile.threads) and torch's BLAS is found.
-    """
-    threads = torch.get_num_threads()
-    if features is None or (threads > 1 and not worth_splitting(rows, rows.shape[0], threads)):
-        return None
-    if _gemm_address(rows.dtype) is None:
-        return None
-    return Sweep(features, polynomial, chunk, causal, rows.dtype, threads)
+def sweep(features: FeatureKernels, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep:
+    """The C sweep for `rows` (heads, N, d): heads in parallel, one per thread, single-threaded products."""
+    return Sweep(features, polynomial, chunk, causal, rows.dtype, torch.get_num_threads())
 
 
-def _gemm_address(dtype: torch.dtype) -> int | None:
+def gemm_address(dtype: torch.dtype) -> int | None:
     """Address of the Fortran ?gemm_ of the BLAS torch uses (MKL here), None where none is found."""
     key = ("gemm", dtype)
     if key not in _state:
