@@ -184,9 +184,9 @@ def _horner(coefficients, x):
     return result
 
 
-def _spans(length, chunk):
-    for start in range(0, length, chunk):
-        yield start, min(start + chunk, length)
+def _spans(length, chunk_size):
+    for start in range(0, length, chunk_size):
+        yield start, min(start + chunk_size, length)
 
 
 class _Sweeps:
@@ -211,7 +211,7 @@ class _Sweeps:
         self.psi = FeatureMap(self.table, None, q, in_c)
         self.root_scale = scale**0.5
         self.causal = causal
-        self.chunk = chunk_size
+        self.chunk_size = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
         self._masks = {}
         self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
@@ -254,7 +254,7 @@ class _Sweeps:
         """The C sweep (lrcompile.native.Sweep) where lrcompile.kernels says it runs, else None: the sweeps below run."""
         if self.phi.native is None or kernels.sweep(self.implementation, rows.shape[0], rows.dtype) != "c":
             return None
-        return native.sweep(self.phi.native, self.polynomial, self.chunk, self.causal, rows)
+        return native.sweep(self.phi.native, self.polynomial, self.chunk_size, self.causal, rows)
 
     def forward(self, q, k, v_hat, key_weight):
         batch, heads, groups = q.shape[:3]
@@ -308,16 +308,16 @@ class _Sweeps:
     def key_state(self, keys, weighted):
         """S = sum_j psi(k'_j)^T W^_j: (BH, r, d_v + 1)."""
         state = self.new_state(keys, weighted.shape[-1])
-        psi = self.buffer(keys, min(self.chunk, keys.shape[1]))
-        for a, b in _spans(keys.shape[1], self.chunk):
+        psi = self.buffer(keys, min(self.chunk_size, keys.shape[1]))
+        for a, b in _spans(keys.shape[1], self.chunk_size):
             state.baddbmm_(self.psi(keys[:, a:b], psi[..., :b - a]), weighted[:, a:b])
         return state
 
     def query_outputs(self, rows, state):
         """O^ = phi(Q') S: (BH, rows, d_v + 1)."""
         out_hat = self.new_rows(rows, rows.shape[1], state.shape[-1])
-        phi = self.buffer(rows, min(self.chunk, rows.shape[1]))
-        for a, b in _spans(rows.shape[1], self.chunk):
+        phi = self.buffer(rows, min(self.chunk_size, rows.shape[1]))
+        for a, b in _spans(rows.shape[1], self.chunk_size):
             torch.bmm(self.phi(rows[:, a:b], phi[..., :b - a]).mT, state, out=out_hat[:, a:b])
         return out_hat
 
@@ -325,8 +325,8 @@ class _Sweeps:
         """dq' rows from dphi = S G^, and R = sum_i phi(q'_i)^T G^_i."""
         query_state = self.new_state(rows, state.shape[-1])
         dq = torch.empty_like(rows)
-        phi, d_phi = (self.buffer(rows, min(self.chunk, rows.shape[1])) for _ in range(2))
-        for a, b in _spans(rows.shape[1], self.chunk):
+        phi, d_phi = (self.buffer(rows, min(self.chunk_size, rows.shape[1])) for _ in range(2))
+        for a, b in _spans(rows.shape[1], self.chunk_size):
             query_state.baddbmm_(self.phi(rows[:, a:b], phi[..., :b - a]), g_rows[:, a:b])
             torch.bmm(state, g_rows[:, a:b].mT, out=d_phi[..., :b - a])
             self.phi.backward(rows[:, a:b], d_phi[..., :b - a], dq[:, a:b])
@@ -336,8 +336,8 @@ class _Sweeps:
         """dk' from dpsi = R W^, and U = psi R for every key: (BH, n_k, d), (BH, n_k, d_v + 1)."""
         dk = torch.empty_like(keys)
         key_grads = self.new_rows(keys, keys.shape[1], weighted.shape[-1])
-        psi, d_psi = (self.buffer(keys, min(self.chunk, keys.shape[1])) for _ in range(2))
-        for a, b in _spans(keys.shape[1], self.chunk):
+        psi, d_psi = (self.buffer(keys, min(self.chunk_size, keys.shape[1])) for _ in range(2))
+        for a, b in _spans(keys.shape[1], self.chunk_size):
             torch.bmm(self.psi(keys[:, a:b], psi[..., :b - a]).mT, query_state, out=key_grads[:, a:b])
             torch.bmm(query_state, weighted[:, a:b].mT, out=d_psi[..., :b - a])
             self.psi.backward(keys[:, a:b], d_psi[..., :b - a], dk[:, a:b])
@@ -349,15 +349,15 @@ class _Sweeps:
     # [min(a, n_k), min(b, n_k)); keys past n_q are never seen.
 
     def chunks(self, n_q, n_k):
-        for a, b in _spans(n_q, self.chunk):
+        for a, b in _spans(n_q, self.chunk_size):
             yield a, b, min(a, n_k), min(b, n_k)
 
     def causal_forward(self, rows, keys, weighted, groups):
         n_q, n_k = rows.shape[1] // groups, keys.shape[1]
         state = self.new_state(keys, weighted.shape[-1])
         out_hat = self.new_rows(rows, rows.shape[1], weighted.shape[-1])
-        phi = self.buffer(rows, min(self.chunk, n_q) * groups)
-        psi = self.buffer(keys, min(self.chunk, n_k))
+        phi = self.buffer(rows, min(self.chunk_size, n_q) * groups)
+        psi = self.buffer(keys, min(self.chunk_size, n_k))
         for a, b, ka, kb in self.chunks(n_q, n_k):
             q_rows, out_rows = rows[:, a * groups:b * groups], out_hat[:, a * groups:b * groups]
             torch.bmm(self.phi(q_rows, phi[..., :q_rows.shape[1]]).mT, state, out=out_rows)  # earlier chunks
@@ -374,8 +374,8 @@ class _Sweeps:
         dq = torch.empty_like(rows)
         dk = torch.zeros_like(keys)  # keys past the last query stay zero: nothing sees them
         key_grads = self.new_rows(keys, n_k, weighted.shape[-1], zero=True)
-        phi = self.buffer(rows, min(self.chunk, n_q) * groups)
-        psi = self.buffer(keys, min(self.chunk, n_k))
+        phi = self.buffer(rows, min(self.chunk_size, n_q) * groups)
+        psi = self.buffer(keys, min(self.chunk_size, n_k))
         d_features = self.buffer(rows, max(phi.shape[-1], psi.shape[-1]))
         for a, b, ka, kb in reversed(list(self.chunks(n_q, n_k))):
             q_rows, g_chunk = rows[:, a * groups:b * groups], g_rows[:, a * groups:b * groups]

@@ -130,7 +130,7 @@ class Problem(ctypes.Structure):
     """lrc_problem of csrc/kernels.c: one attention call, every head (layouts in csrc/sweeps.h)."""
 
     _fields_ = [(name, ctypes.c_int64) for name in (
-        "heads", "groups", "n_q", "n_k", "d", "e", "r", "r_lower", "chunk", "causal", "degree", "threads")] + [
+        "heads", "groups", "n_q", "n_k", "d", "e", "r", "r_lower", "chunk_size", "causal", "degree", "threads")] + [
         (name, ctypes.c_void_p) for name in (
             "rows", "keys", "weighted", "g_rows", "state", "out", "dq", "dk", "parent", "last",
             "phi_coefficients", "polynomial", "gemm")]
@@ -144,14 +144,14 @@ class Sweep:
     `lrcompile.kernels.sweep` says the C sweep runs.
     """
 
-    def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk: int, causal: bool,
+    def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk_size: int, causal: bool,
                  dtype: torch.dtype, threads: int):
         lib = library()
         self._forward = getattr(lib, f"lrc_forward_{SUFFIX[dtype]}")
         self._backward = getattr(lib, f"lrc_backward_{SUFFIX[dtype]}")
         self._features = features
         self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
-        self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk=chunk, causal=int(causal),
+        self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk_size=chunk_size, causal=int(causal),
                            degree=self._polynomial.numel() - 1, threads=threads, parent=features.tables[0],
                            last=features.tables[1], phi_coefficients=features.tables[2],
                            polynomial=self._polynomial.data_ptr(), gemm=gemm_address(dtype))
@@ -184,9 +184,9 @@ class Sweep:
             raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
 
 
-def sweep(features: FeatureKernels, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep:
+def sweep(features: FeatureKernels, polynomial, chunk_size: int, causal: bool, rows: torch.Tensor) -> Sweep:
     """The C sweep for `rows` (heads, N, d): heads in parallel, one per thread, single-threaded products."""
-    return Sweep(features, polynomial, chunk, causal, rows.dtype, torch.get_num_threads())
+    return Sweep(features, polynomial, chunk_size, causal, rows.dtype, torch.get_num_threads())
 
 
 def gemm_address(dtype: torch.dtype) -> int | None:

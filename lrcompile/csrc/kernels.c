@@ -16,7 +16,7 @@
 /* One attention call, every head: what lrc_forward / lrc_backward read and write. Mirrored by
  * native.Problem (ctypes); the layouts are those of sweeps.h. */
 typedef struct {
-    int64_t heads, groups, n_q, n_k, d, e, r, r_lower, chunk, causal, degree, threads;
+    int64_t heads, groups, n_q, n_k, d, e, r, r_lower, chunk_size, causal, degree, threads;
     const void *rows, *keys, *weighted, *g_rows;
     void *state, *out, *dq, *dk;
     const int32_t *parent, *last;
