@@ -37,6 +37,7 @@ from lrcompile.threads import fills_threads
 
 IMPLEMENTATIONS = ("c", "triton", "torch")
 ENVIRONMENT_VARIABLE = "LRCOMPILE_KERNELS"
+_PREFERRED = {"cuda": "triton", "cpu": "c"}  # each device's own kernels; "torch" wherever they cannot run
 
 
 class KernelUnavailableError(RuntimeError):
@@ -70,6 +71,7 @@ class Choice:
 
     implementation: str  # "c" | "triton" | "torch"
     sweep: str           # "c" (native.Sweep) | "torch" (factored._Sweeps) | "triton"
+    reason: str = ""     # why not the device's own kernels, or that LRCOMPILE_KERNELS chose; "" otherwise
 
     @property
     def label(self) -> str:
@@ -108,7 +110,7 @@ def select(device, dtype: torch.dtype, degree: int, head_dim: int, value_dim: in
         if problem:
             raise KernelUnavailableError(f"{ENVIRONMENT_VARIABLE}={wanted} cannot run this call: {problem}")
         return wanted
-    preferred = {"cuda": "triton", "cpu": "c"}.get(device)
+    preferred = _PREFERRED.get(device)
     if preferred and not why_not(preferred, device, dtype, degree, head_dim, value_dim):
         return preferred
     return "torch"
@@ -175,4 +177,12 @@ def sweep(implementation: str, heads: int, dtype: torch.dtype, threads: int | No
 def choose(device, dtype: torch.dtype, degree: int, head_dim: int, value_dim: int, heads: int) -> Choice:
     """The implementation and the sweep a call would run with, as `select` and `sweep` decide."""
     implementation = select(device, dtype, degree, head_dim, value_dim)
-    return Choice(implementation, sweep(implementation, heads, dtype))
+    device = torch.device(device).type
+    preferred = _PREFERRED.get(device)
+    if forced() is not None:
+        reason = f"{ENVIRONMENT_VARIABLE}={implementation}"
+    elif preferred is not None and implementation != preferred:
+        reason = why_not(preferred, device, dtype, degree, head_dim, value_dim)
+    else:
+        reason = ""
+    return Choice(implementation, sweep(implementation, heads, dtype), reason)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lrcompile import cost, guard, kernels, native
+from lrcompile import cost, guard, kernels
 from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
@@ -188,9 +188,8 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
         return (f"the cost model is not calibrated for {device} devices (benchmarks/op_speed.py --calibrate "
                 f"there), so exact attention is kept; Policy(cost_model=False) forces the rewrite")
     if device == "cpu" and decision.kernel.implementation != "c":
-        runs = (f"unavailable here ({native.status()})" if native.library() is None else
-                f"but this site would run the {decision.kernel.label} implementation ({kernels.ENVIRONMENT_VARIABLE})")
-        return (f"the cost model is calibrated for lrcompile's C kernels, {runs}, so exact attention is kept; "
+        return (f"the cost model is calibrated for lrcompile's C kernels, but this site would run the "
+                f"{decision.kernel.label} implementation ({decision.kernel.reason}), so exact attention is kept; "
                 f"Policy(cost_model=False) forces the rewrite")
     if not _holds(decision.flops_lowrank / ratio < decision.flops_exact):
         crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)

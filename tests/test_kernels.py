@@ -73,6 +73,15 @@ def test_choice_names_the_slower_cpu_path():
     assert kernels.choose("cpu", torch.float32, 2, 8, 8, heads=4).label == "c"
 
 
+def test_a_choice_says_why_a_device_does_not_run_its_own_kernels(monkeypatch):
+    monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
+    choice = kernels.choose("cpu", torch.float32, 2, 8, 8, heads=4)
+    assert (choice.implementation, choice.label) == ("torch", "torch")
+    assert choice.reason.startswith("the C kernels are unavailable (torch operations (LRCOMPILE_NATIVE=0)")
+    monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
+    assert kernels.choose("cpu", torch.float32, 2, 8, 8, heads=4).reason == "LRCOMPILE_KERNELS=torch"
+
+
 # ---- LRCOMPILE_KERNELS --------------------------------------------------------------------------
 
 
@@ -294,4 +303,4 @@ def test_the_cost_model_keeps_cpu_sites_that_would_run_the_torch_sweep(monkeypat
                            is_causal=False, query_shape=(2, 4, 8192, 64), key_shape=(2, 4, 8192, 64),
                            value_shape=(2, 4, 8192, 64), device="cpu")
     decision = decide(site, Policy())
-    assert not decision.rewrite and "would run the torch implementation" in decision.reason
+    assert not decision.rewrite and "would run the torch implementation (LRCOMPILE_KERNELS=torch)" in decision.reason
