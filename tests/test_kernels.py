@@ -304,3 +304,42 @@ def test_the_cost_model_keeps_cpu_sites_that_would_run_the_torch_sweep(monkeypat
                            value_shape=(2, 4, 8192, 64), device="cpu")
     decision = decide(site, Policy())
     assert not decision.rewrite and "would run the torch implementation (LRCOMPILE_KERNELS=torch)" in decision.reason
+
+
+def _site(device, n=4096, d=64):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name="softmax", module_path="h.0", supported=True, reason="", replacement=None,
+                           is_causal=True, query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d),
+                           device=device)
+
+
+@needs_c
+def test_the_policy_picks_the_kernels_by_the_sites_device():
+    from lrcompile.policy import Policy, decide
+
+    cpu = decide(_site("cpu"), Policy(cost_model=False, causal_chunk=64))
+    assert cpu.config == KernelConfig("c", TAYLOR_2, 64, 0.01, "exact", "h.0:softmax")
+    assert cpu.lowrank_kwargs == dict(config=cpu.config, memory_budget=None)
+    pytest.importorskip("triton")
+    cuda = decide(_site("cuda"), Policy(cost_model=False))
+    assert cuda.config.implementation == "triton" and cuda.kernel.label == "triton"
+    cuda_degree_4 = decide(_site("cuda", d=8), Policy(degree=4, cost_model=False))
+    assert cuda_degree_4.kernel.implementation == "torch" and "degree <= 2" in cuda_degree_4.kernel.reason
+
+
+@needs_c
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_rewritten_cpu_site_runs_the_c_op_with_the_policys_config():
+    from lrcompile.compiler import rewrite_graph
+
+    model, inputs = gpt2(n=32)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(rewrite_graph(gm, example_inputs, lrcompile.Policy(cost_model=False)))
+        return graphs[-1].graph_module.forward
+
+    torch.compile(model, backend=recording)(*inputs)
+    code = graphs[0].code_after
+    assert code.count("KernelConfig(") == 2 and "('c', (1.0, 1.0, 0.5)" in code
