@@ -251,7 +251,8 @@ class _Sweeps:
     # ---- entry points -------------------------------------------------------------------------
 
     def native_sweep(self, rows):
-        """The C sweep (lrcompile.native.Sweep) where lrcompile.kernels says it runs, else None: the sweeps below run."""
+        """The C sweep (lrcompile.native.Sweep) where lrcompile.kernels says it runs; else None, and the
+        sweeps below run."""
         if self.phi.native is None or kernels.sweep(self.implementation, rows.shape[0], rows.dtype) != "c":
             return None
         return native.sweep(self.phi.native, self.polynomial, self.chunk_size, self.causal, rows)

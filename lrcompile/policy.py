@@ -22,8 +22,8 @@ from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
 from lrcompile.kernels import KernelConfig, KernelUnavailableError
 from lrcompile.memory_budget import MemoryBudgetError, check_memory_budget
-from lrcompile.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial,
-                                  needs_bound, polynomial_without_bound)
+from lrcompile.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for,
+                                  exp_polynomial, needs_bound, polynomial_without_bound)
 from passes.graph_walk import dtype_of
 
 ON_UNSUPPORTED = ("keep", "warn", "error")
@@ -155,8 +155,9 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
     decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
     try:
+        kv_heads = _example_size(math.prod(k_shape[:-2]))  # batch x key/value heads: the sweeps' problems
         decision.kernel = kernels.choose(site.device or "meta", kernels.compute_dtype(_dtype(site)), degree,
-                                         int(head_dim), _example_size(value_dim), _example_size(math.prod(k_shape[:-2])))
+                                         int(head_dim), _example_size(value_dim), kv_heads)
     except KernelUnavailableError as error:
         decision.rewrite, decision.reason = False, str(error)
         return decision

@@ -19,7 +19,7 @@ import lrcompile
 from lrcompile import attention, guard, kernels, native
 from lrcompile.kernels import KernelConfig, KernelUnavailableError
 from lrcompile.models import gpt2
-from lrcompile.reference import exact_attention, polynomial_attention, random_attention_inputs
+from lrcompile.reference import polynomial_attention, random_attention_inputs
 
 TAYLOR_2 = (1.0, 1.0, 0.5)
 needs_c = pytest.mark.skipif(not native.enabled() or native.library() is None, reason="C kernels unavailable")
@@ -103,7 +103,8 @@ def test_the_variable_is_read_at_every_selection(monkeypatch):
 
 def test_an_invalid_value_names_the_variable_and_the_accepted_ones(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_KERNELS", "cuda")
-    with pytest.raises(ValueError, match=r"LRCOMPILE_KERNELS='cuda' is not an implementation; accepted: c, triton, torch"):
+    accepted = r"LRCOMPILE_KERNELS='cuda' is not an implementation; accepted: c, triton, torch"
+    with pytest.raises(ValueError, match=accepted):
         kernels.select("cpu", torch.float32, 2, 8, 8)
     q = torch.randn(1, 1, 4, 2)
     with pytest.raises(ValueError, match="LRCOMPILE_KERNELS"):
@@ -128,7 +129,8 @@ def test_an_implementation_that_cannot_run_the_call_is_an_error_naming_the_varia
 def test_forcing_c_without_the_library_says_why(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
     monkeypatch.setenv("LRCOMPILE_KERNELS", "c")
-    with pytest.raises(KernelUnavailableError, match=r"LRCOMPILE_KERNELS=c .*unavailable \(torch operations \(LRCOMPILE_NATIVE=0\)"):
+    why = r"LRCOMPILE_KERNELS=c .*unavailable \(torch operations \(LRCOMPILE_NATIVE=0\)"
+    with pytest.raises(KernelUnavailableError, match=why):
         lrcompile.lowrank_attention(*(torch.randn(1, 1, 4, 2) for _ in range(3)))
 
 
