@@ -3,8 +3,9 @@
 This module owns what a caller sees: argument checking, the layouts SDPA accepts (leading batch
 and head axes broadcast against each other, GQA heads), masks turned into key weights, rows with
 no key to attend to, dtypes, and the choice of polynomial; it asks `lrcompile.memory_budget`
-whether the feature states fit and `lrcompile.guard` how accurate a call is. The arithmetic lives in
-`lrcompile.factored`.
+whether the feature states fit, `lrcompile.kernels` which implementation runs the call (the
+`KernelConfig` it is handed), and `lrcompile.guard` how accurate a call is. The arithmetic lives
+in `lrcompile.factored` (and the C and Triton kernels that compute the same).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import warnings
 
 import torch
 
-from lrcompile import guard
+from lrcompile import guard, kernels
 from lrcompile.factored import centre_keys, factored_attention
 from lrcompile.features import feature_dim, is_tracing
+from lrcompile.kernels import KernelConfig
 from lrcompile.memory_budget import check_memory_budget
-from lrcompile.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial
+from lrcompile.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial, needs_bound, polynomial_without_bound
 
 SUPPORTED_MASKS = "None, is_causal, or a key-padding mask broadcast over queries (shape (..., 1, n_k))"
 
@@ -41,6 +43,7 @@ def lowrank_attention(
     on_inaccurate: str = "allow",
     site_label: str = "lowrank_attention",
     memory_budget: int | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """Softmax attention with exp replaced by a degree-`degree` polynomial, in O(n r d).
 
@@ -69,12 +72,21 @@ def lowrank_attention(
         the policy's "exact" / "warn" / "error", and `site_label` names the counters of lrcompile.stats().
     memory_budget: bytes the feature-sized states may take (see `state_bytes`); None:
         DEFAULT_MEMORY_BUDGET. A call over budget raises MemoryBudgetError before allocating.
+    config: a `lrcompile.kernels.KernelConfig` decided beforehand (the backend's rewrites pass the
+        policy's); it replaces degree, approximation, bound, chunk_size, max_error, on_inaccurate
+        and site_label, which must then be left at their defaults. Without it, one is built here:
+        the polynomial as above, the implementation by `lrcompile.kernels.select`.
 
     Low-precision inputs are computed in float32 and returned in their own dtype.
     """
     q, k, v = query, key, value
     _check_tensors(q, k, v, enable_gqa)
     _check_flags(dropout_p, is_causal)
+    if config is not None:
+        _check_config_alone(config, degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
+                            max_error=max_error, on_inaccurate=on_inaccurate, site_label=site_label)
+        degree, chunk_size = config.degree, config.chunk_size
+        max_error, on_inaccurate, site_label = config.max_error, config.on_inaccurate, config.site_label
     guard.check_settings(max_error, on_inaccurate)
     _check_degree(degree)
     head_dim = q.shape[-1]
@@ -87,7 +99,7 @@ def lowrank_attention(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(head_dim, degree, is_causal)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute_dtype = kernels.compute_dtype(q.dtype)
     if layout.is_empty:
         return _empty_attention(q, k, v, attn_mask, layout)
     check_memory_budget(head_dim, v.shape[-1], degree, layout.batch_heads, min(chunk, layout.rows), compute_dtype,
@@ -103,13 +115,46 @@ def lowrank_attention(
         if mask3.is_floating_point():
             absorbed = _scores_absorbed(peak, q5, k4, scale)  # (B, 1)
             q5 = q5.masked_fill(absorbed[:, :, None, None, None], 0.0)
-    polynomial = choose_polynomial(degree, approximation, bound, q5, k4, key_weight, scale, bool(is_causal))
+    if config is None:
+        polynomial = choose_polynomial(degree, approximation, bound, q5, k4, key_weight, scale, bool(is_causal))
+        implementation = kernels.select(q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
+        config = KernelConfig(implementation, tuple(polynomial.coefficients), chunk, float(max_error), on_inaccurate,
+                              str(site_label))
+    else:
+        kernels.check(config.implementation, q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
 
-    out, denominator, _, _ = factored_attention(q5, k4, v4, key_weight, list(polynomial.coefficients), scale,
-                                                bool(is_causal), chunk, float(max_error), on_inaccurate, str(site_label))
+    out, denominator = _factored(config, q5, k4, v4, key_weight, scale, bool(is_causal))
     if is_causal and mask3 is not None and mask3.is_floating_point():
         out = _rows_without_weight(out, denominator, v4, torch.isfinite(mask3))
     return layout.restore(out).to(q.dtype)
+
+
+def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: bool):
+    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q)) from the op `config.implementation` runs on,
+    guarded (lrcompile.guard) either way."""
+    coefficients = list(config.coefficients)
+    if config.implementation == "triton":
+        from lrcompile import triton_kernels  # noqa: F401 - registers the op; imports triton only where it runs
+        out, denominator, _ = torch.ops.lrcompile.triton_factored_attention(
+            q, k, v, key_weight, coefficients, scale, causal, config.chunk_size)
+        out, _ = guard.guarded_output(out, q, k, v, key_weight, scale, causal, config.max_error,
+                                      config.on_inaccurate, config.site_label)
+        return out, denominator
+    out, denominator, _, _ = factored_attention(q, k, v, key_weight, coefficients, scale, causal, config.chunk_size,
+                                                config.max_error, config.on_inaccurate, config.site_label,
+                                                config.implementation)
+    return out, denominator
+
+
+def _check_config_alone(config, **settings):
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a lrcompile.kernels.KernelConfig, got {type(config).__name__}")
+    defaults = dict(degree=2, approximation="taylor", bound=None, chunk_size=None, max_error=0.01,
+                    on_inaccurate="allow", site_label="lowrank_attention")
+    given = [f"{name}={value!r}" for name, value in settings.items() if value != defaults[name]]
+    if given:
+        raise TypeError(f"config= already holds the polynomial, chunk size and guard settings; got {', '.join(given)} "
+                        f"as well: pass one or the other")
 
 
 def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:
@@ -124,10 +169,8 @@ def default_chunk_size(head_dim: int, degree: int, causal: bool) -> int:
 
 def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, causal) -> ExpPolynomial:
     """The polynomial the op will use, refusing one that is not positive on the score range."""
-    if bound is None and approximation == "taylor" and isinstance(degree, int) and degree % 2 == 0:
-        # Even Taylor polynomials are positive on all of R and their coefficients 1/m! do not
-        # depend on B, so no range is needed (and none is measured: no device sync).
-        return exp_polynomial(degree, 1.0, "taylor")
+    if bound is None and not needs_bound(degree, approximation):
+        return polynomial_without_bound(degree, approximation)  # no range measured: no device sync
     given = bound is not None
     if not given:
         if is_tracing(q):
@@ -138,9 +181,8 @@ def choose_polynomial(degree, approximation, bound, q, k, key_weight, scale, cau
             )
         bound = _finite_score_bound(q, k, key_weight, scale, causal, approximation, degree)
     polynomial = exp_polynomial(degree, bound, approximation)
-    positive_everywhere = approximation == "taylor" and degree % 2 == 0
     # An estimated bound is the measured range already; only a caller's bound can fall short of it.
-    if given and not positive_everywhere and not is_tracing(q):
+    if given and needs_bound(degree, approximation) and not is_tracing(q):
         measured = score_bound(q, k, key_weight, scale, causal)
         if measured > polynomial.bound:
             warnings.warn(

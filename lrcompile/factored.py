@@ -41,8 +41,9 @@ once per call: memory stays O(n d + r d_v) per head, never an n x n or an n x r 
 chunk the work is a few large matrix products and one pass of the feature maps.
 
 On the CPU the same sweeps also exist in C (lrcompile.native.Sweep, csrc/sweeps.h), one head per
-core, and run wherever they build; the sweeps here are then the reference the tests hold them to,
-and the path on other devices.
+core; `lrcompile.kernels` decides per call which runs (the op's `implementation` argument: "c"
+or "torch"). The sweeps here are the reference the tests hold every other implementation to,
+and the path wherever no other runs.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import functools
 
 import torch
 
-from lrcompile import guard, native
+from lrcompile import guard, kernels, native
 from lrcompile.features import FeatureMap, MonomialTable, feature_dim, monomial_table
 from lrcompile.threads import split_heads
 
@@ -66,7 +67,7 @@ from lrcompile.threads import split_heads
 def factored_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int,
-    max_error: float, on_inaccurate: str, site: str,
+    max_error: float, on_inaccurate: str, site: str, implementation: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
 
@@ -74,7 +75,7 @@ def factored_attention(
     The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
     True when it replaced `out` by exact attention, which the backward then differentiates.
     """
-    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
+    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
     k_centred = centre_keys(k, key_weight, scale, causal)[0]
     out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
     exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
@@ -85,7 +86,8 @@ def factored_attention(
 
 
 @factored_attention.register_fake
-def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site):
+def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site,
+      implementation="torch"):
     r = feature_dim(q.shape[-1], len(coefficients) - 1)
     state = q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
     exact = q.new_empty((), dtype=torch.bool)
@@ -97,13 +99,14 @@ def factored_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor, exact: torch.Tensor,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
+    implementation: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
     if exact.item():
         dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
-    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
+    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
     sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
     g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / _safe(denominator).unsqueeze(-1)
@@ -118,16 +121,17 @@ def factored_attention_backward(
 
 @factored_attention_backward.register_fake
 def _(grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
-      key_weight_grad):
+      key_weight_grad, implementation="torch"):
     dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_weight, coefficients, scale, causal, chunk_size, _max_error, _on_inaccurate, _site = inputs
+    q, k, v, key_weight, coefficients, scale, causal, chunk_size, _max_error, _on_inaccurate, _site, *rest = inputs
     out, denominator, state, exact = output
     ctx.save_for_backward(q, k, v, key_weight, out, denominator, state, exact)
     ctx.config = (list(coefficients), scale, causal, chunk_size)
+    ctx.implementation = rest[0] if rest else "torch"
     ctx.mark_non_differentiable(denominator, state, exact)
 
 
@@ -135,8 +139,9 @@ def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
     q, k, v, key_weight, out, denominator, state, exact = ctx.saved_tensors
     key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dw = torch.ops.lrcompile.factored_attention_backward(
-        grad_out, q, k, v, key_weight, out, denominator, state, exact, *ctx.config, key_weight_grad)
-    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None, None
+        grad_out, q, k, v, key_weight, out, denominator, state, exact, *ctx.config, key_weight_grad,
+        ctx.implementation)
+    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None, None, None
 
 
 factored_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -179,9 +184,9 @@ def _horner(coefficients, x):
     return result
 
 
-def _spans(length, chunk):
-    for start in range(0, length, chunk):
-        yield start, min(start + chunk, length)
+def _spans(length, chunk_size):
+    for start in range(0, length, chunk_size):
+        yield start, min(start + chunk_size, length)
 
 
 class _Sweeps:
@@ -193,15 +198,20 @@ class _Sweeps:
     Features are feature-major, (BH, r, rows), in buffers reused by every chunk.
     """
 
-    def __init__(self, q, coefficients, scale, causal, chunk_size):
+    def __init__(self, q, coefficients, scale, causal, chunk_size, implementation):
+        if implementation not in ("c", "torch"):
+            raise ValueError(f"lrcompile::factored_attention runs the 'c' or 'torch' implementation, got "
+                             f"{implementation!r} (Triton has an op of its own: lrcompile.kernels)")
+        self.implementation = implementation
         self.coefficients = tuple(coefficients)
         self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
         self.table: MonomialTable = monomial_table(q.shape[-1], len(self.coefficients) - 1)
-        self.phi = FeatureMap(self.table, self.table.coefficients(self.coefficients, q.dtype, q.device), q)
-        self.psi = FeatureMap(self.table, None, q)
+        in_c = implementation == "c"
+        self.phi = FeatureMap(self.table, self.table.coefficients(self.coefficients, q.dtype, q.device), q, in_c)
+        self.psi = FeatureMap(self.table, None, q, in_c)
         self.root_scale = scale**0.5
         self.causal = causal
-        self.chunk = chunk_size
+        self.chunk_size = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
         self._masks = {}
         self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
@@ -241,10 +251,11 @@ class _Sweeps:
     # ---- entry points -------------------------------------------------------------------------
 
     def native_sweep(self, rows):
-        """The C sweep (lrcompile.native.Sweep) where it applies, else None: the sweeps below run."""
-        if self.psi.native is None:
+        """The C sweep (lrcompile.native.Sweep) where lrcompile.kernels says it runs; else None, and the
+        sweeps below run."""
+        if self.phi.native is None or kernels.sweep(self.implementation, rows.shape[0], rows.dtype) != "c":
             return None
-        return native.sweep(self.phi.native, self.polynomial, self.chunk, self.causal, rows)
+        return native.sweep(self.phi.native, self.polynomial, self.chunk_size, self.causal, rows)
 
     def forward(self, q, k, v_hat, key_weight):
         batch, heads, groups = q.shape[:3]
@@ -298,16 +309,16 @@ class _Sweeps:
     def key_state(self, keys, weighted):
         """S = sum_j psi(k'_j)^T W^_j: (BH, r, d_v + 1)."""
         state = self.new_state(keys, weighted.shape[-1])
-        psi = self.buffer(keys, min(self.chunk, keys.shape[1]))
-        for a, b in _spans(keys.shape[1], self.chunk):
+        psi = self.buffer(keys, min(self.chunk_size, keys.shape[1]))
+        for a, b in _spans(keys.shape[1], self.chunk_size):
             state.baddbmm_(self.psi(keys[:, a:b], psi[..., :b - a]), weighted[:, a:b])
         return state
 
     def query_outputs(self, rows, state):
         """O^ = phi(Q') S: (BH, rows, d_v + 1)."""
         out_hat = self.new_rows(rows, rows.shape[1], state.shape[-1])
-        phi = self.buffer(rows, min(self.chunk, rows.shape[1]))
-        for a, b in _spans(rows.shape[1], self.chunk):
+        phi = self.buffer(rows, min(self.chunk_size, rows.shape[1]))
+        for a, b in _spans(rows.shape[1], self.chunk_size):
             torch.bmm(self.phi(rows[:, a:b], phi[..., :b - a]).mT, state, out=out_hat[:, a:b])
         return out_hat
 
@@ -315,8 +326,8 @@ class _Sweeps:
         """dq' rows from dphi = S G^, and R = sum_i phi(q'_i)^T G^_i."""
         query_state = self.new_state(rows, state.shape[-1])
         dq = torch.empty_like(rows)
-        phi, d_phi = (self.buffer(rows, min(self.chunk, rows.shape[1])) for _ in range(2))
-        for a, b in _spans(rows.shape[1], self.chunk):
+        phi, d_phi = (self.buffer(rows, min(self.chunk_size, rows.shape[1])) for _ in range(2))
+        for a, b in _spans(rows.shape[1], self.chunk_size):
             query_state.baddbmm_(self.phi(rows[:, a:b], phi[..., :b - a]), g_rows[:, a:b])
             torch.bmm(state, g_rows[:, a:b].mT, out=d_phi[..., :b - a])
             self.phi.backward(rows[:, a:b], d_phi[..., :b - a], dq[:, a:b])
@@ -326,8 +337,8 @@ class _Sweeps:
         """dk' from dpsi = R W^, and U = psi R for every key: (BH, n_k, d), (BH, n_k, d_v + 1)."""
         dk = torch.empty_like(keys)
         key_grads = self.new_rows(keys, keys.shape[1], weighted.shape[-1])
-        psi, d_psi = (self.buffer(keys, min(self.chunk, keys.shape[1])) for _ in range(2))
-        for a, b in _spans(keys.shape[1], self.chunk):
+        psi, d_psi = (self.buffer(keys, min(self.chunk_size, keys.shape[1])) for _ in range(2))
+        for a, b in _spans(keys.shape[1], self.chunk_size):
             torch.bmm(self.psi(keys[:, a:b], psi[..., :b - a]).mT, query_state, out=key_grads[:, a:b])
             torch.bmm(query_state, weighted[:, a:b].mT, out=d_psi[..., :b - a])
             self.psi.backward(keys[:, a:b], d_psi[..., :b - a], dk[:, a:b])
@@ -339,15 +350,15 @@ class _Sweeps:
     # [min(a, n_k), min(b, n_k)); keys past n_q are never seen.
 
     def chunks(self, n_q, n_k):
-        for a, b in _spans(n_q, self.chunk):
+        for a, b in _spans(n_q, self.chunk_size):
             yield a, b, min(a, n_k), min(b, n_k)
 
     def causal_forward(self, rows, keys, weighted, groups):
         n_q, n_k = rows.shape[1] // groups, keys.shape[1]
         state = self.new_state(keys, weighted.shape[-1])
         out_hat = self.new_rows(rows, rows.shape[1], weighted.shape[-1])
-        phi = self.buffer(rows, min(self.chunk, n_q) * groups)
-        psi = self.buffer(keys, min(self.chunk, n_k))
+        phi = self.buffer(rows, min(self.chunk_size, n_q) * groups)
+        psi = self.buffer(keys, min(self.chunk_size, n_k))
         for a, b, ka, kb in self.chunks(n_q, n_k):
             q_rows, out_rows = rows[:, a * groups:b * groups], out_hat[:, a * groups:b * groups]
             torch.bmm(self.phi(q_rows, phi[..., :q_rows.shape[1]]).mT, state, out=out_rows)  # earlier chunks
@@ -364,8 +375,8 @@ class _Sweeps:
         dq = torch.empty_like(rows)
         dk = torch.zeros_like(keys)  # keys past the last query stay zero: nothing sees them
         key_grads = self.new_rows(keys, n_k, weighted.shape[-1], zero=True)
-        phi = self.buffer(rows, min(self.chunk, n_q) * groups)
-        psi = self.buffer(keys, min(self.chunk, n_k))
+        phi = self.buffer(rows, min(self.chunk_size, n_q) * groups)
+        psi = self.buffer(keys, min(self.chunk_size, n_k))
         d_features = self.buffer(rows, max(phi.shape[-1], psi.shape[-1]))
         for a, b, ka, kb in reversed(list(self.chunks(n_q, n_k))):
             q_rows, g_chunk = rows[:, a * groups:b * groups], g_rows[:, a * groups:b * groups]

@@ -15,9 +15,10 @@ largest index, so those of degree m whose largest index is j are exactly a prefi
 (the N_{m-1}(j) = C(j+m-1, m-1) monomials with largest index <= j) times x[j]. Evaluations of that one
 structure:
 
-- `FeatureMap`, what the attention kernels call: on CPU the C kernels of `lrcompile.native`, one
-  pass over memory per map (each feature the product of its parent and one x, tile by tile);
-  elsewhere the torch evaluation below, written into the caller's buffer;
+- `FeatureMap`, what the attention kernels call: the C kernels of `lrcompile.native` where the
+  call runs them (`lrcompile.kernels` decides), one pass over memory per map (each feature the
+  product of its parent and one x, tile by tile); else the torch evaluation below, written into
+  the caller's buffer;
 - eager torch: d slice products per degree, written straight into one buffer; the vector-Jacobian
   product is one in-place multiply-add and one reduction per slice;
 - traced (torch.compile): one gather from the outer product (mono_{m-1} x x) per degree, and the
@@ -257,17 +258,17 @@ class FeatureMap:
     """phi (with `coefficients`) or psi (without) for rows of one dtype and device, into buffers.
 
     Rows are (B, C, d) with unit last stride; features are feature-major (B, r, C), as the
-    attention's matrix products take them. The native C kernels serve float32/float64 CPU tensors;
-    anything else, or a machine without a C compiler, gets the torch evaluation (same values).
+    attention's matrix products take them. `in_c`: evaluate with the C kernels (float32/float64 CPU
+    rows, where `lrcompile.kernels.select` chose "c"); else the torch evaluation (same values).
     """
 
-    def __init__(self, table: MonomialTable, coefficients: torch.Tensor | None, like: torch.Tensor):
+    def __init__(self, table: MonomialTable, coefficients: torch.Tensor | None, like: torch.Tensor,
+                 in_c: bool = False):
         self.table = table
         self.coefficients = coefficients  # (r,) or None
-        self.native = native.FeatureKernels(table, coefficients, like.dtype) if self.uses_native(like) else None
-
-    def uses_native(self, like: torch.Tensor) -> bool:
-        return self.table.degree >= 1 and native.supports(like)
+        # degree 0 has no parents for the C recursion to multiply: the torch evaluation is a constant
+        in_c = in_c and table.degree >= 1
+        self.native = native.FeatureKernels(table, coefficients, like.dtype) if in_c else None
 
     def __call__(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (B, r, C) <- phi(rows) or psi(rows)."""

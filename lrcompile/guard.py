@@ -128,6 +128,67 @@ def check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurat
     return fall_back
 
 
+# The guard as ops of its own, for the kernels that leave it to the caller (the Triton op, see
+# lrcompile.kernels): `lrcompile::factored_attention` runs `check` inside. Like it, they read data,
+# so under torch.compile they stay opaque calls, and the backward is an op too, since whether it
+# differentiates exact attention is known only at run time.
+
+
+@torch.library.custom_op("lrcompile::guarded_output", mutates_args=())
+def guarded_output(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
+    scale: float, causal: bool, max_error: float, on_inaccurate: str, site: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, or exact attention where `check` says so (B, H, G, n_q, d_v); exact ()), as factored_attention guards."""
+    exact = check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
+    result = exact_attention(q, k, v, key_weight, scale, causal).contiguous() if exact else out.clone()
+    return result, torch.tensor(exact, device=q.device)
+
+
+@guarded_output.register_fake
+def _(out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site):
+    return out.new_empty(out.shape), q.new_empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op("lrcompile::guarded_output_backward", mutates_args=())
+def guarded_output_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
+    exact: torch.Tensor, scale: float, causal: bool, key_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d out, dq, dk, dv, d key_weight): the gradient goes to `out`, or to exact attention's inputs
+    where the forward returned exact attention. d key_weight is empty unless key_weight_grad."""
+    if exact.item():
+        dq, dk, dv, dw = exact_attention_backward(grad, q, k, v, key_weight, scale, causal, key_weight_grad)
+        dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
+        return torch.zeros_like(grad), dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
+    dw = torch.zeros_like(key_weight) if key_weight_grad else q.new_empty(0)
+    return grad.clone(), torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dw
+
+
+@guarded_output_backward.register_fake
+def _(grad, q, k, v, key_weight, exact, scale, causal, key_weight_grad):
+    dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
+    return grad.new_empty(grad.shape), q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
+
+
+def _guard_setup_context(ctx, inputs, output):
+    _out, q, k, v, key_weight, scale, causal, *_settings = inputs
+    ctx.save_for_backward(q, k, v, key_weight, output[1])
+    ctx.scale, ctx.causal = scale, causal
+    ctx.mark_non_differentiable(output[1])
+
+
+def _guard_backward(ctx, grad, _grad_exact):
+    q, k, v, key_weight, exact = ctx.saved_tensors
+    key_weight_grad = key_weight is not None and ctx.needs_input_grad[4]
+    d_out, dq, dk, dv, dw = torch.ops.lrcompile.guarded_output_backward(
+        grad, q, k, v, key_weight, exact, ctx.scale, ctx.causal, key_weight_grad)
+    return d_out, dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None
+
+
+guarded_output.register_autograd(_guard_backward, setup_context=_guard_setup_context)
+
+
 @torch.no_grad()
 def estimate_error(out, q, k, v, key_weight, scale, causal) -> float:
     """The guard's estimate: `relative_error` on the sampled rows (see the module docstring)."""

@@ -10,7 +10,9 @@ and `lrcompile.factored` compute the same values with torch operations; `status(
 path is in use and why.
 
 Environment: LRCOMPILE_NATIVE=0 turns the kernels off; LRCOMPILE_CACHE_DIR moves the cache
-(default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile); CC names the compiler (default cc).
+(default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile; where it cannot be written, a directory
+of the user's own under the system's temporary directory, with a warning); CC names the compiler
+(default cc). Which calls the kernels run is decided by `lrcompile.kernels`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from lrcompile.threads import worth_splitting
 
 SOURCES = Path(__file__).parent / "csrc"
 MAIN_SOURCE = SOURCES / "kernels.c"  # includes the others
@@ -65,10 +65,6 @@ def status() -> str:
     if library() is None:
         return f"torch operations ({_state['reason']})"
     return f"native C kernels ({_state['reason']})"
-
-
-def supports(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
 
 
 class FeatureKernels:
@@ -126,11 +122,15 @@ def causal_block(scores: torch.Tensor, grad: torch.Tensor | None, offset: int, g
              coefficients.numel() - 1, torch.get_num_threads())
 
 
+class NativeLayoutError(RuntimeError):
+    """The C kernels and their ctypes mirror (Problem) disagree on a structure's layout."""
+
+
 class Problem(ctypes.Structure):
     """lrc_problem of csrc/kernels.c: one attention call, every head (layouts in csrc/sweeps.h)."""
 
     _fields_ = [(name, ctypes.c_int64) for name in (
-        "heads", "groups", "n_q", "n_k", "d", "e", "r", "r_lower", "chunk", "causal", "degree", "threads")] + [
+        "heads", "groups", "n_q", "n_k", "d", "e", "r", "r_lower", "chunk_size", "causal", "degree", "threads")] + [
         (name, ctypes.c_void_p) for name in (
             "rows", "keys", "weighted", "g_rows", "state", "out", "dq", "dk", "parent", "last",
             "phi_coefficients", "polynomial", "gemm")]
@@ -140,21 +140,21 @@ class Sweep:
     """The forward and backward sweeps of lrcompile.factored in C, one head per thread.
 
     Tensors are those of factored._Sweeps, flattened to (heads, rows, .) and contiguous; states
-    and the (e, rows) outputs are transposed, as sweeps.h describes. Built by `sweep()`, which
-    says when this path applies.
+    and the (e, rows) outputs are transposed, as sweeps.h describes. Built by `sweep()` where
+    `lrcompile.kernels.sweep` says the C sweep runs.
     """
 
-    def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk: int, causal: bool,
+    def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk_size: int, causal: bool,
                  dtype: torch.dtype, threads: int):
         lib = library()
         self._forward = getattr(lib, f"lrc_forward_{SUFFIX[dtype]}")
         self._backward = getattr(lib, f"lrc_backward_{SUFFIX[dtype]}")
         self._features = features
         self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
-        self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk=chunk, causal=int(causal),
+        self._fixed = dict(r=features.r, r_lower=features.lower_dim, chunk_size=chunk_size, causal=int(causal),
                            degree=self._polynomial.numel() - 1, threads=threads, parent=features.tables[0],
                            last=features.tables[1], phi_coefficients=features.tables[2],
-                           polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
+                           polynomial=self._polynomial.data_ptr(), gemm=gemm_address(dtype))
 
     def forward(self, rows, keys, weighted, groups):
         """(O^ transposed (heads, e, N), S transposed (heads, e, r))."""
@@ -184,21 +184,12 @@ class Sweep:
             raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
 
 
-def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep | None:
-    """The native sweep for `rows` (heads, N, d), or None where the torch sweep should run instead.
-
-    It runs heads in parallel, one per thread, with single-threaded products: used when there are
-    enough heads to keep every thread busy (see lrcompile.threads) and torch's BLAS is found.
-    """
-    threads = torch.get_num_threads()
-    if features is None or (threads > 1 and not worth_splitting(rows, rows.shape[0], threads)):
-        return None
-    if _gemm_address(rows.dtype) is None:
-        return None
-    return Sweep(features, polynomial, chunk, causal, rows.dtype, threads)
+def sweep(features: FeatureKernels, polynomial, chunk_size: int, causal: bool, rows: torch.Tensor) -> Sweep:
+    """The C sweep for `rows` (heads, N, d): heads in parallel, one per thread, single-threaded products."""
+    return Sweep(features, polynomial, chunk_size, causal, rows.dtype, torch.get_num_threads())
 
 
-def _gemm_address(dtype: torch.dtype) -> int | None:
+def gemm_address(dtype: torch.dtype) -> int | None:
     """Address of the Fortran ?gemm_ of the BLAS torch uses (MKL here), None where none is found."""
     key = ("gemm", dtype)
     if key not in _state:
@@ -246,28 +237,66 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler: {os.environ.get('CC', 'cc')!r} is not on PATH"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        path = _cache_dir() / f"kernels-{_build_key(compiler, version)}.so"
-        if not path.exists():
-            _build(compiler, path)
+        name = f"kernels-{_build_key(compiler, version)}.so"
+        path = _cache_dir() / name
+        if not path.exists():  # a read-only cache may still hold it; else build where we can write
+            path = _writable(path.parent) / name
+            if not path.exists():
+                _build(compiler, path)
         library = ctypes.CDLL(str(path))
         for name, (result, arguments) in _SIGNATURES.items():
             for suffix in SUFFIX.values():
                 function = getattr(library, f"{name}_{suffix}")
                 function.restype, function.argtypes = result, arguments
+        library.lrc_sizeof_problem.restype, library.lrc_sizeof_problem.argtypes = _INT64, []
     # Any failure (a missing symbol in a damaged cached .so is an AttributeError) means torch
     # operations instead: this runs inside a user's forward, which must not die of it.
     except Exception as error:  # noqa: BLE001
         return None, " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    # Not so a layout mismatch: it is a defect of this package, and running on would let C write
+    # through pointers read from the wrong offsets.
+    check_layout(library)
     return library, f"{version.splitlines()[0] if version else compiler}; {path}"
 
 
+def check_layout(library) -> None:
+    """NativeLayoutError unless the C side's lrc_problem has the size of its mirror `Problem`."""
+    c_size, mirror_size = library.lrc_sizeof_problem(), ctypes.sizeof(Problem)
+    if c_size != mirror_size:
+        raise NativeLayoutError(
+            f"lrcompile: the C kernels' lrc_problem is {c_size} bytes but its ctypes mirror native.Problem is "
+            f"{mirror_size}: csrc/kernels.c and lrcompile/native.py disagree on its fields; refusing to call "
+            f"the kernels (they would read and write the wrong addresses). Set LRCOMPILE_NATIVE=0 to run "
+            f"without them")
+
+
 def _cache_dir() -> Path:
+    """Where built kernels are kept: LRCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/lrcompile."""
     root = os.environ.get("LRCOMPILE_CACHE_DIR")
     if root is None:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lrcompile"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root)
+
+
+def _writable(directory: Path) -> Path:
+    """`directory`, created if needed; where it cannot be written, a directory of this user's own
+    under the temporary directory, with a warning naming both."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK | os.X_OK):
+            return directory
+        problem = "no write permission"
+    except OSError as error:
+        problem = f"{type(error).__name__}: {error}"
+    fallback = Path(tempfile.gettempdir()) / f"lrcompile-{os.getuid()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    if fallback.stat().st_uid != os.getuid() or fallback.stat().st_mode & 0o022:
+        # another user's (or a shared-writable) directory could hold a planted library
+        fallback = Path(tempfile.mkdtemp(prefix="lrcompile-"))
+    warnings.warn(f"lrcompile: the kernel cache {directory} cannot be written ({problem}); building the C "
+                  f"kernels in {fallback} instead (set LRCOMPILE_CACHE_DIR to a writable directory to keep them)",
+                  stacklevel=2)
+    return fallback
 
 
 def _build_key(compiler: str, version: str) -> str:

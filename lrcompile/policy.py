@@ -14,12 +14,17 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 
-from lrcompile import cost, guard, native
+import torch
+
+from lrcompile import cost, guard, kernels
 from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
+from lrcompile.kernels import KernelConfig, KernelUnavailableError
 from lrcompile.memory_budget import MemoryBudgetError, check_memory_budget
-from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for, exp_polynomial
+from lrcompile.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for,
+                                  exp_polynomial, needs_bound, polynomial_without_bound)
+from passes.graph_walk import dtype_of
 
 ON_UNSUPPORTED = ("keep", "warn", "error")
 
@@ -86,8 +91,8 @@ class Policy:
     @property
     def needs_score_range(self) -> bool:
         """Whether decisions depend on the sites' score ranges (measured when bound is None)."""
-        return (self.degree == "auto" or self.approximation != "taylor" or self.tolerance is not None
-                or (isinstance(self.degree, int) and self.degree % 2 == 1))
+        return (self.degree == "auto" or self.tolerance is not None
+                or needs_bound(self.degree, self.approximation))
 
 
 def _check_type(name, value, types, accepted):
@@ -108,7 +113,9 @@ class Decision:
     chunk_size: int | None = None
     flops_exact: float | None = None
     flops_lowrank: float | None = None
-    lowrank_kwargs: dict = field(default_factory=dict)  # passed to lowrank_attention
+    kernel: kernels.Choice | None = None  # the implementation (and sweep) the site's calls run
+    config: KernelConfig | None = None  # what the kernel runs with, when rewritten
+    lowrank_kwargs: dict = field(default_factory=dict)  # passed to lowrank_attention: config, memory_budget
 
 
 def decide(site, policy: Policy, measured_range: float | None = None) -> Decision:
@@ -147,14 +154,22 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
         return decision
     decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
     decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
+    try:
+        kv_heads = _example_size(math.prod(k_shape[:-2]))  # batch x key/value heads: the sweeps' problems
+        decision.kernel = kernels.choose(site.device or "meta", kernels.compute_dtype(_dtype(site)), degree,
+                                         int(head_dim), _example_size(value_dim), kv_heads)
+    except KernelUnavailableError as error:
+        decision.rewrite, decision.reason = False, str(error)
+        return decision
     if policy.cost_model:
         kept = _cost_model_keeps(decision, site, n_k, head_dim, value_dim, degree, chunk)
         if kept:
             decision.rewrite, decision.reason = False, kept
             return decision
-    decision.lowrank_kwargs = dict(degree=degree, approximation=policy.approximation, bound=score_range,
-                                   chunk_size=chunk, max_error=policy.max_error, on_inaccurate=policy.on_inaccurate,
-                                   site_label=site_label(site), memory_budget=policy.memory_budget)
+    polynomial = decision.polynomial or polynomial_without_bound(degree, policy.approximation)
+    decision.config = KernelConfig(decision.kernel.implementation, tuple(polynomial.coefficients), int(chunk),
+                                   float(policy.max_error), policy.on_inaccurate, site_label(site))
+    decision.lowrank_kwargs = dict(config=decision.config, memory_budget=policy.memory_budget)
     return decision
 
 
@@ -173,9 +188,10 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     if ratio is None:
         return (f"the cost model is not calibrated for {device} devices (benchmarks/op_speed.py --calibrate "
                 f"there), so exact attention is kept; Policy(cost_model=False) forces the rewrite")
-    if device == "cpu" and native.library() is None:
-        return (f"the cost model is calibrated for lrcompile's C kernels, unavailable here ({native.status()}), "
-                f"so exact attention is kept; Policy(cost_model=False) forces the rewrite")
+    if device == "cpu" and decision.kernel.implementation != "c":
+        return (f"the cost model is calibrated for lrcompile's C kernels, but this site would run the "
+                f"{decision.kernel.label} implementation ({decision.kernel.reason}), so exact attention is kept; "
+                f"Policy(cost_model=False) forces the rewrite")
     if not _holds(decision.flops_lowrank / ratio < decision.flops_exact):
         crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)
         return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
@@ -199,8 +215,8 @@ def _choose_degree(policy: Policy, score_range: float | None) -> Decision:
         return Decision(True, degree=degree, polynomial=exp_polynomial(degree, score_range, approximation))
     degree = policy.degree
     if score_range is None:
-        if approximation == "taylor" and degree % 2 == 0:
-            return Decision(True, degree=degree)  # positive everywhere; no range needed
+        if not needs_bound(degree, approximation):
+            return Decision(True, degree=degree)
         return Decision(False, f"{approximation} degree {degree} needs a score range to be used safely: set "
                                f"Policy(bound=...) or compile with real inputs")
     try:
@@ -228,6 +244,20 @@ def _shapes(site):
         if None not in shapes:
             return shapes
     return site.query_shape, site.key_shape, site.value_shape
+
+
+def _dtype(site):
+    dtype = dtype_of(site.replacement.q.node) if site.replacement is not None else None
+    return dtype if dtype is not None else torch.float32
+
+
+def _example_size(size) -> int:
+    """An int size, or a symbolic one's value on the example inputs, read without installing a
+    guard: it only predicts which sweep runs, which each call decides again."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else 1
 
 
 def _holds(condition) -> bool:

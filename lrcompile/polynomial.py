@@ -80,6 +80,23 @@ def exp_polynomial(degree: int, bound: float, approximation: str = "taylor") -> 
     return _exp_polynomial(int(degree), _exact_bound(bound), approximation)
 
 
+def needs_bound(degree: int, approximation: str) -> bool:
+    """Whether the polynomial needs a score range B to be used safely.
+
+    Even Taylor polynomials are positive on all of R and their coefficients 1/m! do not depend on
+    B, so they need none; every other polynomial is positive, and accurate, only on [-B, B].
+    """
+    return approximation != "taylor" or degree % 2 == 1
+
+
+def polynomial_without_bound(degree: int, approximation: str = "taylor") -> ExpPolynomial:
+    """The polynomial of a kind that needs no score range (see needs_bound): its coefficients are
+    the same at every B, and its error fields are those at B = 1."""
+    if needs_bound(degree, approximation):
+        raise ValueError(f"the {approximation} polynomial of degree {degree} needs a score range (bound)")
+    return exp_polynomial(degree, 1.0, approximation)
+
+
 def degree_for(tolerance: float, bound: float, approximation: str = "taylor") -> int:
     """Smallest degree whose positive approximation meets `relative_error <= tolerance`.
 

@@ -46,6 +46,8 @@ class Site:
     measured_error: float | None = None   # max |out - exact| / max|v| on the example inputs, every row
     guard_falls_back: bool | None = None  # the guard's estimate on those inputs exceeds max_error, so
                                           # a call like it returns exact under on_inaccurate="exact"
+    implementation: str = ""              # what runs a rewritten site's calls (lrcompile.kernels): "c",
+                                          # "triton", "torch" or "c features, torch sweep"; "" when kept
 
 
 @dataclass
@@ -133,6 +135,7 @@ def _sites_of(rewrite: Rewrite) -> list[Site]:
             flops_lowrank=_number(decision.flops_lowrank),
             notes=site.notes,
             label=site_label(site),
+            implementation=decision.kernel.label if decision.rewrite and decision.kernel is not None else "",
         ))
     return sites
 
@@ -152,13 +155,14 @@ def format_report(report: Report) -> str:
     if not report.sites:
         return "\n".join(["lrcompile: no softmax-attention site found in this model (nothing to rewrite).",
                           *unmatched])
-    header = ("module", "spelling", "q shape", "k shape", "mask", "decision", "degree", "r",
+    header = ("module", "spelling", "q shape", "k shape", "mask", "decision", "implementation", "degree", "r",
               "score range", "error bound", "measured error", "GFLOP exact", "GFLOP low-rank")
     rows = []
     for s in report.sites:
         rows.append((
             s.module, s.spelling, _shape(s.query_shape), _shape(s.key_shape), s.mask,
             _decision(s),
+            s.implementation or "-",
             str(s.degree) if s.degree is not None else "-",
             str(s.feature_dim) if s.feature_dim is not None else "-",
             f"{s.score_range:.3g}" if s.score_range is not None else "-",
@@ -193,6 +197,7 @@ def format_report(report: Report) -> str:
     out.append("score range: largest |s q.k| measured on the example inputs (keys centred when non-causal); "
                "error bound: max |out - exact| / max |v| implied by the polynomial's relative error on that "
                "range; measured error: the same quantity measured on the example inputs, every row; "
+               "implementation: the kernels a rewritten site runs (LRCOMPILE_KERNELS forces one); "
                "GFLOP: forward + backward, whole call.")
     return "\n".join(out)
 

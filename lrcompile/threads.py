@@ -46,7 +46,12 @@ def split_heads(fn, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def worth_splitting(like: torch.Tensor, heads: int, threads: int) -> bool:
     """Whether `heads` independent problems keep `threads` CPU threads busy."""
-    if like.device.type != "cpu" or threads < 2 or heads < threads:
+    return like.device.type == "cpu" and fills_threads(heads, threads)
+
+
+def fills_threads(heads: int, threads: int) -> bool:
+    """Whether `heads` whole problems, split evenly enough, keep `threads` (>= 2) threads busy."""
+    if threads < 2 or heads < threads:
         return False
     # uneven groups leave a core idle for a whole group's time: only when that is small
     return heads % threads == 0 or heads >= 4 * threads

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import attention_inputs, max_error
-from lrcompile import lowrank_attention, native
+import lrcompile.kernels
+from lrcompile import lowrank_attention
 from lrcompile.features import feature_dim
 from lrcompile.polynomial import exp_polynomial
 from lrcompile.reference import exact_attention, polynomial_attention
@@ -73,9 +74,9 @@ def kernels(request, monkeypatch):
     """Every implementation of the sweeps: all in C (lrcompile.native.Sweep); the torch sweep
     calling the C feature maps and in-chunk blocks; torch operations only."""
     if request.param == "c_kernels":
-        monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)
+        monkeypatch.setattr(lrcompile.kernels, "sweep", lambda *args, **kwargs: "torch")
     elif request.param == "torch":
-        monkeypatch.setattr(native, "enabled", lambda: False)
+        monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
     return request.param
 
 
@@ -222,11 +223,13 @@ def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
     # the op's own implementation here, on this thread, with the torch sweep (the C sweep's peak
     # memory is checked in test_native.py).
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)
+    monkeypatch.setattr(lrcompile.kernels, "sweep", lambda *args, **kwargs: "torch")
+    implementation = lrcompile.kernels.select("cpu", torch.float32, 2, head_dim, head_dim)  # C feature maps if built
     with LargestAllocation() as mode:
-        out, denominator, state, _ = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config, 0.0, "allow", "test")
+        out, denominator, state, _ = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config, 0.0, "allow", "test",
+                                                                 implementation)
         factored_attention_backward._init_fn(torch.ones_like(out), q.unsqueeze(2), k, v, None, out, denominator,
-                                             state, torch.tensor(False), *config, False)
+                                             state, torch.tensor(False), *config, False, implementation)
     assert mode.operations > 4 * n // chunk  # the chunk loops ran under the mode
     # the largest tensors (2 heads): a chunk of features (r x chunk, r = 45 here), the causal
     # in-chunk block (chunk x chunk), O(n (d + 1)) inputs, gradients and state products
@@ -277,13 +280,17 @@ def test_scores_beyond_the_given_bound_warn():
 
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("guard", [(0.01, "allow"), (0.0, "exact")])  # the second always falls back
-def test_custom_ops_pass_torch_library_opcheck(is_causal, guard):
+@pytest.mark.parametrize("implementation", ["c", "torch"])
+def test_custom_ops_pass_torch_library_opcheck(is_causal, guard, implementation):
     from lrcompile.factored import factored_attention
 
+    if implementation == "c" and lrcompile.kernels.why_not("c", "cpu", torch.float64, 2, 4, 4):
+        pytest.skip("C kernels unavailable")
     q, k, v = attention_inputs(1, 2, 9, 9, 4)
     q5 = q.detach().reshape(1, 2, 1, 9, 4).requires_grad_()
     weight = torch.rand(1, 2, 9, dtype=torch.float64)
-    torch.library.opcheck(factored_attention, (q5, k, v, weight, [1.0, 1.0, 0.5], 0.5, is_causal, 4, *guard, "test"))
+    torch.library.opcheck(factored_attention, (q5, k, v, weight, [1.0, 1.0, 0.5], 0.5, is_causal, 4, *guard, "test",
+                                               implementation))
 
 
 @pytest.mark.gpu

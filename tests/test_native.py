@@ -7,8 +7,10 @@ to torch would hide a broken kernel behind a slower but correct path.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +45,7 @@ def test_native_features_equal_the_monomials_times_coefficients(head_dim, degree
         if with_coefficients else None
     rows = random_rows(3, 70, head_dim, dtype, stride_pad=3)  # 70 rows: a full tile and a partial one
     out = torch.full((3, table.feature_dim + 2, 80), float("nan"), dtype=dtype)[:, :table.feature_dim, 5:75]
-    FeatureMap(table, coefficients, rows)(rows, out)
+    FeatureMap(table, coefficients, rows, in_c=True)(rows, out)
     expected = monomials(rows.double(), table) * (1 if coefficients is None else coefficients.double())
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), expected.mT, rtol=tolerance, atol=tolerance)
@@ -59,7 +61,7 @@ def test_native_feature_backward_is_the_autograd_vector_jacobian_product(head_di
     features = monomials(rows, table) * (1 if coefficients is None else coefficients)
     (expected,) = torch.autograd.grad(features, rows, grad.mT)
     out = torch.empty(2, 70, head_dim + 4, dtype=torch.float64)[..., 1:head_dim + 1]
-    FeatureMap(table, coefficients, rows).backward(rows.detach(), grad, out)
+    FeatureMap(table, coefficients, rows, in_c=True).backward(rows.detach(), grad, out)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -86,14 +88,41 @@ def test_kernels_refuse_rows_without_unit_last_stride():
     table = monomial_table(4, 2)
     rows = torch.randn(2, 8, 4).mT.contiguous().mT  # (2, 8, 4) with stride 8 along the last axis
     with pytest.raises(ValueError, match="unit last stride"):
-        FeatureMap(table, None, rows)(rows, torch.empty(2, table.feature_dim, 8))
+        FeatureMap(table, None, rows, in_c=True)(rows, torch.empty(2, table.feature_dim, 8))
 
 
-def test_only_float32_and_float64_cpu_tensors_take_the_native_path():
+def test_feature_maps_run_in_c_only_where_the_call_runs_the_c_kernels():
     table = monomial_table(4, 2)
-    assert FeatureMap(table, None, torch.empty(1)).native is not None
-    assert FeatureMap(table, None, torch.empty(1, dtype=torch.bfloat16)).native is None
-    assert FeatureMap(table, None, torch.empty(1, device="meta")).native is None
+    assert FeatureMap(table, None, torch.empty(1), in_c=True).native is not None
+    assert FeatureMap(table, None, torch.empty(1)).native is None
+
+
+def test_a_struct_whose_ctypes_mirror_differs_from_the_c_side_is_refused(monkeypatch):
+    class Widened(native.Problem):  # a field added in Python only
+        _fields_ = [("extra", native.ctypes.c_int64)]
+
+    assert native.library() is not None
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "Problem", Widened)
+    with pytest.raises(native.NativeLayoutError, match=r"lrc_problem is \d+ bytes but its ctypes mirror native.Problem is"):
+        native.library()
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory_and_says_so(monkeypatch, tmp_path):
+    assert native.library() is not None
+    built = Path(native.status().rsplit("; ", 1)[1].rstrip(")"))  # "native C kernels (compiler; path)"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    temporary = tmp_path / "tmp"
+    fallback = temporary / f"lrcompile-{os.getuid()}"
+    fallback.mkdir(parents=True, mode=0o700)
+    shutil.copy(built, fallback / built.name)  # the same build: found there instead of compiled again
+    monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(temporary))
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(UserWarning, match=f"kernel cache {blocker / 'cache'} cannot be written .* in {fallback} instead"):
+        assert native.library() is not None
+    assert native.status().endswith(f"{fallback / built.name})")
 
 
 def _run_fresh_python(code, **environment):
@@ -152,18 +181,6 @@ def test_the_c_sweep_gives_the_same_result_on_one_thread_or_two(is_causal):
     torch.set_num_threads(2)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_the_c_sweep_runs_where_heads_fill_the_threads(monkeypatch):
-    table = monomial_table(4, 2)
-    features = native.FeatureKernels(table, None, torch.float64)
-    polynomial = torch.tensor([1.0, 1.0, 0.5])
-    four_heads, one_head = (torch.empty(heads, 8, 4, dtype=torch.float64) for heads in (4, 1))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert native.sweep(features, polynomial, 16, True, four_heads) is not None
-    assert native.sweep(features, polynomial, 16, True, one_head) is None  # one head: multi-threaded torch ops
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert native.sweep(features, polynomial, 16, True, one_head) is not None
 
 
 @pytest.mark.slow

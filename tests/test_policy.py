@@ -4,7 +4,7 @@ import pytest
 
 from lrcompile import cost
 from lrcompile.policy import Policy, decide, unmatched_patterns
-from lrcompile.polynomial import degree_for
+from lrcompile.polynomial import degree_for, exp_polynomial
 
 
 def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason="", device="cpu"):
@@ -66,9 +66,10 @@ def test_out_of_range_guard_and_chunk_values_are_refused(kwargs, message):
 
 def test_rewritten_sites_carry_the_guard_settings_and_their_label():
     decision = decide(site(), Policy(cost_model=False, max_error=0.05, on_inaccurate="warn"))
-    assert decision.lowrank_kwargs["max_error"] == 0.05
-    assert decision.lowrank_kwargs["on_inaccurate"] == "warn"
-    assert decision.lowrank_kwargs["site_label"] == "h.0.attn:softmax"
+    assert decision.lowrank_kwargs["config"] is decision.config
+    assert decision.config.max_error == 0.05
+    assert decision.config.on_inaccurate == "warn"
+    assert decision.config.site_label == "h.0.attn:softmax"
 
 
 def test_sites_whose_feature_states_exceed_the_memory_budget_are_kept_with_the_degree_that_fits():
@@ -150,7 +151,7 @@ def test_auto_degree_is_the_smallest_meeting_the_tolerance_for_the_measured_rang
     policy = Policy(degree="auto", tolerance=1e-3, cost_model=False)
     decision = decide(site(d=8), policy, measured_range=1.5)  # degree 8: r = C(16, 8) fits; d = 64 would not
     assert decision.rewrite and decision.degree == degree_for(1e-3, 1.5, "taylor")
-    assert decision.lowrank_kwargs["bound"] == 1.5
+    assert decision.config.coefficients == exp_polynomial(decision.degree, 1.5, "taylor").coefficients
 
 
 def test_auto_degree_without_a_range_is_kept():
@@ -186,7 +187,7 @@ def test_even_taylor_needs_no_range_but_odd_does():
 
 def test_causal_chunk_is_passed_to_the_op():
     decision = decide(site(causal=True), Policy(causal_chunk=64, cost_model=False))
-    assert decision.lowrank_kwargs["chunk_size"] == 64
+    assert decision.config.chunk_size == 64
 
 
 def test_unmatched_patterns_are_those_matching_no_module_path():

@@ -189,3 +189,13 @@ def test_output_error_factor_follows_from_the_relative_error():
 def test_bad_arguments_are_rejected_with_what_is_accepted(kwargs, message):
     with pytest.raises(ValueError, match=message):
         exp_polynomial(**kwargs)
+
+
+def test_only_even_taylor_polynomials_need_no_bound():
+    from lrcompile.polynomial import needs_bound, polynomial_without_bound
+
+    assert [needs_bound(g, "taylor") for g in (1, 2, 3, 4)] == [True, False, True, False]
+    assert needs_bound(2, "chebyshev") and needs_bound(4, "chebyshev")
+    assert polynomial_without_bound(4).coefficients == exp_polynomial(4, 7.0, "taylor").coefficients
+    with pytest.raises(ValueError, match="needs a score range"):
+        polynomial_without_bound(3)

@@ -16,13 +16,17 @@
 /* One attention call, every head: what lrc_forward / lrc_backward read and write. Mirrored by
  * native.Problem (ctypes); the layouts are those of sweeps.h. */
 typedef struct {
-    int64_t heads, groups, n_q, n_k, d, e, r, r_lower, chunk, causal, degree, threads;
+    int64_t heads, groups, n_q, n_k, d, e, r, r_lower, chunk_size, causal, degree, threads;
     const void *rows, *keys, *weighted, *g_rows;
     void *state, *out, *dq, *dk;
     const int32_t *parent, *last;
     const void *phi_coefficients, *polynomial;
     void *gemm;
 } lrc_problem;
+
+/* native.py compares this with the size of its ctypes mirror when it loads the library: a field
+ * added on one side only would otherwise make every later field land at the wrong address. */
+int64_t lrc_sizeof_problem(void) { return (int64_t)sizeof(lrc_problem); }
 
 #define real float
 #define SUFFIX(name) name##_f32

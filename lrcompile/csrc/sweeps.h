@@ -45,13 +45,13 @@ static void SUFFIX(workspace_free)(SUFFIX(workspace)* w)
 
 static int SUFFIX(workspace_alloc)(SUFFIX(workspace)* w, const lrc_problem* p)
 {
-    const int64_t query_rows = p->causal ? p->chunk * p->groups : p->chunk;
-    w->width = query_rows > p->chunk ? query_rows : p->chunk;
-    w->block = p->chunk;
+    const int64_t query_rows = p->causal ? p->chunk_size * p->groups : p->chunk_size;
+    w->width = query_rows > p->chunk_size ? query_rows : p->chunk_size;
+    w->block = p->chunk_size;
     w->features = malloc(sizeof(real) * p->r * w->width);
     w->d_features = malloc(sizeof(real) * p->r * w->width);
-    w->scores = malloc(sizeof(real) * query_rows * p->chunk);
-    w->d_scores = malloc(sizeof(real) * query_rows * p->chunk);
+    w->scores = malloc(sizeof(real) * query_rows * p->chunk_size);
+    w->d_scores = malloc(sizeof(real) * query_rows * p->chunk_size);
     w->query_state = malloc(sizeof(real) * p->e * p->r);
     w->state = malloc(sizeof(real) * p->e * p->r);
     w->scratch = malloc(sizeof(real) * SUFFIX(vjp_scratch)(p->d, p->r_lower));
@@ -118,20 +118,20 @@ static void SUFFIX(forward_head)(const lrc_problem* p, SUFFIX(workspace)* w, int
     real* O = v.out;    /* O^T (e, N) */
     memset(S, 0, sizeof(real) * e * r);
     if (!p->causal) {
-        for (int64_t a = 0; a < p->n_k; a += p->chunk) {  /* S^T += W^_c^T psi_c^T */
-            const int64_t wk = p->n_k - a < p->chunk ? p->n_k - a : p->chunk;
+        for (int64_t a = 0; a < p->n_k; a += p->chunk_size) {  /* S^T += W^_c^T psi_c^T */
+            const int64_t wk = p->n_k - a < p->chunk_size ? p->n_k - a : p->chunk_size;
             SUFFIX(features_rows)(p, keys + a * d, wk, w->features, ld, 0);
             SUFFIX(mm)(gemm, 1, 1, e, r, wk, 1, W + a * e, e, w->features, ld, 1, S, r);
         }
-        for (int64_t a = 0; a < N; a += p->chunk) {  /* O^T_c = S^T phi_c */
-            const int64_t wq = N - a < p->chunk ? N - a : p->chunk;
+        for (int64_t a = 0; a < N; a += p->chunk_size) {  /* O^T_c = S^T phi_c */
+            const int64_t wq = N - a < p->chunk_size ? N - a : p->chunk_size;
             SUFFIX(features_rows)(p, rows + a * d, wq, w->features, ld, phi_coefficients);
             SUFFIX(mm)(gemm, 0, 0, e, wq, r, 1, S, r, w->features, ld, 0, O + a, N);
         }
         return;
     }
-    for (int64_t a = 0; a < p->n_q; a += p->chunk) {
-        const int64_t b = p->n_q - a < p->chunk ? p->n_q : a + p->chunk;
+    for (int64_t a = 0; a < p->n_q; a += p->chunk_size) {
+        const int64_t b = p->n_q - a < p->chunk_size ? p->n_q : a + p->chunk_size;
         const int64_t ka = a < p->n_k ? a : p->n_k, kb = b < p->n_k ? b : p->n_k;
         const int64_t q0 = a * p->groups, wq = (b - a) * p->groups, wk = kb - ka;
         SUFFIX(features_rows)(p, rows + q0 * d, wq, w->features, ld, phi_coefficients);
@@ -161,15 +161,15 @@ static void SUFFIX(backward_head)(const lrc_problem* p, SUFFIX(workspace)* w, in
     memcpy(S, v.state, sizeof(real) * e * r);
     memset(R, 0, sizeof(real) * e * r);
     if (!p->causal) {
-        for (int64_t a = 0; a < N; a += p->chunk) {
-            const int64_t wq = N - a < p->chunk ? N - a : p->chunk;
+        for (int64_t a = 0; a < N; a += p->chunk_size) {
+            const int64_t wq = N - a < p->chunk_size ? N - a : p->chunk_size;
             SUFFIX(features_rows)(p, rows + a * d, wq, w->features, ld, phi_coefficients);
             SUFFIX(mm)(gemm, 1, 1, e, r, wq, 1, G + a * e, e, w->features, ld, 1, R, r);          /* R^T += G^_c^T phi_c^T */
             SUFFIX(mm)(gemm, 1, 1, r, wq, e, 1, S, r, G + a * e, e, 0, w->d_features, ld);          /* dphi = S G^_c^T */
             SUFFIX(vjp_rows)(p, rows + a * d, wq, w->d_features, ld, dq + a * d, phi_coefficients, w->scratch);
         }
-        for (int64_t a = 0; a < p->n_k; a += p->chunk) {
-            const int64_t wk = p->n_k - a < p->chunk ? p->n_k - a : p->chunk;
+        for (int64_t a = 0; a < p->n_k; a += p->chunk_size) {
+            const int64_t wk = p->n_k - a < p->chunk_size ? p->n_k - a : p->chunk_size;
             SUFFIX(features_rows)(p, keys + a * d, wk, w->features, ld, 0);
             SUFFIX(mm)(gemm, 0, 0, e, wk, r, 1, R, r, w->features, ld, 0, U + a, p->n_k);          /* U^T_c = R^T psi_c */
             SUFFIX(mm)(gemm, 1, 1, r, wk, e, 1, R, r, W + a * e, e, 0, w->d_features, ld);          /* dpsi = R W^_c^T */
@@ -181,9 +181,9 @@ static void SUFFIX(backward_head)(const lrc_problem* p, SUFFIX(workspace)* w, in
     const int64_t seen = p->n_q < p->n_k ? p->n_q : p->n_k;
     memset(dk + seen * d, 0, sizeof(real) * (p->n_k - seen) * d);
     for (int64_t j = 0; j < e; ++j) memset(U + j * p->n_k + seen, 0, sizeof(real) * (p->n_k - seen));
-    const int64_t chunks = (p->n_q + p->chunk - 1) / p->chunk;
+    const int64_t chunks = (p->n_q + p->chunk_size - 1) / p->chunk_size;
     for (int64_t c = chunks - 1; c >= 0; --c) {
-        const int64_t a = c * p->chunk, b = p->n_q - a < p->chunk ? p->n_q : a + p->chunk;
+        const int64_t a = c * p->chunk_size, b = p->n_q - a < p->chunk_size ? p->n_q : a + p->chunk_size;
         const int64_t ka = a < p->n_k ? a : p->n_k, kb = b < p->n_k ? b : p->n_k;
         const int64_t q0 = a * p->groups, wq = (b - a) * p->groups, wk = kb - ka;
         if (wk > 0) {  /* this chunk's keys: seen by later chunks through R, and in the block below */
