@@ -119,60 +119,100 @@ LAYOUTS = {
 MASKS = {  # (causal, key padding)
     "none": (False, False), "key_padding": (False, True), "causal": (True, False), "causal_key_padding": (True, True),
 }
+# Polynomials positive on the tested score range |x| <= 2: Taylor at degree 2, and at degree 3 one
+# that increases everywhere (P' = 1 + x + 0.3 x^2 > 0) with P(-2) = 0.2, so denominators stay clear of 0.
+POLYNOMIALS = {2: TAYLOR_2, 3: [1.0, 1.0, 0.5, 0.1]}
+
+
+def _assert_gradients_close(grads, references, key_weight, tolerance):
+    for name, grad, reference in zip(("dq", "dk", "dv", "dkey_weight"), grads, references):
+        assert grad.shape == reference.shape, name
+        if name == "dkey_weight" and key_weight is None:  # no weights, no gradient: both empty
+            continue
+        if name == "dkey_weight":  # d/dw of the reference's log(w) mask is undefined at w = 0
+            valid = key_weight > 0
+            grad, reference = grad[valid], reference[valid.to(reference.device)]
+        assert _relative_error(grad, reference) < tolerance, name
 
 
 @needs_kernels
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask):
+def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask, degree):
     n_q, n_k, groups, kv_heads, chunk_size = LAYOUTS[layout]
     causal, padding = MASKS[mask]
+    coefficients = POLYNOMIALS[degree]
     head_dim, value_dim = 4, 5
     scale = 1 / math.sqrt(head_dim)
-    q, k, v, key_weight = _inputs(n_q, n_k, head_dim, value_dim, groups, kv_heads, padding)
-    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    seed = 100 * list(LAYOUTS).index(layout) + 10 * list(MASKS).index(mask) + degree
+    q, k, v, key_weight = _inputs(n_q, n_k, head_dim, value_dim, groups, kv_heads, padding, seed=seed)
+    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(seed + 7)).to(DEVICE)
 
-    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size)
-    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, TAYLOR_2, scale,
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
                                     causal, chunk_size, key_weight is not None)
     sweep_out, sweep_denominator, sweep_grads = _torch_sweep_values(
-        q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size, grad_out)
-    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, TAYLOR_2, scale, causal, grad_out)
+        q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out)
 
     assert _relative_error(out, sweep_out) < 1e-5
     assert _relative_error(denominator, sweep_denominator) < 1e-5
     assert _relative_error(out, exact_out) < 1e-5
-    names = ("dq", "dk", "dv", "dkey_weight")
-    for name, grad, sweep_grad, exact_grad in zip(names, grads, sweep_grads, exact_grads):
-        assert grad.shape == sweep_grad.shape, name
-        assert _relative_error(grad, sweep_grad) < 1e-4, name
-        if name == "dkey_weight":  # d/dw of the reference's log(w) mask is undefined at w = 0
-            valid = key_weight > 0
-            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
-        assert _relative_error(grad, exact_grad) < 1e-4, name
+    _assert_gradients_close(grads, sweep_grads, key_weight, 1e-4)
+    _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
     if causal and n_k > n_q:  # keys no query sees get no gradient
         assert grads[1][..., n_q:, :].abs().max() == 0
 
 
 @needs_kernels
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-def test_largest_tested_head_dim_matches_the_torch_sweep(causal):
-    head_dim, value_dim, chunk_size = 32, 16, 16
+@pytest.mark.parametrize("degree, head_dim", [(2, 32), (3, 8)], ids=["degree_2_d32", "degree_3_d8"])
+def test_widest_interpreted_heads_match_float64(degree, head_dim, causal):
+    """The widest heads the interpreter affords: d = 32 at degree 2, d = 8 (45 slices) at degree 3.
+    The degree-3 limit d = 32 (561 slices) takes 90 s a case interpreted; tests/test_triton_gpu.py runs it."""
+    value_dim, chunk_size = 16, 16
+    coefficients = POLYNOMIALS[degree]
     scale = 1 / math.sqrt(head_dim)
-    q, k, v, key_weight = _inputs(20, 20, head_dim, value_dim, padding=True)
+    q, k, v, key_weight = _inputs(20, 20, head_dim, value_dim, padding=True, seed=degree + 2 * causal)
     grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size)
-    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, TAYLOR_2, scale,
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
                                     causal, chunk_size, True)
-    sweep_out, _, sweep_grads = _torch_sweep_values(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size, grad_out)
-    assert _relative_error(out, sweep_out) < 1e-5
-    for name, grad, sweep_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, sweep_grads):
-        assert _relative_error(grad, sweep_grad) < 1e-4, name
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out)
+    assert _relative_error(out, exact_out) < 1e-5
+    _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
+
+
+def _slice_features(x, degree):
+    """Every feature of the slice layout, in the state's row order, by enumeration (float64):
+    x~_a x~_b x_e for slices (a, b) (a <= b <= d at degree 3, b = d below), then the constant."""
+    d = x.shape[-1]
+    x_tilde = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    pairs = [(a, b) for a in range(d + 1) for b in range(a, d + 1)] if degree == 3 else [(a, d) for a in range(d + 1)]
+    features = [(x_tilde[..., a] * x_tilde[..., b]).unsqueeze(-1) * x for a, b in pairs]
+    return torch.cat(features + [torch.ones_like(x[..., :1])], dim=-1)
 
 
 @needs_kernels
-def test_state_is_the_full_layout_of_the_symmetric_state():
-    """Row a d + b of the Triton state is feature k'_a k'_b (a < d), row d d + b is k'_b, the last row 1:
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_state_is_the_slice_layout_by_enumeration(causal, degree):
+    """Row p d + e of the state sums x~_a x~_b k'_e W^_j over the keys, slice p = (a, b) numbered
+    row-major over the pairs: the kernels' closed-form slice numbering matches the enumeration."""
+    head_dim, value_dim, scale = 5, 3, 0.5
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True, seed=40 + degree)
+    state = triton_kernels.forward(q, k, v, key_weight, POLYNOMIALS[degree], scale, causal, 16)[2]
+    k_centred = factored.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
+    weighted = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).double() * key_weight.double().unsqueeze(-1)
+    expected = _slice_features(k_centred, degree).mT @ weighted
+    assert state.shape == (1, 1, triton_kernels.state_rows(head_dim, degree), value_dim + 1)
+    assert _relative_error(state, expected) < 1e-5
+
+
+@needs_kernels
+def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
+    """Row a d + b of the degree-2 state is feature k'_a k'_b (a < d), row d d + b is k'_b, the last row 1:
     the symmetric state's monomial (i <= j) is the full layout's row i d + j."""
     head_dim, value_dim = 4, 3
     q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True)
@@ -190,27 +230,44 @@ def test_state_is_the_full_layout_of_the_symmetric_state():
     assert _relative_error(state[:, :, lower], state[:, :, upper]) < 1e-6  # (a, b) and (b, a): one monomial
 
 
+# Half-precision inputs against float64 on the same (rounded) inputs: accumulation is float32, so
+# what remains is each result's own rounding to the input dtype (bfloat16 2^-9, float16 2^-12
+# relative, taken against the largest entry) with room for the few roundings before the kernels.
+HALF_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_accumulate_in_float32(dtype):
-    head_dim, value_dim, scale = 4, 5, 0.5
-    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, groups=2, padding=True)
-    half = [t.to(dtype) for t in (q, k, v, key_weight)]
-    out, denominator, _ = triton_kernels.forward(*half, TAYLOR_2, scale, True, 16)
-    sweep_out = factored.factored_attention(*(t.float() for t in half), TAYLOR_2, scale, True, 16, 0.0, "allow",
-                                            "test")[0]
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype", HALF_TOLERANCE, ids=str)
+def test_half_precision_inputs_accumulate_in_float32(dtype, causal, degree):
+    head_dim, value_dim, scale, chunk_size = 4, 5, 0.5, 12
+    coefficients = POLYNOMIALS[degree]
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, groups=2, padding=True, seed=60 + degree + 2 * causal)
+    q, k, v, key_weight = (t.to(dtype) for t in (q, k, v, key_weight))
+    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(61)).to(DEVICE, dtype)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
+                                    causal, chunk_size, True)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out)
     assert out.dtype == dtype and denominator.dtype == torch.float32
-    assert _relative_error(out, sweep_out) < 1e-2  # the output's own rounding: accumulation is float32
+    assert all(grad.dtype == dtype for grad in grads)
+    assert _relative_error(out, exact_out) < HALF_TOLERANCE[dtype]
+    _assert_gradients_close(grads, exact_grads, key_weight, HALF_TOLERANCE[dtype])
 
 
-FALLBACKS = {"degree_3": ([1.0, 1.0, 0.5, 1 / 6], torch.float32), "float64": (TAYLOR_2, torch.float64)}
+UNSUPPORTED = {  # (coefficients, head_dim, dtype): what `supports` refuses, and the torch sweep then runs
+    "degree_4": ([1.0, 1.0, 0.5, 1 / 6, 1 / 24], 4, torch.float32),
+    "degree_3_d_over_32": (POLYNOMIALS[3], 33, torch.float32),
+    "float64": (TAYLOR_2, 4, torch.float64),
+}
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-@pytest.mark.parametrize("fallback", FALLBACKS)
-def test_unsupported_calls_fall_back_to_the_torch_sweep(fallback, causal):
-    coefficients, dtype = FALLBACKS[fallback]
-    q, k, v, key_weight = (t.to(dtype) for t in _inputs(20, 20, 4, 3, padding=True))
+@pytest.mark.parametrize("unsupported", UNSUPPORTED)
+def test_unsupported_calls_fall_back_to_the_torch_sweep(unsupported, causal):
+    coefficients, head_dim, dtype = UNSUPPORTED[unsupported]
+    q, k, v, key_weight = (t.to(dtype) for t in _inputs(20, 20, head_dim, 3, padding=True))
     grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(5), dtype=dtype).to(DEVICE)
     assert not triton_kernels.supports(q, v, coefficients)
     out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, 0.5, causal, 8)
@@ -220,6 +277,20 @@ def test_unsupported_calls_fall_back_to_the_torch_sweep(fallback, causal):
     assert torch.equal(out, sweep_out)
     for grad, sweep_grad in zip(grads, sweep_grads):
         assert torch.equal(grad, sweep_grad)
+
+
+def test_supports_says_what_it_refuses():
+    def reason(degree, head_dim, value_dim=8, dtype=torch.float32):
+        q, v = torch.empty(1, 1, 1, 2, head_dim, dtype=dtype), torch.empty(1, 1, 2, value_dim, dtype=dtype)
+        return triton_kernels.unsupported_reason(q, v, [1.0] * (degree + 1))
+
+    assert reason(2, 128) is None and reason(3, 32) is None and reason(1, 128) is None
+    assert reason(2, 128, dtype=torch.bfloat16) is None and reason(3, 32, dtype=torch.float16) is None
+    assert "degree 4" in reason(4, 8)
+    assert "d = 33 at degree 3" in reason(3, 33) and "d <= 32 at degree 3" in reason(3, 33)
+    assert "d = 129" in reason(2, 129)
+    assert "d_v = 129" in reason(2, 64, value_dim=129)
+    assert "torch.float64" in reason(2, 64, dtype=torch.float64)
 
 
 @needs_kernels
@@ -233,31 +304,32 @@ def test_degree_one_runs_the_degree_two_kernels_with_no_quadratic_term(causal):
                                     causal, 16, True)
     exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, 0.5, causal, grad_out)
     assert _relative_error(out, exact_out) < 1e-5
-    valid = key_weight > 0
-    for name, grad, exact_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, exact_grads):
-        if name == "dkey_weight":
-            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
-        assert _relative_error(grad, exact_grad) < 1e-4, name
+    _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
 
 
 # ---- compiled for a GPU, without one ---------------------------------------------------------------
 
 
 def _compiled_kernels():
-    """Every kernel with the constants a launch for d = d_v = 64 on CUDA gives it."""
-    tiles = dict(BLOCK_M=64, BLOCK_N=64, D=64, DV=64)
-    rows = dict(BLOCK_N=64, D=64, DV=64)
-    return [
-        (triton_kernels._state_kernel, rows),
-        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
-        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
-        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
-        (triton_kernels._block_forward_kernel, tiles),
-        (triton_kernels._sweep_forward_kernel, tiles),
-        (triton_kernels._block_query_backward_kernel, tiles),
-        (triton_kernels._block_key_backward_kernel, tiles),
-        (triton_kernels._sweep_backward_kernel, tiles),
-    ]
+    """Every kernel with the constants a launch on CUDA gives it: degree 2 at d = d_v = 64 with
+    float32 inputs, and degree 3 at its limit d = 32 with d_v = 128 and half inputs."""
+    launches = [triton_kernels._Launch(64, 64, 2, (1.0, 1.0, 0.5, 0.0), 64, "tf32x3"),
+                triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "tf32")]
+    kernels = []
+    for launch in launches:
+        rows = launch.slice_constants(rows_only=True)
+        kernels += [
+            (triton_kernels._state_kernel, rows),
+            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
+            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
+            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
+            (triton_kernels._block_forward_kernel, launch.constants()),
+            (triton_kernels._sweep_forward_kernel, launch.slice_constants()),
+            (triton_kernels._block_query_backward_kernel, launch.constants()),
+            (triton_kernels._block_key_backward_kernel, launch.constants()),
+            (triton_kernels._sweep_backward_kernel, launch.slice_constants()),
+        ]
+    return kernels
 
 
 @pytest.mark.slow
@@ -277,7 +349,7 @@ def test_kernels_compile_to_cubin_for_sm90():
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
             else:
-                signature[name] = "fp32" if name in ("c0", "c1", "c2") else "i32"
+                signature[name] = "fp32" if name in ("c0", "c1", "c2", "c3") else "i32"
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.fn.__name__
