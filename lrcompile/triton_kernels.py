@@ -48,11 +48,11 @@ float32 buffers that the in-chunk kernels initialised with plain stores.
 
 Precision. Everything accumulates in float32. float16/bfloat16 inputs are upcast in torch before
 the kernels (an O(n d) copy, fused with the centring that makes a new tensor anyway) and the
-results cast back. Tile products run as DOT_PRECISION says per input dtype: float32 inputs use
+results cast back. Tile products run as DOT_PRECISION_FOR_DTYPE says: float32 inputs use
 "tf32x3" (three tf32 tensor-core products, float32-accurate to a few ulps; "ieee" would fall
 back to FMA loops that spill at these tiles); half inputs use one "tf32" product, whose 10-bit
 mantissa is as fine as float16's and finer than bfloat16's, so it adds an error below the
-inputs' own rounding (tests/test_triton_gpu.py states the tolerance).
+inputs' own rounding (the CUDA tests in tests/test_triton_kernels.py state the tolerance).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (tests/test_triton_kernels.py
 calls `forward` and `backward` below directly). `supports` says what the kernels accept; elsewhere
@@ -76,7 +76,7 @@ MAX_DEGREE = 3
 MAX_HEAD_DIM = {0: 128, 1: 128, 2: 128, 3: 32}
 MAX_VALUE_DIM = 128
 # Tile products per input dtype (module docstring, "Precision").
-DOT_PRECISION = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
+DOT_PRECISION_FOR_DTYPE = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
 
 
 def unsupported_reason(q: torch.Tensor, v: torch.Tensor, coefficients) -> str | None:
@@ -89,8 +89,8 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor, coefficients) -> str | 
         return f"head dim d = {head_dim} at degree {degree}; the Triton kernels accept {accepted}"
     if value_dim > MAX_VALUE_DIM:
         return f"value dim d_v = {value_dim}; the Triton kernels accept d_v <= {MAX_VALUE_DIM}"
-    if q.dtype not in DOT_PRECISION:
-        return f"dtype {q.dtype}; the Triton kernels accept {', '.join(map(str, DOT_PRECISION))}"
+    if q.dtype not in DOT_PRECISION_FOR_DTYPE:
+        return f"dtype {q.dtype}; the Triton kernels accept {', '.join(map(str, DOT_PRECISION_FOR_DTYPE))}"
     return None
 
 
@@ -647,7 +647,7 @@ class _Launch:
         degree = len(coefficients) - 1
         padded = tuple(float(c) for c in coefficients) + (0.0,) * (MAX_DEGREE - degree)
         return cls(q.shape[-1], v.shape[-1], degree, padded,
-                   block_size or _block_size(q.device, q.shape[-1], v.shape[-1]), DOT_PRECISION[q.dtype])
+                   block_size or _block_size(q.device, q.shape[-1], v.shape[-1]), DOT_PRECISION_FOR_DTYPE[q.dtype])
 
     @property
     def n_slices(self) -> int:

@@ -9,12 +9,20 @@ are tiny and the tiles 16 wide.
 TRITON_INTERPRET must be set before triton itself is imported (triton.language's own jit
 functions are fixed then). Importing lrcompile imports torch._inductor and with it triton, so
 when conftest got there first, the kernel tests skip here and one test runs this file again in
-a fresh process that sets the variable before anything else.
+a fresh process that sets the variable (and LRCOMPILE_KERNELS=triton) before anything else.
+
+Every kernel result is held to the float64 quadratic reference (lrcompile.reference) on fresh
+random inputs seeded per case, scores within |x| <= 2: forward, dq, dk, dv and d key-weights, at
+1e-5 (outputs) and 1e-4 (gradients) relative to the largest entry for float32 inputs, and at the
+half dtypes' own rounding (HALF_TOLERANCE) for bfloat16 and float16. The interpreter computes
+tl.dot in float32 whatever input_precision says, so the tf32 products of half inputs are held to
+their tolerance only by the CUDA tests at the end of this file (CUDA_TOLERANCE).
 """
 
 import inspect
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +61,7 @@ def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
          "-k", "not fresh_process and not compile_to_cubin"],
-        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1"),
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1", LRCOMPILE_KERNELS="triton"),
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
@@ -170,7 +178,7 @@ def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask, d
 @pytest.mark.parametrize("degree, head_dim", [(2, 32), (3, 8)], ids=["degree_2_d32", "degree_3_d8"])
 def test_widest_interpreted_heads_match_float64(degree, head_dim, causal):
     """The widest heads the interpreter affords: d = 32 at degree 2, d = 8 (45 slices) at degree 3.
-    The degree-3 limit d = 32 (561 slices) takes 90 s a case interpreted; tests/test_triton_gpu.py runs it."""
+    The degree-3 limit d = 32 (561 slices) takes 90 s a case interpreted; the CUDA tests below run it."""
     value_dim, chunk_size = 16, 16
     coefficients = POLYNOMIALS[degree]
     scale = 1 / math.sqrt(head_dim)
@@ -355,28 +363,134 @@ def test_kernels_compile_to_cubin_for_sm90():
         assert compiled.asm["cubin"], kernel.fn.__name__
 
 
-# ---- the registered op, on CUDA only -----------------------------------------------------------
+# ---- on CUDA: the registered ops, and the kernels inside a compiled model --------------------------
+# Skipped without CUDA; benchmarks/gpu_check.py runs them on a lent GPU. Sizes leave partial tiles
+# (n = 300 against 64-row tiles, several chunks of 64) and use each degree's largest head dim.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
+CUDA_HEAD_DIM = {2: 64, 3: 32}
+# float32 inputs run tf32x3 products (float32-accurate): what remains is float32 summation over
+# n = 300 keys in a different order. bfloat16 inputs run one tf32 product (10-bit mantissa) and
+# round every result to bfloat16 (2^-9 relative): 2e-2 of the largest entry leaves a factor 5.
+CUDA_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}  # (out, gradients)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
+def _cuda_case(dtype, degree, causal, seed):
+    head_dim = CUDA_HEAD_DIM[degree]
+    q, k, v, key_weight = _inputs(300, 300, head_dim, 64, groups=2, kv_heads=2, padding=True, seed=seed)
+    args = (POLYNOMIALS[degree], 1 / math.sqrt(head_dim), causal, 64)  # coefficients, scale, causal, chunk_size
+    return [t.to(dtype) for t in (q, k, v, key_weight)], args
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-def test_triton_op_compiles_and_matches_the_torch_sweep_on_cuda(causal):
-    head_dim, value_dim, scale = 64, 64, 0.125
-    q, k, v, key_weight = _inputs(300, 300, head_dim, value_dim, groups=2, kv_heads=2, padding=True)
-    args = (TAYLOR_2, scale, causal, 64)
-    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (q, k, v, key_weight, *args),
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
+@pytest.mark.parametrize("dtype", CUDA_TOLERANCE, ids=str)
+@needs_cuda
+@pytest.mark.gpu
+def test_triton_op_on_cuda_matches_float64(dtype, degree, causal):
+    inputs, args = _cuda_case(dtype, degree, causal, seed=degree + 2 * causal)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grad_out = torch.randn(inputs[0].shape[:-1] + (64,), generator=torch.Generator().manual_seed(11)).to(DEVICE, dtype)
+    out = torch.ops.lrcompile.triton_factored_attention(*leaves, *args)[0]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    coefficients, scale, causal, _ = args
+    exact_out, exact_grads = _quadratic_reference(*inputs, coefficients, scale, causal, grad_out)
+    out_tolerance, gradient_tolerance = CUDA_TOLERANCE[dtype]
+    assert out.dtype == dtype and all(grad.dtype == dtype for grad in grads)
+    assert _relative_error(out, exact_out) < out_tolerance
+    _assert_gradients_close(grads, exact_grads, inputs[3], gradient_tolerance)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype, degree", [(torch.float32, 2), (torch.bfloat16, 3)], ids=["float32_degree_2",
+                                                                                         "bfloat16_degree_3"])
+@needs_cuda
+@pytest.mark.gpu
+def test_triton_op_registration_and_compiled_calls_on_cuda(dtype, degree, causal):
+    """Schema, fake kernel and autograd registration (opcheck), and the op under torch.compile
+    (fullgraph: Inductor inlines our kernels) equal to the eager op."""
+    inputs, args = _cuda_case(dtype, degree, causal, seed=20 + degree + 2 * causal)
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (*inputs, *args),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, key_weight)]
 
     def attention(q, k, v, key_weight):
         return torch.ops.lrcompile.triton_factored_attention(q, k, v, key_weight, *args)[0]
 
-    out = torch.compile(attention, fullgraph=True)(*leaves)
-    grads = torch.autograd.grad(out.square().sum(), leaves)
-    sweep_leaves = [t.clone().requires_grad_() for t in (q, k, v, key_weight)]
-    sweep_out = factored.factored_attention(*sweep_leaves, *args, 0.0, "allow", "test")[0]
-    sweep_grads = torch.autograd.grad(sweep_out.square().sum(), sweep_leaves)
-    assert _relative_error(out, sweep_out) < 1e-4
-    for grad, sweep_grad in zip(grads, sweep_grads):
-        assert _relative_error(grad, sweep_grad) < 1e-3
+    compiled_leaves, eager_leaves = ([t.clone().requires_grad_() for t in inputs] for _ in range(2))
+    compiled_out = torch.compile(attention, fullgraph=True)(*compiled_leaves)
+    compiled_grads = torch.autograd.grad(compiled_out.float().square().sum(), compiled_leaves)
+    eager_out = attention(*eager_leaves)
+    eager_grads = torch.autograd.grad(eager_out.float().square().sum(), eager_leaves)
+    out_tolerance, gradient_tolerance = CUDA_TOLERANCE[dtype]
+    assert _relative_error(compiled_out, eager_out) < out_tolerance
+    for grad, eager_grad in zip(compiled_grads, eager_grads):
+        assert _relative_error(grad, eager_grad) < gradient_tolerance
+
+
+FORWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
+                   True: ("_block_forward_kernel", "_sweep_forward_kernel")}
+BACKWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
+                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_sweep_backward_kernel")}
+INDUCTOR_KERNEL = re.compile(r"def triton_(poi|per|red)_\w+\(")  # Inductor's names for the Triton it generates
+
+
+class _Encoder(torch.nn.Module):
+    """One non-causal self-attention layer (d = 64): projections around SDPA."""
+
+    def __init__(self, width=128, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, n, width = x.shape
+        q, k, v = self.qkv(x).view(batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, n, width))
+
+
+def _model(causal):
+    """(model, inputs) on CUDA: a 2-layer GPT (d = 64, causal) or the encoder layer (non-causal), n = 512."""
+    from lrcompile.models import build
+
+    if causal:
+        return build(n_layer=2, n_embd=128, n_head=2, block_size=512).cuda(), (torch.randint(0, 256, (2, 512)).cuda(),)
+    torch.manual_seed(0)
+    return _Encoder().cuda(), (torch.randn(2, 512, 128).cuda(),)
+
+
+def compiled_step_code(model, inputs):
+    """Inductor's output code (one string per compiled graph, forward and backward) for one training
+    step of model compiled by lrcompile with every eligible site rewritten."""
+    import lrcompile
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(model, backend=lrcompile.backend(lrcompile.Policy(cost_model=False)))
+
+    def step():
+        out = compiled(*inputs)
+        out.float().square().mean().backward()
+        return out
+
+    return run_and_get_code(step)[1]  # resets dynamo first, so the step compiles afresh
+
+
+def kernel_names(codes):
+    """The Triton kernels defined in Inductor's output code, ours and its own, per compiled graph."""
+    return [sorted(set(re.findall(r"^def (\w+)\(", code, flags=re.MULTILINE))) for code in codes]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "gpt"])
+@needs_cuda
+@pytest.mark.gpu
+def test_compiled_model_runs_our_kernels_beside_inductors(causal):
+    model, inputs = _model(causal)
+    codes = compiled_step_code(model, inputs)
+
+    def holds(code, names):
+        return all(name in code for name in names) and INDUCTOR_KERNEL.search(code) is not None
+
+    with_forward = {i for i, code in enumerate(codes) if holds(code, FORWARD_KERNELS[causal])}
+    with_backward = {i for i, code in enumerate(codes) if holds(code, BACKWARD_KERNELS[causal])}
+    assert with_forward and with_backward and len(with_forward | with_backward) >= 2, (
+        f"expected our kernels beside Inductor's in the forward and in the backward graph; got {kernel_names(codes)}")
