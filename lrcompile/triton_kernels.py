@@ -119,6 +119,13 @@ def state_rows(head_dim: int, degree: int = 2) -> int:
 
 
 @triton.jit
+def _head_id():
+    """Program axis 0, the flattened (batch, head), as int64: head * stride_head passes 2^31 past
+    ~1000 heads of a degree-3 (or d = 128) state, and int32 products would wrap."""
+    return tl.program_id(0).to(tl.int64)
+
+
+@triton.jit
 def _load_rows(ptr, rows, row_mask, width, WIDTH: tl.constexpr):
     """A (rows, WIDTH) float32 tile of a row-major matrix with `width` columns (row stride given in ptr math)."""
     columns = tl.arange(0, WIDTH)
@@ -220,7 +227,7 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices,
     Y (BLOCK_N, DV) + (BLOCK_N,); the accumulator is the (D, DV) slice and its (D,) denominator
     column, in registers.
     """
-    head, p = tl.program_id(0), tl.program_id(1)
+    head, p = _head_id(), tl.program_id(1)
     a, b = _slice_factors(p, d, DEGREE, D1)
     x_ptr += head * stride_x_head
     y_ptr += head * stride_y_head
@@ -260,7 +267,7 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
     Grid (BH, cdiv(n_rows, BLOCK_N)); the program loops over the slices p, each a (D, DV) tile
     of T with its (D,) denominator column; rows x (BLOCK_N, D), Y (BLOCK_N, DV) + (BLOCK_N,).
     """
-    head, block = tl.program_id(0), tl.program_id(1)
+    head, block = _head_id(), tl.program_id(1)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     columns, values = tl.arange(0, D), tl.arange(0, DV)
@@ -342,7 +349,7 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
     first position, so at most C + BLOCK_M keys are visited. Stores O^ (plain store: this kernel
     runs first and the sweep adds the earlier chunks' share).
     """
-    head, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    head, group, block = _head_id(), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_q
     values = tl.arange(0, DV)
@@ -384,7 +391,7 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
     of every group, key tiles k (BLOCK_N, D) with W^ (BLOCK_N, DV) + (BLOCK_N,). The programs of
     a head each add their share to O^ atomically. Stores the final state, all keys j < min(n_q, n_k).
     """
-    head, p = tl.program_id(0), tl.program_id(1)
+    head, p = _head_id(), tl.program_id(1)
     a, b = _slice_factors(p, d, DEGREE, D1)
     values = tl.arange(0, DV)
     q_ptr += head * stride_q_head
@@ -442,7 +449,7 @@ def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d
     Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,),
     k (BLOCK_N, D), W^ (BLOCK_N, DV) + (BLOCK_N,), dX (BLOCK_M, BLOCK_N). Plain store: runs before the sweep.
     """
-    head, group, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    head, group, block = _head_id(), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_q
     columns = tl.arange(0, D)
@@ -485,7 +492,7 @@ def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n
     q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,), X (BLOCK_M, BLOCK_N). Plain store: keys no
     query sees (j >= n_q) get zeros.
     """
-    head, block = tl.program_id(0), tl.program_id(1)
+    head, block = _head_id(), tl.program_id(1)
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_mask = keys < n_k
     columns, values = tl.arange(0, D), tl.arange(0, DV)
@@ -544,7 +551,7 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
     Grid (BH, n_slices); held: slices of S and R, (D, DV) + (D,) each; tiles as in the forward sweep.
     Adds its share to dq', dk', U atomically (the block kernels stored theirs first).
     """
-    head, p = tl.program_id(0), tl.program_id(1)
+    head, p = _head_id(), tl.program_id(1)
     a, b = _slice_factors(p, d, DEGREE, D1)
     values = tl.arange(0, DV)
     q_ptr += head * stride_q_head
