@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                 # all three steps
     python benchmarks/gpu_check.py --skip-tests    # kernel names and timings only
     python benchmarks/gpu_check.py --n 4096        # fewer timing rows
+    python benchmarks/gpu_check.py --skip-tests --blocks 32 64   # our kernels at both row tiles
 
 1. The CUDA tests of tests/test_triton_kernels.py (`-m gpu`): the registered ops against the
    float64 reference (float32 and bfloat16, degree 2 at d = 64 and degree 3 at d = 32, causal and
@@ -11,9 +12,13 @@
 2. The Triton kernels Inductor's output code defines for one training step of a 2-layer GPT
    (d = 64, n = 512, causal) compiled by lrcompile with every eligible site rewritten, per graph:
    ours (_block_forward_kernel, _sweep_backward_kernel, ...) and Inductor's (triton_poi_..., ...).
-3. Forward + backward time of `lrcompile::triton_factored_attention` against SDPA's flash
-   backend, bfloat16, batch 1, 8 heads, n = 4096 and 16384, causal and not, degree 2 at d = 64
-   and degree 3 at d = 32, measured by triton.testing.do_bench (median ms; CUDA events).
+3. Forward + backward time of our kernels (the launchers `lrcompile::triton_factored_attention`
+   calls) against SDPA's flash backend, bfloat16, batch 1, 8 heads, n = 4096 and 16384, causal
+   and not, degree 2 at d = 64 and degree 3 at d = 32, measured by triton.testing.do_bench
+   (median ms; CUDA events); ratio = ours / flash. The row tile is a guess until timed here:
+   compiled for sm_90 with 4 warps, the sweeps spill at 64-row tiles (ptxas -v: the causal
+   backward sweep 4.8 KB a thread at d = 64 with float32 inputs, 1.4 KB at 32 rows), so
+   `--blocks 32 64` shows which wins.
 
 Prints everything; writes nothing. Exits non-zero if the tests fail or there is no CUDA.
 """
@@ -52,45 +57,48 @@ def print_kernel_names() -> None:
         print(f"graph {graph}: ours {ours}\n         Inductor's ({len(inductors)}) {inductors}")
 
 
-def time_fwd_bwd(attend, leaves, grad_out) -> float:
+def print_timings(lengths, blocks) -> None:
+    """Forward + backward of our kernels (the launchers the op calls, at each tile size in `blocks`;
+    None: the default) and of SDPA's flash kernel, one row per configuration."""
+    from lrcompile import triton_kernels
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
-    def step():
-        torch.autograd.grad(attend(*leaves), leaves, grad_out)
-
-    return do_bench(step, warmup=5, rep=50)
-
-
-def print_timings(lengths) -> None:
-    import lrcompile.triton_kernels  # noqa: F401  registers lrcompile::triton_factored_attention
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     heads, dtype = 8, torch.bfloat16
-    print(f"{'d':>3} {'deg':>3} {'causal':>6} {'n':>6}  {'triton ms':>10} {'flash ms':>9} {'ratio':>6}")
+    labels = [f"tile {block or 'default'} ms" for block in blocks]
+    print(f"{'d':>3} {'deg':>3} {'causal':>6} {'n':>6}  " + " ".join(f"{label:>17}" for label in labels)
+          + f" {'flash ms':>9} {'ratio':>6}")
     for head_dim, degree in TIMED:
         for causal in (False, True):
             for n in lengths:
                 q, k, v = (torch.randn(1, heads, n, head_dim, device="cuda", dtype=dtype) * 0.3 for _ in range(3))
                 grad_out = torch.randn_like(q)
-                args = (TAYLOR[degree], head_dim**-0.5, causal, 64)
+                args = (TAYLOR[degree], head_dim**-0.5, causal, 64)  # coefficients, scale, causal, chunk_size
 
-                def ours(q, k, v):
-                    return torch.ops.lrcompile.triton_factored_attention(q.unsqueeze(2), k, v, None, *args)[0].squeeze(2)
+                def ours(block):
+                    out, denominator, state = triton_kernels.forward(q.unsqueeze(2), k, v, None, *args, block_size=block)
+                    triton_kernels.backward(grad_out.unsqueeze(2), q.unsqueeze(2), k, v, None, out, denominator, state,
+                                            *args, False, block_size=block)
 
-                def flash(q, k, v):
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+                def flash():
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                        out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)
+                    torch.autograd.grad(out, leaves, grad_out)
 
-                leaves = [t.requires_grad_() for t in (q, k, v)]
-                triton_ms, flash_ms = (time_fwd_bwd(attend, leaves, grad_out) for attend in (ours, flash))
-                print(f"{head_dim:>3} {degree:>3} {str(causal):>6} {n:>6}  {triton_ms:>10.2f} {flash_ms:>9.2f} "
-                      f"{triton_ms / flash_ms:>6.2f}", flush=True)
+                ours_ms = [do_bench(lambda: ours(block), warmup=5, rep=50) for block in blocks]
+                flash_ms = do_bench(flash, warmup=5, rep=50)
+                print(f"{head_dim:>3} {degree:>3} {str(causal):>6} {n:>6}  " + " ".join(f"{ms:>17.2f}" for ms in ours_ms)
+                      + f" {flash_ms:>9.2f} {min(ours_ms) / flash_ms:>6.2f}", flush=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384], help="sequence lengths timed")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0],
+                        help="row tiles of our kernels to time (0: the default, _block_size); e.g. --blocks 32 64")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check", file=sys.stderr)
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
     print("\n== Inductor output code: Triton kernels per graph, rewritten GPT (n = 512, causal) ==", flush=True)
     print_kernel_names()
     print("\n== forward + backward, bfloat16, B = 1, H = 8: Triton op vs SDPA flash ==", flush=True)
-    print_timings(args.n)
+    print_timings(args.n, [block or None for block in args.blocks])
     return 0 if passed else 1
 
 
