@@ -35,7 +35,10 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 from lrcompile import factored, triton_kernels  # noqa: E402
+from lrcompile.triton_kernels import _slice_factors  # noqa: E402
 from lrcompile.features import monomial_table  # noqa: E402
 from lrcompile.reference import polynomial_attention, random_attention_inputs  # noqa: E402
 
@@ -239,6 +242,25 @@ def test_state_is_the_slice_layout_by_enumeration(causal, degree):
     expected = _slice_features(k_centred, degree).mT @ weighted
     assert state.shape == (1, 1, triton_kernels.state_rows(head_dim, degree), value_dim + 1)
     assert _relative_error(state, expected) < 1e-5
+
+
+@triton.jit
+def _slice_factors_kernel(out_ptr, d, DEGREE: tl.constexpr, D1: tl.constexpr):
+    p = tl.program_id(0)
+    a, b = _slice_factors(p, d, DEGREE, D1)
+    tl.store(out_ptr + 2 * p, a)
+    tl.store(out_ptr + 2 * p + 1, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_dim", [1, 7, 32])
+def test_degree_3_slice_numbering_is_row_major_over_the_pairs(head_dim):
+    """The closed form in _slice_factors against the enumeration, up to the degree-3 limit d = 32."""
+    pairs = [(a, b) for a in range(head_dim + 1) for b in range(a, head_dim + 1)]
+    assert len(pairs) == triton_kernels.slice_count(head_dim, 3)
+    out = torch.full((len(pairs), 2), -1, dtype=torch.int32, device=DEVICE)
+    _slice_factors_kernel[(len(pairs),)](out, head_dim, DEGREE=3, D1=triton.next_power_of_2(head_dim + 1))
+    assert out.cpu().tolist() == [list(pair) for pair in pairs]
 
 
 @needs_kernels
