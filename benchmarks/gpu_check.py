@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -106,7 +107,11 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     passed = args.skip_tests or run_tests()
     print("\n== Inductor output code: Triton kernels per graph, rewritten GPT (n = 512, causal) ==", flush=True)
-    print_kernel_names()
+    try:  # a failure here should not cost the timings below: one run is all a lent GPU may give
+        print_kernel_names()
+    except Exception:
+        traceback.print_exc()
+        passed = False
     print("\n== forward + backward, bfloat16, B = 1, H = 8: Triton op vs SDPA flash ==", flush=True)
     print_timings(args.n, [block or None for block in args.blocks])
     return 0 if passed else 1
