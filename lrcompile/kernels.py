@@ -146,13 +146,12 @@ def why_not(implementation: str, device: str, dtype: torch.dtype, degree: int, h
             from lrcompile import triton_kernels
         except Exception as error:  # noqa: BLE001 - an ImportError, or triton failing to initialise
             return f"triton is not importable ({type(error).__name__}: {error})"
-        # supports() reads shapes and a dtype only: stand-ins, so that no tensor is made (and traced
-        # into the graph) while torch.compile traces the op
+        # unsupported_reason() reads shapes and a dtype only: stand-ins, so that no tensor is made
+        # (and traced into the graph) while torch.compile traces the op
         query, value = SimpleNamespace(shape=(head_dim,), dtype=dtype), SimpleNamespace(shape=(value_dim,), dtype=dtype)
-        if not triton_kernels.supports(query, value, [0.0] * (degree + 1)):
-            return (f"the Triton kernels take degree <= {triton_kernels.MAX_DEGREE}, head and value dims <= "
-                    f"{triton_kernels.MAX_HEAD_DIM} and float32 (got degree {degree}, d = {head_dim}, "
-                    f"d_v = {value_dim}, {dtype})")
+        problem = triton_kernels.unsupported_reason(query, value, [0.0] * (degree + 1))
+        if problem:
+            return f"the Triton kernels do not take {problem}"
         return ""
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 

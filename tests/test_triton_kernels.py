@@ -9,12 +9,21 @@ are tiny and the tiles 16 wide.
 TRITON_INTERPRET must be set before triton itself is imported (triton.language's own jit
 functions are fixed then). Importing lrcompile imports torch._inductor and with it triton, so
 when conftest got there first, the kernel tests skip here and one test runs this file again in
-a fresh process that sets the variable before anything else.
+a fresh process that sets the variable (and LRCOMPILE_KERNELS=triton) before anything else.
+
+Every kernel result is held to the float64 quadratic reference (lrcompile.reference) on fresh
+random inputs seeded per case, scores within |x| <= 2: forward, dq, dk, dv and d key-weights, at
+1e-5 (outputs) and 1e-4 (gradients) relative to the largest entry for float32 inputs, and at the
+half dtypes' own rounding (HALF_TOLERANCE) for bfloat16 and float16. The interpreter computes
+tl.dot in float32 whatever input_precision says: the tf32_products fixture rounds the operands of
+the half inputs' tf32 products as tensor cores do, and the CUDA tests at the end of this file
+hold the hardware to CUDA_TOLERANCE.
 """
 
 import inspect
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +35,10 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 from lrcompile import factored, triton_kernels  # noqa: E402
+from lrcompile.triton_kernels import _slice_factors  # noqa: E402
 from lrcompile.features import monomial_table  # noqa: E402
 from lrcompile.reference import polynomial_attention, random_attention_inputs  # noqa: E402
 
@@ -53,7 +65,7 @@ def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
          "-k", "not fresh_process and not compile_to_cubin"],
-        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1"),
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TRITON_INTERPRET="1", LRCOMPILE_KERNELS="triton"),
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
@@ -81,7 +93,29 @@ def _inputs(n_q, n_k, head_dim, value_dim, groups=1, kv_heads=1, padding=False, 
 
 
 def _relative_error(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()  # results on CUDA, references on the CPU
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def tf32_products(monkeypatch):
+    """Under the interpreter, tl.dot(input_precision="tf32") rounds its float32 operands to tf32
+    (10-bit mantissa, nearest even) as tensor cores do; the interpreter alone multiplies in float32.
+    On CUDA the hardware does it and this fixture changes nothing."""
+    if torch.cuda.is_available():
+        return
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+
+    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a, b = (interpreter.TensorHandle(interpreter._round_f32_to_tf32(x.data), x.dtype)
+                    if x.dtype == triton.language.float32 else x for x in (a, b))
+        return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
 
 
 def _torch_sweep_values(q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out):
@@ -119,60 +153,119 @@ LAYOUTS = {
 MASKS = {  # (causal, key padding)
     "none": (False, False), "key_padding": (False, True), "causal": (True, False), "causal_key_padding": (True, True),
 }
+# Polynomials positive on the tested score range |x| <= 2: Taylor at degree 2, and at degree 3 one
+# that increases everywhere (P' = 1 + x + 0.3 x^2 > 0) with P(-2) = 0.2, so denominators stay clear of 0.
+POLYNOMIALS = {2: TAYLOR_2, 3: [1.0, 1.0, 0.5, 0.1]}
+
+
+def _assert_gradients_close(grads, references, key_weight, tolerance):
+    for name, grad, reference in zip(("dq", "dk", "dv", "dkey_weight"), grads, references):
+        assert grad.shape == reference.shape, name
+        if name == "dkey_weight" and key_weight is None:  # no weights, no gradient: both empty
+            continue
+        if name == "dkey_weight":  # d/dw of the reference's log(w) mask is undefined at w = 0
+            valid = key_weight > 0
+            grad, reference = grad[valid], reference[valid.to(reference.device)]
+        assert _relative_error(grad, reference) < tolerance, name
 
 
 @needs_kernels
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask):
+def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask, degree):
     n_q, n_k, groups, kv_heads, chunk_size = LAYOUTS[layout]
     causal, padding = MASKS[mask]
+    coefficients = POLYNOMIALS[degree]
     head_dim, value_dim = 4, 5
     scale = 1 / math.sqrt(head_dim)
-    q, k, v, key_weight = _inputs(n_q, n_k, head_dim, value_dim, groups, kv_heads, padding)
-    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    seed = 100 * list(LAYOUTS).index(layout) + 10 * list(MASKS).index(mask) + degree
+    q, k, v, key_weight = _inputs(n_q, n_k, head_dim, value_dim, groups, kv_heads, padding, seed=seed)
+    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(seed + 7)).to(DEVICE)
 
-    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size)
-    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, TAYLOR_2, scale,
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
                                     causal, chunk_size, key_weight is not None)
     sweep_out, sweep_denominator, sweep_grads = _torch_sweep_values(
-        q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size, grad_out)
-    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, TAYLOR_2, scale, causal, grad_out)
+        q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out)
 
     assert _relative_error(out, sweep_out) < 1e-5
     assert _relative_error(denominator, sweep_denominator) < 1e-5
     assert _relative_error(out, exact_out) < 1e-5
-    names = ("dq", "dk", "dv", "dkey_weight")
-    for name, grad, sweep_grad, exact_grad in zip(names, grads, sweep_grads, exact_grads):
-        assert grad.shape == sweep_grad.shape, name
-        assert _relative_error(grad, sweep_grad) < 1e-4, name
-        if name == "dkey_weight":  # d/dw of the reference's log(w) mask is undefined at w = 0
-            valid = key_weight > 0
-            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
-        assert _relative_error(grad, exact_grad) < 1e-4, name
+    _assert_gradients_close(grads, sweep_grads, key_weight, 1e-4)
+    _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
     if causal and n_k > n_q:  # keys no query sees get no gradient
         assert grads[1][..., n_q:, :].abs().max() == 0
 
 
 @needs_kernels
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-def test_largest_tested_head_dim_matches_the_torch_sweep(causal):
-    head_dim, value_dim, chunk_size = 32, 16, 16
+@pytest.mark.parametrize("degree, head_dim", [(2, 32), (3, 8)], ids=["degree_2_d32", "degree_3_d8"])
+def test_widest_interpreted_heads_match_float64(degree, head_dim, causal):
+    """The widest heads the interpreter affords: d = 32 at degree 2, d = 8 (45 slices) at degree 3.
+    The degree-3 limit d = 32 (561 slices) takes 90 s a case interpreted; the CUDA tests below run it."""
+    value_dim, chunk_size = 16, 16
+    coefficients = POLYNOMIALS[degree]
     scale = 1 / math.sqrt(head_dim)
-    q, k, v, key_weight = _inputs(20, 20, head_dim, value_dim, padding=True)
+    q, k, v, key_weight = _inputs(20, 20, head_dim, value_dim, padding=True, seed=degree + 2 * causal)
     grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size)
-    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, TAYLOR_2, scale,
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
                                     causal, chunk_size, True)
-    sweep_out, _, sweep_grads = _torch_sweep_values(q, k, v, key_weight, TAYLOR_2, scale, causal, chunk_size, grad_out)
-    assert _relative_error(out, sweep_out) < 1e-5
-    for name, grad, sweep_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, sweep_grads):
-        assert _relative_error(grad, sweep_grad) < 1e-4, name
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out)
+    assert _relative_error(out, exact_out) < 1e-5
+    _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
+
+
+def _slice_features(x, degree):
+    """Every feature of the slice layout, in the state's row order, by enumeration (float64):
+    x~_a x~_b x_e for slices (a, b) (a <= b <= d at degree 3, b = d below), then the constant."""
+    d = x.shape[-1]
+    x_tilde = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    pairs = [(a, b) for a in range(d + 1) for b in range(a, d + 1)] if degree == 3 else [(a, d) for a in range(d + 1)]
+    features = [(x_tilde[..., a] * x_tilde[..., b]).unsqueeze(-1) * x for a, b in pairs]
+    return torch.cat(features + [torch.ones_like(x[..., :1])], dim=-1)
 
 
 @needs_kernels
-def test_state_is_the_full_layout_of_the_symmetric_state():
-    """Row a d + b of the Triton state is feature k'_a k'_b (a < d), row d d + b is k'_b, the last row 1:
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+def test_state_is_the_slice_layout_by_enumeration(causal, degree):
+    """Row p d + e of the state sums x~_a x~_b k'_e W^_j over the keys, slice p = (a, b) numbered
+    row-major over the pairs: the kernels' closed-form slice numbering matches the enumeration."""
+    head_dim, value_dim, scale = 5, 3, 0.5
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True, seed=40 + degree)
+    state = triton_kernels.forward(q, k, v, key_weight, POLYNOMIALS[degree], scale, causal, 16)[2]
+    k_centred = factored.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
+    weighted = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).double() * key_weight.double().unsqueeze(-1)
+    expected = _slice_features(k_centred, degree).mT @ weighted
+    assert state.shape == (1, 1, triton_kernels.state_rows(head_dim, degree), value_dim + 1)
+    assert _relative_error(state, expected) < 1e-5
+
+
+@triton.jit
+def _slice_factors_kernel(out_ptr, d, DEGREE: tl.constexpr, D1: tl.constexpr):
+    p = tl.program_id(0)
+    a, b = _slice_factors(p, d, DEGREE, D1)
+    tl.store(out_ptr + 2 * p, a)
+    tl.store(out_ptr + 2 * p + 1, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_dim", [1, 7, 32])
+def test_degree_3_slice_numbering_is_row_major_over_the_pairs(head_dim):
+    """The closed form in _slice_factors against the enumeration, up to the degree-3 limit d = 32."""
+    pairs = [(a, b) for a in range(head_dim + 1) for b in range(a, head_dim + 1)]
+    assert len(pairs) == triton_kernels.slice_count(head_dim, 3)
+    out = torch.full((len(pairs), 2), -1, dtype=torch.int32, device=DEVICE)
+    _slice_factors_kernel[(len(pairs),)](out, head_dim, DEGREE=3, D1=triton.next_power_of_2(head_dim + 1))
+    assert out.cpu().tolist() == [list(pair) for pair in pairs]
+
+
+@needs_kernels
+def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
+    """Row a d + b of the degree-2 state is feature k'_a k'_b (a < d), row d d + b is k'_b, the last row 1:
     the symmetric state's monomial (i <= j) is the full layout's row i d + j."""
     head_dim, value_dim = 4, 3
     q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True)
@@ -190,27 +283,47 @@ def test_state_is_the_full_layout_of_the_symmetric_state():
     assert _relative_error(state[:, :, lower], state[:, :, upper]) < 1e-6  # (a, b) and (b, a): one monomial
 
 
+# Half-precision inputs against float64 on the same (rounded) inputs. Accumulation is float32; the
+# tile products round their operands to tf32 (2^-11 relative, emulated under the interpreter by
+# the tf32_products fixture) and each result is rounded to the input dtype (bfloat16 2^-9,
+# float16 2^-12 relative). Gradients cancel, so their errors are taken against the largest entry
+# with room for that: 1e-2 for bfloat16, 5e-3 for float16.
+HALF_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_accumulate_in_float32(dtype):
-    head_dim, value_dim, scale = 4, 5, 0.5
-    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, groups=2, padding=True)
-    half = [t.to(dtype) for t in (q, k, v, key_weight)]
-    out, denominator, _ = triton_kernels.forward(*half, TAYLOR_2, scale, True, 16)
-    sweep_out = factored.factored_attention(*(t.float() for t in half), TAYLOR_2, scale, True, 16, 0.0, "allow",
-                                            "test")[0]
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype", HALF_TOLERANCE, ids=str)
+@pytest.mark.usefixtures("tf32_products")
+def test_half_precision_inputs_accumulate_in_float32(dtype, causal, degree):
+    head_dim, value_dim, scale, chunk_size = 4, 5, 0.5, 12
+    coefficients = POLYNOMIALS[degree]
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, groups=2, padding=True, seed=60 + degree + 2 * causal)
+    q, k, v, key_weight = (t.to(dtype) for t in (q, k, v, key_weight))
+    grad_out = torch.randn(q.shape[:-1] + (value_dim,), generator=torch.Generator().manual_seed(61)).to(DEVICE, dtype)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size)
+    grads = triton_kernels.backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
+                                    causal, chunk_size, True)
+    exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, scale, causal, grad_out)
     assert out.dtype == dtype and denominator.dtype == torch.float32
-    assert _relative_error(out, sweep_out) < 1e-2  # the output's own rounding: accumulation is float32
+    assert all(grad.dtype == dtype for grad in grads)
+    assert _relative_error(out, exact_out) < HALF_TOLERANCE[dtype]
+    _assert_gradients_close(grads, exact_grads, key_weight, HALF_TOLERANCE[dtype])
 
 
-FALLBACKS = {"degree_3": ([1.0, 1.0, 0.5, 1 / 6], torch.float32), "float64": (TAYLOR_2, torch.float64)}
+UNSUPPORTED = {  # (coefficients, head_dim, dtype): what `supports` refuses, and the torch sweep then runs
+    "degree_4": ([1.0, 1.0, 0.5, 1 / 6, 1 / 24], 4, torch.float32),
+    "degree_3_d_over_32": (POLYNOMIALS[3], 33, torch.float32),
+    "float64": (TAYLOR_2, 4, torch.float64),
+}
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-@pytest.mark.parametrize("fallback", FALLBACKS)
-def test_unsupported_calls_fall_back_to_the_torch_sweep(fallback, causal):
-    coefficients, dtype = FALLBACKS[fallback]
-    q, k, v, key_weight = (t.to(dtype) for t in _inputs(20, 20, 4, 3, padding=True))
+@pytest.mark.parametrize("unsupported", UNSUPPORTED)
+def test_unsupported_calls_fall_back_to_the_torch_sweep(unsupported, causal):
+    coefficients, head_dim, dtype = UNSUPPORTED[unsupported]
+    q, k, v, key_weight = (t.to(dtype) for t in _inputs(20, 20, head_dim, 3, padding=True))
     grad_out = torch.randn(q.shape[:-1] + (3,), generator=torch.Generator().manual_seed(5), dtype=dtype).to(DEVICE)
     assert not triton_kernels.supports(q, v, coefficients)
     out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, 0.5, causal, 8)
@@ -220,6 +333,20 @@ def test_unsupported_calls_fall_back_to_the_torch_sweep(fallback, causal):
     assert torch.equal(out, sweep_out)
     for grad, sweep_grad in zip(grads, sweep_grads):
         assert torch.equal(grad, sweep_grad)
+
+
+def test_supports_says_what_it_refuses():
+    def reason(degree, head_dim, value_dim=8, dtype=torch.float32):
+        q, v = torch.empty(1, 1, 1, 2, head_dim, dtype=dtype), torch.empty(1, 1, 2, value_dim, dtype=dtype)
+        return triton_kernels.unsupported_reason(q, v, [1.0] * (degree + 1))
+
+    assert reason(2, 128) is None and reason(3, 32) is None and reason(1, 128) is None
+    assert reason(2, 128, dtype=torch.bfloat16) is None and reason(3, 32, dtype=torch.float16) is None
+    assert "degree 4" in reason(4, 8)
+    assert "d = 33 at degree 3" in reason(3, 33) and "d <= 32 at degree 3" in reason(3, 33)
+    assert "d = 129" in reason(2, 129)
+    assert "d_v = 129" in reason(2, 64, value_dim=129)
+    assert "torch.float64" in reason(2, 64, dtype=torch.float64)
 
 
 @needs_kernels
@@ -233,31 +360,32 @@ def test_degree_one_runs_the_degree_two_kernels_with_no_quadratic_term(causal):
                                     causal, 16, True)
     exact_out, exact_grads = _quadratic_reference(q, k, v, key_weight, coefficients, 0.5, causal, grad_out)
     assert _relative_error(out, exact_out) < 1e-5
-    valid = key_weight > 0
-    for name, grad, exact_grad in zip(("dq", "dk", "dv", "dkey_weight"), grads, exact_grads):
-        if name == "dkey_weight":
-            grad, exact_grad = grad[valid], exact_grad[valid.cpu()]
-        assert _relative_error(grad, exact_grad) < 1e-4, name
+    _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
 
 
 # ---- compiled for a GPU, without one ---------------------------------------------------------------
 
 
 def _compiled_kernels():
-    """Every kernel with the constants a launch for d = d_v = 64 on CUDA gives it."""
-    tiles = dict(BLOCK_M=64, BLOCK_N=64, D=64, DV=64)
-    rows = dict(BLOCK_N=64, D=64, DV=64)
-    return [
-        (triton_kernels._state_kernel, rows),
-        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
-        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
-        (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
-        (triton_kernels._block_forward_kernel, tiles),
-        (triton_kernels._sweep_forward_kernel, tiles),
-        (triton_kernels._block_query_backward_kernel, tiles),
-        (triton_kernels._block_key_backward_kernel, tiles),
-        (triton_kernels._sweep_backward_kernel, tiles),
-    ]
+    """Every kernel with the constants a launch on CUDA gives it: degree 2 at d = d_v = 64 with
+    float32 inputs, and degree 3 at its limit d = 32 with d_v = 128 and half inputs."""
+    launches = [triton_kernels._Launch(64, 64, 2, (1.0, 1.0, 0.5, 0.0), 64, "tf32x3"),
+                triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "tf32")]
+    kernels = []
+    for launch in launches:
+        rows = launch.slice_constants(rows_only=True)
+        kernels += [
+            (triton_kernels._state_kernel, rows),
+            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
+            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
+            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
+            (triton_kernels._block_forward_kernel, launch.constants()),
+            (triton_kernels._sweep_forward_kernel, launch.slice_constants()),
+            (triton_kernels._block_query_backward_kernel, launch.constants()),
+            (triton_kernels._block_key_backward_kernel, launch.constants()),
+            (triton_kernels._sweep_backward_kernel, launch.slice_constants()),
+        ]
+    return kernels
 
 
 @pytest.mark.slow
@@ -277,34 +405,140 @@ def test_kernels_compile_to_cubin_for_sm90():
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
             else:
-                signature[name] = "fp32" if name in ("c0", "c1", "c2") else "i32"
+                signature[name] = "fp32" if name in ("c0", "c1", "c2", "c3") else "i32"
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.fn.__name__
 
 
-# ---- the registered op, on CUDA only -----------------------------------------------------------
+# ---- on CUDA: the registered ops, and the kernels inside a compiled model --------------------------
+# Skipped without CUDA; benchmarks/gpu_check.py runs them on a lent GPU. Sizes leave partial tiles
+# (n = 300 against 64-row tiles, several chunks of 64) and use each degree's largest head dim.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
+CUDA_HEAD_DIM = {2: 64, 3: 32}
+# float32 inputs run tf32x3 products (float32-accurate): what remains is float32 summation over
+# n = 300 keys in a different order. bfloat16 inputs run one tf32 product (10-bit mantissa) and
+# round every result to bfloat16 (2^-9 relative): 2e-2 of the largest entry leaves a factor 5.
+CUDA_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}  # (out, gradients)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
+def _cuda_case(dtype, degree, causal, seed):
+    head_dim = CUDA_HEAD_DIM[degree]
+    q, k, v, key_weight = _inputs(300, 300, head_dim, 64, groups=2, kv_heads=2, padding=True, seed=seed)
+    args = (POLYNOMIALS[degree], 1 / math.sqrt(head_dim), causal, 64)  # coefficients, scale, causal, chunk_size
+    return [t.to(dtype) for t in (q, k, v, key_weight)], args
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-def test_triton_op_compiles_and_matches_the_torch_sweep_on_cuda(causal):
-    head_dim, value_dim, scale = 64, 64, 0.125
-    q, k, v, key_weight = _inputs(300, 300, head_dim, value_dim, groups=2, kv_heads=2, padding=True)
-    args = (TAYLOR_2, scale, causal, 64)
-    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (q, k, v, key_weight, *args),
+@pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
+@pytest.mark.parametrize("dtype", CUDA_TOLERANCE, ids=str)
+@needs_cuda
+@pytest.mark.gpu
+def test_triton_op_on_cuda_matches_float64(dtype, degree, causal):
+    inputs, args = _cuda_case(dtype, degree, causal, seed=degree + 2 * causal)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grad_out = torch.randn(inputs[0].shape[:-1] + (64,), generator=torch.Generator().manual_seed(11)).to(DEVICE, dtype)
+    out = torch.ops.lrcompile.triton_factored_attention(*leaves, *args)[0]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    coefficients, scale, causal, _ = args
+    exact_out, exact_grads = _quadratic_reference(*inputs, coefficients, scale, causal, grad_out)
+    out_tolerance, gradient_tolerance = CUDA_TOLERANCE[dtype]
+    assert out.dtype == dtype and all(grad.dtype == dtype for grad in grads)
+    assert _relative_error(out, exact_out) < out_tolerance
+    _assert_gradients_close(grads, exact_grads, inputs[3], gradient_tolerance)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype, degree", [(torch.float32, 2), (torch.bfloat16, 3)], ids=["float32_degree_2",
+                                                                                         "bfloat16_degree_3"])
+@needs_cuda
+@pytest.mark.gpu
+def test_triton_op_registration_and_compiled_calls_on_cuda(dtype, degree, causal):
+    """Schema, fake kernel and autograd registration (opcheck), and the op under torch.compile
+    (fullgraph: Inductor inlines our kernels) equal to the eager op."""
+    inputs, args = _cuda_case(dtype, degree, causal, seed=20 + degree + 2 * causal)
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (*inputs, *args),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, key_weight)]
 
     def attention(q, k, v, key_weight):
         return torch.ops.lrcompile.triton_factored_attention(q, k, v, key_weight, *args)[0]
 
-    out = torch.compile(attention, fullgraph=True)(*leaves)
-    grads = torch.autograd.grad(out.square().sum(), leaves)
-    sweep_leaves = [t.clone().requires_grad_() for t in (q, k, v, key_weight)]
-    sweep_out = factored.factored_attention(*sweep_leaves, *args, 0.0, "allow", "test")[0]
-    sweep_grads = torch.autograd.grad(sweep_out.square().sum(), sweep_leaves)
-    assert _relative_error(out, sweep_out) < 1e-4
-    for grad, sweep_grad in zip(grads, sweep_grads):
-        assert _relative_error(grad, sweep_grad) < 1e-3
+    compiled_leaves, eager_leaves = ([t.clone().requires_grad_() for t in inputs] for _ in range(2))
+    compiled_out = torch.compile(attention, fullgraph=True)(*compiled_leaves)
+    compiled_grads = torch.autograd.grad(compiled_out.float().square().sum(), compiled_leaves)
+    eager_out = attention(*eager_leaves)
+    eager_grads = torch.autograd.grad(eager_out.float().square().sum(), eager_leaves)
+    out_tolerance, gradient_tolerance = CUDA_TOLERANCE[dtype]
+    assert _relative_error(compiled_out, eager_out) < out_tolerance
+    for grad, eager_grad in zip(compiled_grads, eager_grads):
+        assert _relative_error(grad, eager_grad) < gradient_tolerance
+
+
+FORWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
+                   True: ("_block_forward_kernel", "_sweep_forward_kernel")}
+BACKWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
+                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_sweep_backward_kernel")}
+INDUCTOR_KERNEL = re.compile(r"def triton_(poi|per|red)_\w+\(")  # Inductor's names for the Triton it generates
+
+
+class _Encoder(torch.nn.Module):
+    """One non-causal self-attention layer (d = 64): projections around SDPA."""
+
+    def __init__(self, width=128, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, n, width = x.shape
+        q, k, v = self.qkv(x).view(batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(attended.transpose(1, 2).reshape(batch, n, width))
+
+
+def _model(causal):
+    """(model, inputs) on CUDA: a 2-layer GPT (d = 64, causal) or the encoder layer (non-causal), n = 512."""
+    from lrcompile.models import build
+
+    if causal:
+        return build(n_layer=2, n_embd=128, n_head=2, block_size=512).cuda(), (torch.randint(0, 256, (2, 512)).cuda(),)
+    torch.manual_seed(0)
+    return _Encoder().cuda(), (torch.randn(2, 512, 128).cuda(),)
+
+
+def compiled_step_code(model, inputs):
+    """Inductor's output code (one string per compiled graph, forward and backward) for one training
+    step of model compiled by lrcompile with every eligible site rewritten."""
+    import lrcompile
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(model, backend=lrcompile.backend(lrcompile.Policy(cost_model=False)))
+
+    def step():
+        out = compiled(*inputs)
+        out.float().square().mean().backward()
+        return out
+
+    return run_and_get_code(step)[1]  # resets dynamo first, so the step compiles afresh
+
+
+def kernel_names(codes):
+    """The Triton kernels defined in Inductor's output code, ours and its own, per compiled graph."""
+    return [sorted(set(re.findall(r"^def (\w+)\(", code, flags=re.MULTILINE))) for code in codes]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "gpt"])
+@needs_cuda
+@pytest.mark.gpu
+def test_compiled_model_runs_our_kernels_beside_inductors(causal):
+    model, inputs = _model(causal)
+    codes = compiled_step_code(model, inputs)
+
+    def holds(code, names):
+        return all(name in code for name in names) and INDUCTOR_KERNEL.search(code) is not None
+
+    with_forward = {i for i, code in enumerate(codes) if holds(code, FORWARD_KERNELS[causal])}
+    with_backward = {i for i, code in enumerate(codes) if holds(code, BACKWARD_KERNELS[causal])}
+    assert with_forward and with_backward and len(with_forward | with_backward) >= 2, (
+        f"expected our kernels beside Inductor's in the forward and in the backward graph; got {kernel_names(codes)}")
