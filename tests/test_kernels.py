@@ -115,7 +115,7 @@ def test_an_invalid_value_names_the_variable_and_the_accepted_ones(monkeypatch):
     ("c", "cuda", torch.float32, 2, "the C kernels run CPU tensors, this call's are on cuda"),
     ("c", "cpu", torch.float16, 2, "float32 or float64"),
     ("triton", "cpu", torch.float32, 2, "CPU tensors only under TRITON_INTERPRET=1"),
-    ("triton", "cuda", torch.float32, 3, "degree <= 2"),
+    ("triton", "cuda", torch.float32, 4, "degree <= 3"),
 ])
 def test_an_implementation_that_cannot_run_the_call_is_an_error_naming_the_variable(
         monkeypatch, value, device, dtype, degree, message):
@@ -327,7 +327,7 @@ def test_the_policy_picks_the_kernels_by_the_sites_device():
     cuda = decide(_site("cuda"), Policy(cost_model=False))
     assert cuda.config.implementation == "triton" and cuda.kernel.label == "triton"
     cuda_degree_4 = decide(_site("cuda", d=8), Policy(degree=4, cost_model=False))
-    assert cuda_degree_4.kernel.implementation == "torch" and "degree <= 2" in cuda_degree_4.kernel.reason
+    assert cuda_degree_4.kernel.implementation == "torch" and "degree <= 3" in cuda_degree_4.kernel.reason
 
 
 @needs_c
