@@ -38,6 +38,12 @@ from pathlib import Path
 import torch
 
 from lrcompile import bench
+from lrcompile.machine import machine_description, machine_info
+from lrcompile.peak_memory import peak_growth, run_child
+from lrcompile.plots import GIB, memory_plot_path, plot_lines
+from lrcompile.results import write_results_section
+from lrcompile.scaling import crossover, loglog_slope
+from lrcompile.timing import interleaved_runs, median, progress_bar
 from lrcompile.models import build
 from lrcompile.policy import Policy
 
@@ -157,13 +163,13 @@ def time_configuration(n: int, args, progress) -> list[Row]:
             rows[method].skipped = f"skipped (n > --lowrank-max-n {args.lowrank_max_n})"
     trainers = {m: make_trainer(m, n, args) for m in METHODS if not rows[m].skipped}
     progress.set_postfix_str(f"n={n}")
-    measured = bench.interleaved_runs(trainers, args.warmup, args.repeats, on_run=lambda name: progress.update())
+    measured = interleaved_runs(trainers, args.warmup, args.repeats, on_run=lambda name: progress.update())
     for method, trainer in trainers.items():
         row = rows[method]
         row.skipped = rewrite_problem(trainer, args)
         if not row.skipped:
             row.step_runs = [seconds for (seconds,) in measured[method]["runs"]]
-            row.step_s = bench.median(row.step_runs)
+            row.step_s = median(row.step_runs)
             row.first_call_s = measured[method]["first"][0]
             if trainer.record is not None:
                 row.sites_rewritten = trainer.record.rewritten_sites
@@ -174,7 +180,7 @@ def memory_child(spec: dict) -> dict:
     """Child process: peak RSS growth of one training step, after a full-size compile and step."""
     args = argparse.Namespace(**spec)
     trainer = make_trainer(args.method, args.n, args)
-    peak, note = bench.peak_growth(step=trainer, warm_up=trainer)
+    peak, note = peak_growth(step=trainer, warm_up=trainer)
     problem = rewrite_problem(trainer, args)
     return {"peak_bytes": None if problem else peak, "note": problem or note}
 
@@ -186,7 +192,7 @@ def measure_memory(rows: list[Row], args, progress_factory) -> None:
             progress.set_postfix_str(f"{row.method} n={row.n}")
             spec = dict(method=row.method, n=row.n, batch=args.batch, n_layer=args.n_layer, n_embd=args.n_embd,
                         n_head=args.n_head, vocab_size=args.vocab_size, degree=args.degree)
-            child = bench.run_child([str(Path(__file__).resolve())], ["--memory-child", json.dumps(spec)])
+            child = run_child([str(Path(__file__).resolve())], ["--memory-child", json.dumps(spec)])
             row.peak_bytes, row.memory_note = child["peak_bytes"], child.get("note", "")
             progress.update()
 
@@ -200,13 +206,13 @@ def summarise(rows: list[Row], args) -> dict:
     slopes = {}
     for method in METHODS:
         points = [(n, steps[method, n]) for n in args.n if n >= SLOPE_FROM_N and (method, n) in steps]
-        slopes[method] = {"slope": bench.loglog_slope(points), "points": len(points)}
+        slopes[method] = {"slope": loglog_slope(points), "points": len(points)}
     # the forced rewrite only: the default policy's ratio is 1 +- noise where it keeps exact attention
     ratios = [(n, steps["lrcompile", n] / steps["inductor", n]) for n in args.n
               if ("lrcompile", n) in steps and ("inductor", n) in steps]
-    crossovers = {"lrcompile": bench.crossover(ratios)}
+    crossovers = {"lrcompile": crossover(ratios)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_child"}
-    return {"settings": settings, "machine": bench.machine_info(), "rows": [asdict(r) for r in rows],
+    return {"settings": settings, "machine": machine_info(), "rows": [asdict(r) for r in rows],
             "slopes": slopes, "crossovers": crossovers}
 
 
@@ -268,7 +274,7 @@ def results_markdown(result: dict, args, argv) -> str:
              format_report(result), "",
              f"![training step time vs n]({plot})"]
     if result["settings"]["memory"]:
-        lines.append(f"![peak memory vs n]({bench.memory_plot_path(plot)})")
+        lines.append(f"![peak memory vs n]({memory_plot_path(plot)})")
     return "\n".join(lines)
 
 
@@ -279,10 +285,10 @@ def plot(result: dict, path: Path) -> None:
                        and value(r) is not None] for m in METHODS})]]
     machine = result["machine"]
     title = f"GPT {result['settings']['n_layer']} layers, torch {machine['torch']}, {machine['date']}"
-    bench.plot_lines(lines(lambda r: r["step_s"]), str(path), "training step (s)", title)
+    plot_lines(lines(lambda r: r["step_s"]), str(path), "training step (s)", title)
     if result["settings"]["memory"]:
-        bench.plot_lines(lines(lambda r: None if r["peak_bytes"] is None else r["peak_bytes"] / bench.GIB),
-                         bench.memory_plot_path(str(path)), "peak memory of a step (GiB)", title)
+        plot_lines(lines(lambda r: None if r["peak_bytes"] is None else r["peak_bytes"] / GIB),
+                         memory_plot_path(str(path)), "peak memory of a step (GiB)", title)
 
 
 def main(argv=None):
@@ -291,8 +297,8 @@ def main(argv=None):
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
-    progress_factory = bench.progress_bar()
-    print(f"model_speed: {bench.machine_description()}", flush=True)
+    progress_factory = progress_bar()
+    print(f"model_speed: {machine_description()}", flush=True)
     runs = sum(args.warmup + args.repeats for n in args.n for m in METHODS
                if m == "inductor" or n <= args.lowrank_max_n)
     rows = []
@@ -305,7 +311,7 @@ def main(argv=None):
     print(format_report(result), flush=True)
     args.json.write_text(json.dumps(result, indent=1))
     plot(result, args.plot)
-    bench.write_results_section(args.results, SECTION, results_markdown(result, args, argv))
+    write_results_section(args.results, SECTION, results_markdown(result, args, argv))
     print(f"wrote {args.results} (section {SECTION}), {args.plot}, {args.json}")
 
 

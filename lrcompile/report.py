@@ -46,6 +46,7 @@ class Site:
     measured_error: float | None = None   # max |out - exact| / max|v| on the example inputs, every row
     guard_falls_back: bool | None = None  # the guard's estimate on those inputs exceeds max_error, so
                                           # a call like it returns exact under on_inaccurate="exact"
+    calibration: str = ""                 # which cost-model calibration decided, or why none applies
 
 
 @dataclass
@@ -133,6 +134,7 @@ def _sites_of(rewrite: Rewrite) -> list[Site]:
             flops_lowrank=_number(decision.flops_lowrank),
             notes=site.notes,
             label=site_label(site),
+            calibration=decision.calibration,
         ))
     return sites
 
@@ -184,6 +186,10 @@ def format_report(report: Report) -> str:
         out.append("")
         out.append("kept exact, and why:")
         out += [f"  {module}: {reason}" for module, reason in kept]
+    calibrations = list(dict.fromkeys(s.calibration for s in report.sites if s.calibration))
+    if calibrations:
+        out.append("")
+        out += [f"cost model: {description}" for description in calibrations]
     notes = [(s.module, s.notes) for s in report.sites if s.notes]
     if notes:
         out.append("")

@@ -8,6 +8,9 @@ import pytest
 
 import lrcompile
 from lrcompile import bench
+from lrcompile.peak_memory import run_child
+from lrcompile.results import write_results_section
+from lrcompile.scaling import crossover, loglog_slope
 
 
 def bench_args(*argv):
@@ -65,7 +68,7 @@ def test_memory_budget_counts_the_weights_of_all_heads():
 
 
 def test_peak_memory_is_measured_in_a_child_process():
-    child = bench.run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(
+    child = run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(
         method="lowrank", n=1024, causal=False, batch=1, heads=1, head_dim=64, degree=2, score_range=1.0,
         compiled_max_n=4096))])
     if child["note"].startswith("peak RSS cannot be reset"):
@@ -85,24 +88,24 @@ def test_bad_arguments_say_what_was_received(bad, message):
 
 
 def test_slope_of_a_power_law_is_its_exponent():
-    assert bench.loglog_slope([(n, 3e-9 * n**2) for n in (4096, 8192, 32768)]) == pytest.approx(2.0)
-    assert bench.loglog_slope([(4096, 1.0)]) is None
+    assert loglog_slope([(n, 3e-9 * n**2) for n in (4096, 8192, 32768)]) == pytest.approx(2.0)
+    assert loglog_slope([(4096, 1.0)]) is None
 
 
 def test_crossover_is_interpolated_in_log_log_after_the_last_slower_point():
-    assert bench.crossover([(1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
+    assert crossover([(1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
     # Noise below the crossing does not count: the method must stay faster from there on.
-    assert bench.crossover([(512, 0.9), (1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
-    assert bench.crossover([(1024, 2.0), (2048, 1.5)])["text"] == "slower at every n up to 2048"
-    assert bench.crossover([(1024, 0.5), (2048, 0.4)])["text"] == "faster at every measured n (from 1024)"
-    assert bench.crossover([(1024, 0.5), (2048, 1.4)])["n"] is None
+    assert crossover([(512, 0.9), (1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
+    assert crossover([(1024, 2.0), (2048, 1.5)])["text"] == "slower at every n up to 2048"
+    assert crossover([(1024, 0.5), (2048, 0.4)])["text"] == "faster at every measured n (from 1024)"
+    assert crossover([(1024, 0.5), (2048, 1.4)])["n"] is None
 
 
 def test_results_section_is_replaced_without_touching_the_others(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# title\n<!-- a:start -->\nold a\n<!-- a:end -->\n<!-- b:start -->\nold b\n<!-- b:end -->\n")
-    bench.write_results_section(path, "a", "new a")
-    bench.write_results_section(path, "c", "new c")
+    write_results_section(path, "a", "new a")
+    write_results_section(path, "c", "new c")
     assert path.read_text() == ("# title\n<!-- a:start -->\nnew a\n<!-- a:end -->\n<!-- b:start -->\nold b\n"
                                 "<!-- b:end -->\n\n<!-- c:start -->\nnew c\n<!-- c:end -->\n")
 
