@@ -116,7 +116,7 @@ def calibration_from(results: list[dict]) -> list[dict]:
 def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes: tuple[int, ...] | None = None,
             repeats: int = 3, time_budget_s: float = TIME_BUDGET_S, progress_factory=None) -> dict:
     """A bench run of sdpa against lowrank at growing n, both masks, until low-rank is faster in
-    both (or the time budget is spent): a result for `calibration_from`."""
+    both, or the next length would overrun the time budget: a result for `calibration_from`."""
     heads = heads or HEADS.get(device) or torch.get_num_threads()
     sizes = sizes or SIZES[device]
     settings = bench.Settings(n=tuple(sizes), batch=batch, heads=heads, head_dim=HEAD_DIM, degree=DEGREE,
@@ -128,14 +128,17 @@ def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes
     start, rows, measured_n = time.perf_counter(), [], []
     with progress_factory(total=len(sizes) * 2 * 2 * (repeats + 1), desc="calibrating", unit="run") as progress:
         for n in sizes:
+            started = time.perf_counter()
             configuration = [row for causal in settings.causal
                              for row in bench.time_configuration(settings, n, causal, {}, progress)]
+            # doubling n quadruples exact attention's time and doubles low-rank's: about 3x in all
+            next_length_s = 3 * (time.perf_counter() - started)
             rows += configuration
             measured_n.append(n)
             failed = [row.skipped for row in configuration if row.skipped]
             if failed:
                 raise RuntimeError(f"calibration could not time the low-rank path: {failed[0]}")
-            if _faster_in_both_masks(configuration) or time.perf_counter() - start > time_budget_s:
+            if _faster_in_both_masks(configuration) or time.perf_counter() - start + next_length_s > time_budget_s:
                 break
     settings = bench.Settings(**{**settings.__dict__, "n": tuple(measured_n)})
     result = bench.summarise(settings, rows, matmul=None, fused={})

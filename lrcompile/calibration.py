@@ -84,9 +84,11 @@ _loaded: dict = {}
 def read(path: Path) -> list[dict]:
     """The entries of a calibration file ([] if absent), re-read when the file changes."""
     try:
-        stamp = path.stat().st_mtime_ns
+        status = path.stat()
     except FileNotFoundError:
         return []
+    # save() replaces the file, so a new inode marks a change even within one mtime tick
+    stamp = (status.st_mtime_ns, status.st_ino, status.st_size)
     if _loaded.get(path, (None,))[0] != stamp:
         _loaded[path] = (stamp, json.loads(path.read_text()).get("calibrations", []))
     return _loaded[path][1]
@@ -101,6 +103,7 @@ def save(entry: dict, path: Path | None = None) -> Path:
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.write_text(json.dumps({"about": about, "calibrations": entries}, indent=1) + "\n")
     temporary.replace(path)  # a process reading meanwhile sees the old file or the new, never half
+    _loaded.pop(path, None)
     return path
 
 
