@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from lrcompile import bench, lowrank_attention, native  # noqa: E402
 from lrcompile.machine import machine_description  # noqa: E402
 from lrcompile.results import write_results_section  # noqa: E402
-from lrcompile.timing import interleaved_runs, median  # noqa: E402
+from lrcompile.timing import interleaved_runs, median, progress_bar  # noqa: E402
 from lrcompile.features import feature_dim  # noqa: E402
 
 SECTION = "kernel-paths"
@@ -68,18 +68,20 @@ def step(name: str, q, k, v, grad_out, causal: bool):
 
 def time_paths(args) -> list[dict]:
     rows = []
+    progress = progress_bar()(total=len(args.n) * 2 * (1 + args.repeats) * len(PATHS), desc="timing", unit="run")
     for n in args.n:
         settings = bench.Settings.from_args(bench.add_arguments(argparse.ArgumentParser()).parse_args(
             ["--n", str(n), "--head-dim", str(args.head_dim), "--heads", str(args.heads)]))
         q, k, v, grad_out = bench.attention_inputs(settings, n)
         for causal in (False, True):
             steps = {name: step(name, q, k, v, grad_out, causal) for name in PATHS}
-            measured = interleaved_runs(steps, warmup=1, repeats=args.repeats)
+            measured = interleaved_runs(steps, warmup=1, repeats=args.repeats, on_run=lambda _: progress.update())
             for name in PATHS:
                 rows.append({"n": n, "causal": causal, "path": name,
                              "seconds": median([t for (t,) in measured[name]["runs"]])})
-            print(f"  n = {n}, {'causal' if causal else 'non-causal'}: " + ", ".join(
-                f"{r['path']} {r['seconds'] * 1e3:.0f} ms" for r in rows[-len(PATHS):]), flush=True)
+            progress.write(f"  n = {n}, {'causal' if causal else 'non-causal'}: " + ", ".join(
+                f"{r['path']} {r['seconds'] * 1e3:.0f} ms" for r in rows[-len(PATHS):]))
+    progress.close()
     return rows
 
 

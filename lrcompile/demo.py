@@ -25,7 +25,7 @@ from lrcompile import calibration, cost, lowrank_attention, native
 from lrcompile.attention import default_chunk_size
 from lrcompile.polynomial import exp_polynomial
 from lrcompile.reference import random_attention_inputs
-from lrcompile.timing import StepClock, interleaved_runs, median, training_step_times
+from lrcompile.timing import StepClock, interleaved_runs, median, progress_bar, training_step_times
 
 MODEL_HEADS, MODEL_HEAD_DIM = 4, 16  # lrcompile.models.nanogpt
 LONGEST_MODEL_N = 8192  # beyond it, Inductor's exact model materialises several GiB of weights per layer
@@ -49,7 +49,8 @@ def ensure_calibrated(batch_heads: int) -> calibration.Lookup:
 
 def interleaved_medians(steps: dict, repeats: int = 3) -> dict:
     """{name: median seconds of the whole step}, steps timed round-robin after one warm-up each."""
-    runs = interleaved_runs(steps, warmup=1, repeats=repeats)
+    with progress_bar()(total=len(steps) * (1 + repeats), desc="timing", unit="run") as progress:
+        runs = interleaved_runs(steps, warmup=1, repeats=repeats, on_run=lambda _: progress.update())
     return {name: median([times[-1] for times in measured["runs"]]) for name, measured in runs.items()}
 
 
