@@ -1,9 +1,9 @@
 """`lrcompile bench`: exact attention against the low-rank rewrite, timed side by side on this machine.
 
-This module owns what is compared and how a run is put together (DESIGN.md, sections 7 and 9):
-the methods, one configuration's rows, the summary (slopes, crossovers, rate ratios). How steps
-are timed is lrcompile.timing; peak memory lrcompile.peak_memory; the Markdown report
-lrcompile.bench_report; plots lrcompile.plots.
+This module owns how a run is put together (DESIGN.md, sections 7 and 9): its settings, one
+configuration's rows, the summary (slopes, crossovers, rate ratios). The methods compared are
+lrcompile.bench_methods; how steps are timed lrcompile.timing; peak memory
+lrcompile.peak_memory; the Markdown report lrcompile.bench_report; plots lrcompile.plots.
 
     python -m lrcompile.bench --n 1024 2048 4096 --plot bench.png --json bench.json
     python -m lrcompile.bench --n 2048 8192 --methods sdpa lowrank --causal yes --memory
@@ -33,22 +33,19 @@ kernel, out of memory) is reported as a skipped row with its error; the others g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from lrcompile import calibration, cost
-from lrcompile.attention import default_chunk_size, lowrank_attention
+from lrcompile.attention import default_chunk_size
+from lrcompile.bench_methods import COMPILED_METHODS, DEFAULT_METHODS, DTYPES, FORCED_KERNELS, LOWRANK_METHODS, \
+    METHODS, RewriteRecord, failure_tolerant, inductor_fuses_math_attention, make_method, with_forced_kernels
 from lrcompile.bench_report import SLOPE_FROM_N, format_report
-from lrcompile.compiler import compile_graph
 from lrcompile.machine import machine_description, machine_info
 from lrcompile.peak_memory import peak_growth, run_child
 from lrcompile.plots import memory_plot_path, plot_memory, plot_times
@@ -58,12 +55,6 @@ from lrcompile.scaling import crossover, loglog_slope
 from lrcompile.timing import MATMUL_SIZE, interleaved_runs, measure_matmul_rate, median, progress_bar, \
     training_step_times
 
-METHODS = ("sdpa", "math", "inductor", "lowrank", "lowrank_compiled", "lowrank_torch", "lowrank_triton")
-DEFAULT_METHODS = ("sdpa", "math", "inductor", "lowrank", "lowrank_compiled")
-LOWRANK_METHODS = ("lowrank", "lowrank_compiled", "lowrank_torch", "lowrank_triton")
-COMPILED_METHODS = ("inductor", "lowrank_compiled")
-FORCED_KERNELS = {"lowrank_torch": "torch", "lowrank_triton": "triton"}  # method -> LRCOMPILE_KERNELS
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384, 32768)
 # A cap on lowrank_compiled rows, to bound the full run's time. Since the op is a custom op its
 # compile time no longer grows with n (3-15 s measured at n = 1024 and 4096), and its steps run
@@ -211,87 +202,6 @@ def main(argv: list[str] | None = None) -> None:
 # The methods
 
 
-def math_attention(q, k, v, is_causal: bool):
-    """Exact attention as models spell it (nanoGPT's non-flash path): weights materialised."""
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, n_q, n_k)
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
-class RewriteRecord:
-    """How many attention sites the lrcompile backend rewrote in graphs that Inductor then compiled.
-
-    So that a row labelled lowrank_compiled is known to run the low-rank op: when rewriting or
-    compiling the rewritten graph fails, the backend falls back to the original graph (with a
-    warning), and that graph's sites are not counted.
-    """
-
-    def __init__(self):
-        self.rewritten_sites = 0
-
-    def backend(self, policy: Policy):
-        """lrcompile.backend(policy), plus the record."""
-        from torch._inductor.compile_fx import compile_fx
-
-        def lrcompile_recorded(gm, example_inputs):
-            sites = []
-
-            def inductor(graph_module, inputs):
-                compiled = compile_fx(graph_module, inputs)
-                if graph_module is not gm:  # the rewritten copy compiled
-                    self.rewritten_sites += sum(sites)
-                return compiled
-
-            return compile_graph(gm, example_inputs, policy, inner=inductor,
-                                 on_rewrite=lambda rewrite: sites.append(len(rewrite.rewritten)))
-        return lrcompile_recorded
-
-
-@contextlib.contextmanager
-def forced_kernels(implementation: str):
-    """LRCOMPILE_KERNELS=implementation for the duration (read by lrcompile at every call, forward
-    and backward). For "torch", LRCOMPILE_NATIVE=0 as well, which keeps the C kernels out where
-    the implementation selector does not yet read LRCOMPILE_KERNELS."""
-    names = ("LRCOMPILE_KERNELS", "LRCOMPILE_NATIVE")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ["LRCOMPILE_KERNELS"] = implementation
-    if implementation == "torch":
-        os.environ["LRCOMPILE_NATIVE"] = "0"
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def make_method(method: str, settings: Settings, causal: bool, record: RewriteRecord | None = None) -> Callable:
-    """attend(q, k, v) -> out for one method and mask. Compiled methods compile on first call."""
-    if method == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if method == "math":
-        return lambda q, k, v: math_attention(q, k, v, causal)
-    if method == "lowrank" or method in FORCED_KERNELS:
-        return lambda q, k, v: lowrank_attention(q, k, v, is_causal=causal, degree=settings.degree,
-                                                 bound=settings.score_range)
-    if method == "inductor":
-        # CPU: one static graph per n (dynamo is reset per configuration). CUDA: one dynamic graph
-        # for all n, so that the run compiles once per mask and dtype, not once per n.
-        compiled = torch.compile(math_attention, backend="inductor", dynamic=settings.device != "cpu")
-    elif method == "lowrank_compiled":
-        # dynamic=False: one static graph per n, as the policy decides per shape; with automatic
-        # dynamic shapes a second n would turn the chunk loop symbolic.
-        record = record if record is not None else RewriteRecord()
-        compiled = torch.compile(math_attention, backend=record.backend(settings.policy), dynamic=False)
-    else:
-        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
-    return lambda q, k, v: compiled(q, k, v, causal)
-
-
 def weights_bytes(settings: Settings, n: int) -> int:
     """The n x n float32 attention weights for all heads: what math attention materialises."""
     return settings.batch * settings.heads * n * n * 4
@@ -312,28 +222,6 @@ def skip_reason(method: str, n: int, causal: bool, settings: Settings, fused: di
     if method == "lowrank_compiled" and n > settings.compiled_max_n:
         return f"skipped (n > --compiled-max-n {settings.compiled_max_n})"
     return ""
-
-
-def inductor_fuses_math_attention(causal: bool, settings: Settings) -> bool:
-    """Whether Inductor's own pattern matcher (fuse_attention) turns the math spelling into SDPA.
-
-    Then `inductor` runs SDPA's kernel and needs no n x n memory, so the memory budget does not
-    apply to it. Probed once on a small shape; the counter is Inductor's record of replacements.
-    Inductor's caches are off for the probe: a cache hit skips the pattern matcher and its counter.
-    """
-    import torch._functorch.config
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    before = counters["inductor"]["fuse_attention"]
-    q, k, v = (torch.randn(1, 2, 256, settings.head_dim, device=settings.device, dtype=DTYPES[settings.dtype],
-                           requires_grad=True) for _ in range(3))
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        torch.compile(math_attention, backend="inductor", dynamic=False)(q, k, v, causal).sum().backward()
-    torch._dynamo.reset()
-    return counters["inductor"]["fuse_attention"] > before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,28 +256,6 @@ def attention_inputs(settings: Settings, n: int):
     dtype = DTYPES[settings.dtype]
     q, k, v = (t.to(settings.device, dtype).requires_grad_() for t in (q, k, v))
     return q, k, v, grad_out.to(settings.device, dtype)
-
-
-def failure_tolerant(step: Callable, failures: dict, name: str) -> Callable:
-    """step, except that an exception is recorded in failures[name] and later calls are skipped:
-    one method that cannot run (no kernel for this device, out of memory) does not end the run."""
-    def run():
-        if name not in failures:
-            try:
-                return step()
-            except Exception as error:  # noqa: BLE001 - reported as the row's reason
-                failures[name] = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        return (math.nan, math.nan)
-    return run
-
-
-def with_forced_kernels(implementation: str, step: Callable) -> Callable:
-    def run():
-        with forced_kernels(implementation):
-            return step()
-    return run
 
 
 def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, progress) -> list[Row]:
