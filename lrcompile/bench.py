@@ -33,6 +33,7 @@ kernel, out of memory) is reported as a skipped row with its error; the others g
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import functools
 import json
 import math
@@ -215,6 +216,9 @@ def skip_reason(method: str, n: int, causal: bool, settings: Settings, fused: di
     """Why (method, n) is not measured, or "" when it is."""
     if method == "lowrank_triton" and settings.device != "cuda":
         return f"skipped (the Triton kernels run on CUDA; this run is on {settings.device})"
+    if method == "lowrank_triton" and importlib.util.find_spec("lrcompile.kernels") is None:
+        # without the implementation selector LRCOMPILE_KERNELS is ignored: the row would time the torch sweep
+        return "skipped (this build has no implementation selector, lrcompile.kernels, to run the Triton kernels)"
     quadratic = method == "math" or (method == "inductor" and not fused.get(causal, False))
     if quadratic and weights_bytes(settings, n) > settings.memory_budget_bytes:
         return (f"skipped (needs {format_bytes(weights_bytes(settings, n))} for the n x n weights; "

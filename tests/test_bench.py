@@ -117,3 +117,16 @@ def test_a_compiled_row_that_lrcompile_did_not_rewrite_is_not_reported_as_lowran
                                   "lowrank_compiled"))
     row = next(r for r in result["rows"] if r["method"] == "lowrank_compiled")
     assert row["skipped"].startswith("not measured") and row["total_s"] is None
+
+
+def test_the_module_runs_as_a_script(tmp_path):
+    """`python -m lrcompile.bench`, as the docs and the memory children call it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lrcompile.bench", "--n", "32", "--repeats", "1", "--methods", "sdpa",
+                           "lowrank", "--causal", "yes", "--matmul-size", "64", "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert {(r["method"], r["causal"]) for r in rows} == {("sdpa", True), ("lowrank", True)}
