@@ -176,7 +176,8 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     found = calibration.lookup(device, implementation)
     decision.calibration = found.description
     if found.calibration is None:
-        why = f" ({native.status()})" if device == "cpu" and implementation == "torch" else ""
+        # on the CPU the torch path runs where the C kernels cannot: say why they cannot
+        why = f" ({native.status()})" if device == "cpu" and native.library() is None else ""
         return (f"the cost model is not calibrated for this machine and kernel path{why}: "
                 f"{found.description}; so exact attention is kept: run `lrcompile calibrate`, or "
                 f"Policy(cost_model=False) forces the rewrite")
