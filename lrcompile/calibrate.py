@@ -25,6 +25,7 @@ below that n.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -45,10 +46,11 @@ TIME_BUDGET_S = 45.0
 
 
 def implementation_of(method: str, settings: dict) -> str:
-    """The kernel implementation a low-rank method of a bench run ran (the key of its calibration)."""
+    """The kernel implementation a low-rank method of a bench run ran (the key of its calibration),
+    for saved runs from before bench recorded it ("implementations")."""
     if method in bench.FORCED_KERNELS:
         return bench.FORCED_KERNELS[method]
-    return calibration.implementation_for(settings["device"], settings["batch"] * settings["heads"])
+    return calibration.implementation_for(settings.get("device", "cpu"), settings["batch"] * settings["heads"])
 
 
 def _key(result: dict, implementation: str) -> dict:
@@ -140,7 +142,7 @@ def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes
                 raise RuntimeError(f"calibration could not time the low-rank path: {failed[0]}")
             if _faster_in_both_masks(configuration) or time.perf_counter() - start + next_length_s > time_budget_s:
                 break
-    settings = bench.Settings(**{**settings.__dict__, "n": tuple(measured_n)})
+    settings = dataclasses.replace(settings, n=tuple(measured_n))
     result = bench.summarise(settings, rows, matmul=None, fused={})
     result["seconds"] = time.perf_counter() - start
     return result

@@ -80,3 +80,15 @@ def test_calibrate_on_the_command_line(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "calibrated cpu" in out and str(tmp_path / "calibration.json") in out
     assert "crossover with SDPA" in out
+
+
+def test_the_shipped_reference_calibration_is_what_its_saved_run_implies():
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "op_speed.json").read_text())
+    (entry,) = calibrate.calibration_from(saved)
+    (reference,) = calibration.read(calibration.REFERENCE_PATH)
+    assert entry["key"]["name"] == reference["key"]["name"] and entry["batch_heads"] == reference["batch_heads"]
+    for field in ("non_causal", "causal", "shortest_crossover"):
+        assert entry[field] == pytest.approx(reference[field], rel=1e-12)
