@@ -247,6 +247,7 @@ class Row:
     first_call_s: float | None = None  # compiled methods: compile + one step
     flops: float | None = None  # FLOP model (lrcompile.cost), forward + backward
     product_flops: float | None = None  # low-rank methods: the state products alone (cost.lowrank_product_flops)
+    bytes: float | None = None  # least memory traffic of forward + backward by the byte model (cost.*_bytes)
     peak_bytes: int | None = None  # growth of peak RSS over forward + backward (--memory)
     memory_note: str = ""
 
@@ -295,6 +296,7 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
             row.first_call_s = measured["first"][1]
     for row in rows.values():
         row.flops = model_flops(row.method, n, causal, settings)
+        row.bytes = model_bytes(row.method, n, settings)
         if row.method in LOWRANK_METHODS:
             chunk = default_chunk_size(settings.head_dim, settings.degree, causal)
             row.product_flops = cost.lowrank_product_flops(n, n, settings.head_dim, settings.head_dim,
@@ -323,6 +325,14 @@ def model_flops(method: str, n: int, causal: bool, settings: Settings) -> float:
         chunk = default_chunk_size(d, settings.degree, causal)  # what the op and the policy use
         return cost.lowrank_flops(n, n, d, d, batch_heads, causal, settings.degree, chunk)
     return cost.exact_flops(n, n, d, d, batch_heads, causal)
+
+
+def model_bytes(method: str, n: int, settings: Settings) -> float:
+    """Least memory traffic of forward + backward by the byte model: cost.exact_bytes or cost.lowrank_bytes."""
+    batch_heads, d, size = settings.batch * settings.heads, settings.head_dim, DTYPES[settings.dtype].itemsize
+    if method in LOWRANK_METHODS:
+        return cost.lowrank_bytes(n, n, d, d, batch_heads, settings.degree, size)
+    return cost.exact_bytes(n, n, d, d, batch_heads, size)
 
 
 # ---------------------------------------------------------------------------------------------

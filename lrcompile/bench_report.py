@@ -28,8 +28,10 @@ def table_lines(result: dict) -> list[str]:
     sdpa = {(r["n"], r["causal"]): r for r in rows if r["method"] == "sdpa" and r["total_s"] is not None}
     matmul_rate = result["matmul"]["gflops"]
     with_memory = result["settings"]["memory"]
+    with_bytes = result["settings"].get("device") == "cuda"  # on a GPU, bandwidth may bound the low-rank path
     header = ["n", "mask", "method", "forward ms", "speed-up vs sdpa", "fwd+bwd ms", "speed-up vs sdpa",
-              "GFLOP/s (model)", "of matmul rate", "first call s"] + (["peak MiB"] if with_memory else [])
+              "GFLOP/s (model)", "of matmul rate", "first call s"] + (["peak MiB"] if with_memory else []) + (
+        ["GB/s (byte model)"] if with_bytes else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(rows, key=lambda r: (r["causal"], r["n"], methods.index(r["method"]))):
         mask = mask_name(r["causal"])
@@ -44,6 +46,8 @@ def table_lines(result: dict) -> list[str]:
                      "-" if r["first_call_s"] is None else f"{r['first_call_s']:.1f}"]
             if with_memory:
                 cells.append("-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}")
+            if with_bytes:
+                cells.append(f"{r['bytes'] / r['total_s'] / 1e9:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -57,7 +61,9 @@ def format_report(result: dict) -> str:
         f"{settings['warmup']} warm-up; \"forward\" is the forward of a training step, \"fwd+bwd\" the whole "
         f"step; speed-up vs sdpa = sdpa's time / the method's, same run. Matmul rate ({matmul.get('dtype', 'float32')} "
         f"torch.mm {matmul['size']}^3, measured): **{matmul['gflops']:.1f} GFLOP/s**. GFLOP/s (model) = FLOPs of "
-        f"forward + backward by the FLOP model (lrcompile.cost) / measured fwd+bwd time.",
+        f"forward + backward by the FLOP model (lrcompile.cost) / measured fwd+bwd time"
+        + ("; GB/s (byte model) = least memory traffic of forward + backward (cost.exact_bytes, cost.lowrank_bytes: "
+           "O(n d) rows and the states, no n x n scores) / the same time." if settings.get("device") == "cuda" else "."),
         "",
         *table_lines(result),
         "",

@@ -94,3 +94,20 @@ def ratio_for_crossover(n, head_dim, value_dim, causal, degree, chunk=256) -> fl
     """The rate ratio at which the model's crossover is n: exact and low-rank FLOPs / ratio equal."""
     return (lowrank_flops(n, n, head_dim, value_dim, 1, causal, degree, chunk)
             / exact_flops(n, n, head_dim, value_dim, 1, causal))
+
+
+def exact_bytes(n_q, n_k, head_dim, value_dim, batch_heads, element_size: int) -> float:
+    """Least memory traffic of a fused (flash) exact attention step, forward + backward: q, k, v read
+    and the output written forward; q, k, v, the output and its gradient read and dq, dk, dv written
+    backward. The scores never reach memory in a fused kernel, so this is O(n d)."""
+    forward = n_q * head_dim + n_k * (head_dim + value_dim) + n_q * value_dim
+    backward = 2 * n_q * head_dim + 2 * n_k * (head_dim + value_dim) + 2 * n_q * value_dim
+    return (forward + backward) * element_size * batch_heads
+
+
+def lowrank_bytes(n_q, n_k, head_dim, value_dim, batch_heads, degree: int, element_size: int) -> float:
+    """Least memory traffic of the factored step: exact_bytes's O(n d) rows, plus the float32 states
+    (r, d_v + 1) written and read once each: S forward, S and R backward. Kernels that keep a running
+    state on chip move no more; each hand-over of a state through memory adds 2 r (d_v + 1) 4 bytes."""
+    state = feature_dim(head_dim, degree) * (value_dim + 1) * 4
+    return exact_bytes(n_q, n_k, head_dim, value_dim, batch_heads, element_size) + 2 * 3 * state * batch_heads

@@ -130,3 +130,16 @@ def test_the_module_runs_as_a_script(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert {(r["method"], r["causal"]) for r in rows} == {("sdpa", True), ("lowrank", True)}
+
+
+def test_a_cuda_run_reports_the_byte_model_rate():
+    from lrcompile.bench_report import table_lines
+
+    result = bench.run(bench_args("--n", "32", "--repeats", "1", "--methods", "sdpa", "lowrank", "--causal", "no"))
+    assert "GB/s (byte model)" not in table_lines(result)[0]
+    result["settings"]["device"] = "cuda"  # the table as a GPU run prints it
+    header, _, *rows = table_lines(result)
+    assert header.endswith("| GB/s (byte model) |")
+    lowrank = next(r for r in result["rows"] if r["method"] == "lowrank")
+    assert lowrank["bytes"] > next(r for r in result["rows"] if r["method"] == "sdpa")["bytes"]
+    assert all(float(row.split("|")[-2]) >= 0 for row in rows)

@@ -66,3 +66,11 @@ def test_below_the_shortest_measured_crossover_exact_attention_is_kept():
     assert not cost.lowrank_is_cheaper(200, 200, 16, 16, False, 2, ratio=0.9, shortest_crossover=2000)
     assert cost.lowrank_is_cheaper(2000, 2000, 16, 16, False, 2, ratio=0.9, shortest_crossover=2000)
     assert cost.crossover_length(16, 16, False, 2, ratio=0.9, shortest_crossover=2000) == 2000
+
+
+def test_byte_model_counts_the_rows_once_per_pass_and_the_states_of_the_factored_step():
+    n, d, r = 4096, 64, 2145  # r = C(66, 2)
+    # forward: q, k, v in, out out; backward: q, k, v, out, dout in, dq, dk, dv out: 12 n d elements
+    assert cost.exact_bytes(n, n, d, d, 1, element_size=2) == 12 * n * d * 2
+    extra = cost.lowrank_bytes(n, n, d, d, 3, 2, element_size=2) - cost.exact_bytes(n, n, d, d, 3, element_size=2)
+    assert extra == 3 * 6 * r * (d + 1) * 4  # S forward, S and R backward, each written and read, per head
