@@ -33,10 +33,11 @@ kernel, out of memory) is reported as a skipped row with its error; the others g
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import functools
+import importlib.util
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="largest n for lowrank_compiled, to bound the run time, default %(default)s")
     parser.add_argument("--matmul-size", type=int, default=MATMUL_SIZE,
                         help="the matmul rate is timed on a size^3 torch.mm of --dtype, default %(default)s")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="start no further configuration (n, mask) after this many seconds of timing; the rest are "
+                             "reported as skipped (keeps a run on a lent device within its time)")
     parser.add_argument("--plot", metavar="PATH", help="PNG of time vs n (and PATH_memory.png with --memory)")
     parser.add_argument("--json", metavar="PATH", help="all raw numbers as JSON")
     return parser
@@ -116,6 +120,7 @@ class Settings:
     memory_budget_bytes: float
     compiled_max_n: int
     matmul_size: int = MATMUL_SIZE
+    time_limit_s: float | None = None
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -146,6 +151,7 @@ class Settings:
             methods=tuple(m for m in METHODS if m in args.methods), causal=causal, memory=args.memory,
             memory_budget_bytes=args.memory_budget_gib * GIB, compiled_max_n=args.compiled_max_n,
             matmul_size=args.matmul_size, device=device, dtype=dtype,
+            time_limit_s=getattr(args, "time_limit_s", None),
         )
 
     @property
@@ -310,9 +316,13 @@ def time_all(settings: Settings, fused: dict, progress_factory) -> list[Row]:
     runs = sum(settings.warmup + settings.repeats
                for n, causal in configurations for m in settings.methods
                if not skip_reason(m, n, causal, settings, fused))
-    rows = []
+    rows, start = [], time.perf_counter()
     with progress_factory(total=runs, desc="timing", unit="run") as progress:
         for n, causal in configurations:
+            if rows and settings.time_limit_s is not None and time.perf_counter() - start > settings.time_limit_s:
+                rows += [Row(m, n, causal, f"skipped (--time-limit-s {settings.time_limit_s:g} reached)")
+                         for m in settings.methods]
+                continue
             rows += time_configuration(settings, n, causal, fused, progress)
     return rows
 

@@ -143,3 +143,10 @@ def test_a_cuda_run_reports_the_byte_model_rate():
     lowrank = next(r for r in result["rows"] if r["method"] == "lowrank")
     assert lowrank["bytes"] > next(r for r in result["rows"] if r["method"] == "sdpa")["bytes"]
     assert all(float(row.split("|")[-2]) >= 0 for row in rows)
+
+
+def test_configurations_after_the_time_limit_are_skipped_and_say_so():
+    result = bench.run(bench_args("--n", "16", "32", "--repeats", "1", "--methods", "sdpa", "--causal", "no",
+                                  "--time-limit-s", "0"))
+    skipped = {r["n"]: r["skipped"] for r in result["rows"]}
+    assert skipped[16] == "" and skipped[32] == "skipped (--time-limit-s 0 reached)"
