@@ -27,7 +27,10 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import lrcompile  # noqa: E402
-from lrcompile import bench, lowrank_attention  # noqa: E402
+from lrcompile import lowrank_attention  # noqa: E402
+from lrcompile.machine import machine_description  # noqa: E402
+from lrcompile.results import write_results_section  # noqa: E402
+from lrcompile.timing import interleaved_runs, median, training_step_times  # noqa: E402
 from lrcompile.reference import random_attention_inputs  # noqa: E402
 
 SECTION = "guard-overhead"
@@ -62,14 +65,14 @@ def measure(args) -> list[dict]:
             q, k, v = random_attention_inputs(1, args.heads, n, n, args.head_dim, score_range=0.5,
                                               dtype=torch.float32, seed=n)
             grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(n + 1))
-            steps = {name: (lambda f=method(name, args.degree, causal): bench.training_step_times(f, q, k, v, grad_out))
+            steps = {name: (lambda f=method(name, args.degree, causal): training_step_times(f, q, k, v, grad_out))
                      for name in METHODS}
             lrcompile.reset_stats()
-            runs = bench.interleaved_runs(steps, args.warmup, args.repeats, on_run=lambda _name: bar.update())
+            runs = interleaved_runs(steps, args.warmup, args.repeats, on_run=lambda _name: bar.update())
             fallbacks = lrcompile.stats()["benchmark:guarded"].fallbacks
             row = dict(n=n, causal=causal, fallbacks=fallbacks)
             for name in METHODS:
-                row[name] = bench.median([times[1] for times in runs[name]["runs"]])
+                row[name] = median([times[1] for times in runs[name]["runs"]])
             rows.append(row)
     return rows
 
@@ -79,7 +82,7 @@ def markdown(args, rows: list[dict]) -> str:
         f"Guard overhead: lowrank_attention forward+backward with the accuracy guard (on_inaccurate=\"exact\") "
         f"and without it (\"allow\"), d = {args.head_dim}, degree {args.degree}, {args.heads} heads, batch 1, "
         f"float32, score range 0.5 (no call falls back), median of {args.repeats} interleaved runs, "
-        f"{bench.machine_description()}. Command: `python benchmarks/guard_overhead.py`.",
+        f"{machine_description()}. Command: `python benchmarks/guard_overhead.py`.",
         "",
         "| n | mask | unguarded ms | guarded ms | guard overhead | SDPA ms | fallbacks |",
         "|---|---|---|---|---|---|---|",
@@ -97,7 +100,7 @@ def main(argv=None):
     rows = measure(args)
     text = markdown(args, rows)
     print(text)
-    bench.write_results_section(args.results, SECTION, text)
+    write_results_section(args.results, SECTION, text)
 
 
 if __name__ == "__main__":

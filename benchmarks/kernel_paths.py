@@ -30,6 +30,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lrcompile import bench, lowrank_attention, native  # noqa: E402
+from lrcompile.machine import machine_description  # noqa: E402
+from lrcompile.results import write_results_section  # noqa: E402
+from lrcompile.timing import interleaved_runs, median, progress_bar  # noqa: E402
 from lrcompile.features import feature_dim  # noqa: E402
 
 SECTION = "kernel-paths"
@@ -65,18 +68,20 @@ def step(name: str, q, k, v, grad_out, causal: bool):
 
 def time_paths(args) -> list[dict]:
     rows = []
+    progress = progress_bar()(total=len(args.n) * 2 * (1 + args.repeats) * len(PATHS), desc="timing", unit="run")
     for n in args.n:
         settings = bench.Settings.from_args(bench.add_arguments(argparse.ArgumentParser()).parse_args(
             ["--n", str(n), "--head-dim", str(args.head_dim), "--heads", str(args.heads)]))
         q, k, v, grad_out = bench.attention_inputs(settings, n)
         for causal in (False, True):
             steps = {name: step(name, q, k, v, grad_out, causal) for name in PATHS}
-            measured = bench.interleaved_runs(steps, warmup=1, repeats=args.repeats)
+            measured = interleaved_runs(steps, warmup=1, repeats=args.repeats, on_run=lambda _: progress.update())
             for name in PATHS:
                 rows.append({"n": n, "causal": causal, "path": name,
-                             "seconds": bench.median([t for (t,) in measured[name]["runs"]])})
-            print(f"  n = {n}, {'causal' if causal else 'non-causal'}: " + ", ".join(
-                f"{r['path']} {r['seconds'] * 1e3:.0f} ms" for r in rows[-len(PATHS):]), flush=True)
+                             "seconds": median([t for (t,) in measured[name]["runs"]])})
+            progress.write(f"  n = {n}, {'causal' if causal else 'non-causal'}: " + ", ".join(
+                f"{r['path']} {r['seconds'] * 1e3:.0f} ms" for r in rows[-len(PATHS):]))
+    progress.close()
     return rows
 
 
@@ -105,7 +110,7 @@ def state_layouts(head_dim: int, chunk: int, repeats: int) -> list[dict]:
                     for _ in range(20):
                         run(layout)
                     times.append((time.perf_counter() - start) / 20)
-                rows.append({"product": product, "layout": layout, "gflops": flops / bench.median(times) / 1e9})
+                rows.append({"product": product, "layout": layout, "gflops": flops / median(times) / 1e9})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -114,7 +119,7 @@ def state_layouts(head_dim: int, chunk: int, repeats: int) -> list[dict]:
 def markdown(rows: list[dict], layouts: list[dict], args, argv) -> str:
     command = " ".join(["python benchmarks/kernel_paths.py", *argv])
     lines = ["## What each layer of the CPU implementation buys", "",
-             f"`{command}` on {bench.machine_description()}.", "",
+             f"`{command}` on {machine_description()}.", "",
              f"The op, forward + backward, batch 1, heads {args.heads}, d = {args.head_dim}, degree 2, float32, on "
              f"each of its paths (see the script's docstring); median of {args.repeats} interleaved runs; speed-up "
              f"= sdpa's time / the path's, same run.", "",
@@ -149,12 +154,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if native.library() is None:
         parser.error(f"the C kernels are unavailable here ({native.status()}): nothing to compare")
-    print(f"kernel_paths: {bench.machine_description()}", flush=True)
+    print(f"kernel_paths: {machine_description()}", flush=True)
     rows = time_paths(args)
     layouts = state_layouts(args.head_dim, args.chunk, args.repeats)
     text = markdown(rows, layouts, args, argv)
     print(text)
-    bench.write_results_section(args.results, SECTION, text)
+    write_results_section(args.results, SECTION, text)
     print(f"wrote {args.results} (section {SECTION})")
 
 

@@ -20,6 +20,10 @@ the peak above the model, its optimizer state and the inputs.
     python benchmarks/model_speed.py            # n = 512 .. 8192: about 15 minutes on 2 cores
     python benchmarks/model_speed.py --memory   # plus peak memory (about 10 minutes more)
     python benchmarks/model_speed.py --n 256 512 --repeats 1 --results /tmp/R.md --plot /tmp/m.png --json /tmp/m.json
+    python benchmarks/model_speed.py --device cuda          # n = 2048, 8192, 32768, bfloat16 autocast
+
+On CUDA a step is timed with CUDA events (lrcompile.timing), --dtype bfloat16 runs it under
+autocast, and the section, plot and JSON get a _cuda suffix; --memory (resident memory) is CPU only.
 
 Writes the model-speed section of benchmarks/RESULTS.md, benchmarks/model_speed.png and
 benchmarks/model_speed.json.
@@ -31,27 +35,39 @@ import argparse
 import json
 import os
 import sys
-import time
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from lrcompile import bench
+from lrcompile.machine import machine_description, machine_info
+from lrcompile.peak_memory import peak_growth, run_child
+from lrcompile.plots import GIB, memory_plot_path, plot_lines
+from lrcompile.results import write_results_section
+from lrcompile.scaling import crossover, loglog_slope
+from lrcompile.timing import StepClock, interleaved_runs, median, progress_bar
 from lrcompile.models import build
 from lrcompile.policy import Policy
 
 HERE = Path(__file__).resolve().parent
 
-SECTION = "model-speed"
+SECTION = {"cpu": "model-speed", "cuda": "model-speed-cuda"}
 METHODS = ("inductor", "lrcompile", "lrcompile_default")
 DEFAULT_N = (512, 1024, 2048, 4096, 8192)
+# On CUDA every n compiles three models: three lengths keep the run to a few minutes.
+CUDA_DEFAULT_N = (2048, 8192, 32768)
 SLOPE_FROM_N = 2048
 
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=list(DEFAULT_N), metavar="N")
+    parser.add_argument("--n", type=int, nargs="+", default=None, metavar="N",
+                        help=f"default CPU {' '.join(map(str, DEFAULT_N))}, CUDA {' '.join(map(str, CUDA_DEFAULT_N))}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="bfloat16: the step under autocast (default: CPU float32, CUDA bfloat16)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
@@ -60,14 +76,24 @@ def parse_arguments(argv=None):
     parser.add_argument("--degree", type=int, default=2, help="polynomial degree of the lrcompile rewrite")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first compiles)")
-    parser.add_argument("--lowrank-max-n", type=int, default=max(DEFAULT_N),
+    parser.add_argument("--lowrank-max-n", type=int, default=None,
                         help="largest n compiled with lrcompile, to bound the run time, default %(default)s")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one child process per row")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--plot", type=Path, default=HERE / "model_speed.png")
-    parser.add_argument("--json", type=Path, default=HERE / "model_speed.json")
+    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/model_speed[_cuda].png")
+    parser.add_argument("--json", type=Path, default=None, help="default benchmarks/model_speed[_cuda].json")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.n = args.n or list(CUDA_DEFAULT_N if cuda else DEFAULT_N)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.lowrank_max_n = args.lowrank_max_n or max(args.n)
+    args.plot = args.plot or HERE / f"model_speed{'_cuda' if cuda else ''}.png"
+    args.json = args.json or HERE / f"model_speed{'_cuda' if cuda else ''}.json"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if cuda and args.memory:
+        parser.error("--memory measures the CPU's resident memory; it is not available with --device cuda")
     for name in ("batch", "n_layer", "n_embd", "n_head", "vocab_size", "degree", "repeats", "warmup", "lowrank_max_n"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -92,19 +118,25 @@ class Trainer:
     targets: torch.Tensor  # (batch, n)
     method: str
     record: bench.RewriteRecord | None = None
+    dtype: str = "float32"
 
     def __call__(self) -> tuple[float]:
-        start = time.perf_counter()
-        _, loss = self.compiled(self.tokens, self.targets)
+        clock = StepClock(self.tokens.device)
+        clock.mark()
+        autocast = (torch.autocast(self.tokens.device.type, dtype=torch.bfloat16) if self.dtype == "bfloat16"
+                    else contextlib.nullcontext())
+        with autocast:
+            _, loss = self.compiled(self.tokens, self.targets)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (time.perf_counter() - start,)
+        clock.mark()
+        return clock.seconds_since_first()
 
 
 def make_trainer(method: str, n: int, args) -> Trainer:
     model = build(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=n,
-                  vocab_size=args.vocab_size, seed=0)  # same weights for both methods
+                  vocab_size=args.vocab_size, seed=0).to(args.device)  # same weights for both methods
     record = None
     if method == "inductor":
         backend = "inductor"
@@ -119,9 +151,9 @@ def make_trainer(method: str, n: int, args) -> Trainer:
     # dynamic=False: one static graph per n, as for the op benchmark.
     compiled = torch.compile(model, backend=backend, dynamic=False)
     generator = torch.Generator().manual_seed(n)
-    tokens = torch.randint(0, args.vocab_size, (args.batch, n + 1), generator=generator)
+    tokens = torch.randint(0, args.vocab_size, (args.batch, n + 1), generator=generator).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    return Trainer(model, compiled, optimizer, tokens[:, :-1], tokens[:, 1:], method, record)
+    return Trainer(model, compiled, optimizer, tokens[:, :-1], tokens[:, 1:], method, record, args.dtype)
 
 
 def rewrite_problem(trainer: Trainer, args) -> str:
@@ -157,13 +189,13 @@ def time_configuration(n: int, args, progress) -> list[Row]:
             rows[method].skipped = f"skipped (n > --lowrank-max-n {args.lowrank_max_n})"
     trainers = {m: make_trainer(m, n, args) for m in METHODS if not rows[m].skipped}
     progress.set_postfix_str(f"n={n}")
-    measured = bench.interleaved_runs(trainers, args.warmup, args.repeats, on_run=lambda name: progress.update())
+    measured = interleaved_runs(trainers, args.warmup, args.repeats, on_run=lambda name: progress.update())
     for method, trainer in trainers.items():
         row = rows[method]
         row.skipped = rewrite_problem(trainer, args)
         if not row.skipped:
             row.step_runs = [seconds for (seconds,) in measured[method]["runs"]]
-            row.step_s = bench.median(row.step_runs)
+            row.step_s = median(row.step_runs)
             row.first_call_s = measured[method]["first"][0]
             if trainer.record is not None:
                 row.sites_rewritten = trainer.record.rewritten_sites
@@ -174,7 +206,7 @@ def memory_child(spec: dict) -> dict:
     """Child process: peak RSS growth of one training step, after a full-size compile and step."""
     args = argparse.Namespace(**spec)
     trainer = make_trainer(args.method, args.n, args)
-    peak, note = bench.peak_growth(step=trainer, warm_up=trainer)
+    peak, note = peak_growth(step=trainer, warm_up=trainer)
     problem = rewrite_problem(trainer, args)
     return {"peak_bytes": None if problem else peak, "note": problem or note}
 
@@ -184,9 +216,10 @@ def measure_memory(rows: list[Row], args, progress_factory) -> None:
     with progress_factory(total=len(measured), desc="memory", unit="row") as progress:
         for row in measured:
             progress.set_postfix_str(f"{row.method} n={row.n}")
-            spec = dict(method=row.method, n=row.n, batch=args.batch, n_layer=args.n_layer, n_embd=args.n_embd,
+            spec = dict(method=row.method, n=row.n, device=args.device, dtype=args.dtype, batch=args.batch,
+                        n_layer=args.n_layer, n_embd=args.n_embd,
                         n_head=args.n_head, vocab_size=args.vocab_size, degree=args.degree)
-            child = bench.run_child([str(Path(__file__).resolve())], ["--memory-child", json.dumps(spec)])
+            child = run_child([str(Path(__file__).resolve())], ["--memory-child", json.dumps(spec)])
             row.peak_bytes, row.memory_note = child["peak_bytes"], child.get("note", "")
             progress.update()
 
@@ -200,13 +233,13 @@ def summarise(rows: list[Row], args) -> dict:
     slopes = {}
     for method in METHODS:
         points = [(n, steps[method, n]) for n in args.n if n >= SLOPE_FROM_N and (method, n) in steps]
-        slopes[method] = {"slope": bench.loglog_slope(points), "points": len(points)}
+        slopes[method] = {"slope": loglog_slope(points), "points": len(points)}
     # the forced rewrite only: the default policy's ratio is 1 +- noise where it keeps exact attention
     ratios = [(n, steps["lrcompile", n] / steps["inductor", n]) for n in args.n
               if ("lrcompile", n) in steps and ("inductor", n) in steps]
-    crossovers = {"lrcompile": bench.crossover(ratios)}
+    crossovers = {"lrcompile": crossover(ratios)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_child"}
-    return {"settings": settings, "machine": bench.machine_info(), "rows": [asdict(r) for r in rows],
+    return {"settings": settings, "machine": machine_info(args.device), "rows": [asdict(r) for r in rows],
             "slopes": slopes, "crossovers": crossovers}
 
 
@@ -235,7 +268,8 @@ def format_report(result: dict) -> str:
     s = result["settings"]
     lines = [
         f"GPT, {s['n_layer']} layers, n_embd {s['n_embd']}, {s['n_head']} heads (d = {s['n_embd'] // s['n_head']}), "
-        f"vocabulary {s['vocab_size']}, batch {s['batch']}, float32; lrcompile degree {s['degree']}. One step = "
+        f"vocabulary {s['vocab_size']}, batch {s['batch']}, {s.get('dtype', 'float32')} on {s.get('device', 'cpu')}; "
+        f"lrcompile degree {s['degree']}. One step = "
         f"forward + loss + backward + AdamW. Median of {s['repeats']} interleaved steps after {s['warmup']} "
         f"warm-up; speed-up vs inductor = Inductor's step time / the method's, same run; sites rewritten: of the "
         f"{s['n_layer']} attention sites, how many run the low-rank op; first call s = compile + "
@@ -262,13 +296,15 @@ def results_markdown(result: dict, args, argv) -> str:
     machine = result["machine"]
     command = " ".join(["python benchmarks/model_speed.py", *argv])
     plot = os.path.relpath(args.plot.resolve(), args.results.resolve().parent)
-    lines = ["## Model level: training a 4-layer GPT", "",
-             f"`{command}` on {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
+    gpu = f"{machine['gpu']}, host " if "gpu" in machine else ""
+    title = "## Model level: training a 4-layer GPT" + (" on CUDA" if "gpu" in machine else "")
+    lines = [title, "",
+             f"`{command}` on {gpu}{machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
              f"torch {machine['torch']}, {machine['date']}; lrcompile CPU kernels: {machine['cpu_kernels']}.", "",
              format_report(result), "",
              f"![training step time vs n]({plot})"]
     if result["settings"]["memory"]:
-        lines.append(f"![peak memory vs n]({bench.memory_plot_path(plot)})")
+        lines.append(f"![peak memory vs n]({memory_plot_path(plot)})")
     return "\n".join(lines)
 
 
@@ -279,10 +315,10 @@ def plot(result: dict, path: Path) -> None:
                        and value(r) is not None] for m in METHODS})]]
     machine = result["machine"]
     title = f"GPT {result['settings']['n_layer']} layers, torch {machine['torch']}, {machine['date']}"
-    bench.plot_lines(lines(lambda r: r["step_s"]), str(path), "training step (s)", title)
+    plot_lines(lines(lambda r: r["step_s"]), str(path), "training step (s)", title)
     if result["settings"]["memory"]:
-        bench.plot_lines(lines(lambda r: None if r["peak_bytes"] is None else r["peak_bytes"] / bench.GIB),
-                         bench.memory_plot_path(str(path)), "peak memory of a step (GiB)", title)
+        plot_lines(lines(lambda r: None if r["peak_bytes"] is None else r["peak_bytes"] / GIB),
+                         memory_plot_path(str(path)), "peak memory of a step (GiB)", title)
 
 
 def main(argv=None):
@@ -291,8 +327,8 @@ def main(argv=None):
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
-    progress_factory = bench.progress_bar()
-    print(f"model_speed: {bench.machine_description()}", flush=True)
+    progress_factory = progress_bar()
+    print(f"model_speed: {machine_description(args.device)}", flush=True)
     runs = sum(args.warmup + args.repeats for n in args.n for m in METHODS
                if m == "inductor" or n <= args.lowrank_max_n)
     rows = []
@@ -305,8 +341,8 @@ def main(argv=None):
     print(format_report(result), flush=True)
     args.json.write_text(json.dumps(result, indent=1))
     plot(result, args.plot)
-    bench.write_results_section(args.results, SECTION, results_markdown(result, args, argv))
-    print(f"wrote {args.results} (section {SECTION}), {args.plot}, {args.json}")
+    write_results_section(args.results, SECTION[args.device], results_markdown(result, args, argv))
+    print(f"wrote {args.results} (section {SECTION[args.device]}), {args.plot}, {args.json}")
 
 
 if __name__ == "__main__":

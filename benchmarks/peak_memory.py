@@ -60,15 +60,16 @@ def main():
     print(f"n = {args.n}, one head, d = {args.head_dim}, degree {args.degree}, float32, forward + backward")
     print(f"exact attention materialised: n^2 x 4 bytes = {args.n**2 * 4 / GIB:.2f} GiB for the weights alone")
     methods = ["lowrank"] + (["sdpa"] if args.sdpa else [])
-    for method in methods:
-        for causal in ("noncausal", "causal"):
-            command = [sys.executable, __file__, "--child", f"{method},{causal}", "--n", str(args.n),
-                       "--head-dim", str(args.head_dim), "--degree", str(args.degree)]
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
-            print(f"{method:8s} {causal:10s} peak above inputs: {result['peak_above_inputs'] / GIB:.3f} GiB "
-                  f"(inputs {result['input_bytes'] / GIB:.3f} GiB)")
+    from tqdm import tqdm  # a child process per row, each tens of seconds at long n
 
+    rows = [(method, causal) for method in methods for causal in ("noncausal", "causal")]
+    for method, causal in tqdm(rows, desc="memory", unit="row", leave=False, file=sys.stderr):
+        command = [sys.executable, __file__, "--child", f"{method},{causal}", "--n", str(args.n),
+                   "--head-dim", str(args.head_dim), "--degree", str(args.degree)]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+        print(f"{method:8s} {causal:10s} peak above inputs: {result['peak_above_inputs'] / GIB:.3f} GiB "
+              f"(inputs {result['input_bytes'] / GIB:.3f} GiB)")
 
 if __name__ == "__main__":
     main()

@@ -43,8 +43,9 @@ def main(argv=None) -> dict:
     model, tokens = small_gpt2(args.n, args.n_layer, args.n_embd, args.batch)
 
     # torch.compile(model, backend="lrcompile") runs the default policy, whose cost model keeps
-    # exact attention wherever it measured exact faster: below n of a few thousand on a CPU
-    # (README, "Performance"). At this example's length it would rewrite nothing, and say so:
+    # exact attention wherever this machine's calibration measured exact faster (below n of a few
+    # thousand on a CPU), and everywhere on a machine not yet calibrated (`lrcompile calibrate`;
+    # README, "The command line"). At this example's length it rewrites nothing, and says why:
     default = lrcompile.explain(model, tokens)
     print(f"default policy, n = {args.n}: {sum(s.rewritten for s in default.sites)} of {len(default.sites)} "
           f"sites rewritten; {default.sites[0].module}: {default.sites[0].reason or 'rewritten'}\n")

@@ -1,27 +1,31 @@
 """`lrcompile bench`: exact attention against the low-rank rewrite, timed side by side on this machine.
 
-This module owns the speed and memory measurements (DESIGN.md, sections 7 and 8): the methods
-compared, interleaved timing, peak memory measured in child processes, achieved FLOP rates from
-the FLOP model (`lrcompile.cost`) against this machine's measured matmul rate, and the report
-(table, log-log slopes, crossover with SDPA, JSON, plots).
+This module owns how a run is put together (DESIGN.md, sections 7 and 9): its settings, one
+configuration's rows, the summary (slopes, crossovers, rate ratios). The methods compared are
+lrcompile.bench_methods; how steps are timed lrcompile.timing; peak memory
+lrcompile.peak_memory; the Markdown report lrcompile.bench_report; plots lrcompile.plots.
 
     python -m lrcompile.bench --n 1024 2048 4096 --plot bench.png --json bench.json
     python -m lrcompile.bench --n 2048 8192 --methods sdpa lowrank --causal yes --memory
+    python -m lrcompile.bench --device cuda --dtype bfloat16 --methods sdpa inductor lowrank_triton lowrank_torch
 
 Methods, all computing attention of q, k, v (batch, heads, n, d) with the same inputs:
 
-    sdpa              F.scaled_dot_product_attention (on CPU, its flash kernel)
+    sdpa              F.scaled_dot_product_attention (on CPU its flash kernel; on CUDA flash for 16-bit)
     math              softmax(q k^T s + mask) v in eager PyTorch (materialises the n x n weights)
     inductor          the math spelling compiled by torch.compile(backend="inductor")
-    lowrank           lrcompile.lowrank_attention, eager
+    lowrank           lrcompile.lowrank_attention, eager, with the implementation lrcompile chooses
     lowrank_compiled  the math spelling compiled by torch.compile(backend=lrcompile.backend(
                       Policy(cost_model=False))): rewritten to lowrank_attention, then Inductor
+    lowrank_torch     lowrank, with LRCOMPILE_KERNELS=torch around the step: the torch sweep
+    lowrank_triton    lowrank, with LRCOMPILE_KERNELS=triton around the step (CUDA only)
 
-Timing: one process, methods round-robin within every repeat (so load drift hits all of them
-alike), median of `--repeats` runs after `--warmup` runs. Each run is one training-mode step,
-out = attend(q, k, v); out.backward(grad_out), timed at the end of the forward and at the end of
-the backward: "forward" is the forward of a training step, "fwd+bwd" the whole step. Compilation
-happens in the first warm-up run and is reported separately as the first call's time.
+Timing: one process, methods round-robin within every repeat (lrcompile.timing), median of
+`--repeats` runs after `--warmup` runs. Each run is one training-mode step, out = attend(q, k, v);
+out.backward(grad_out), timed at the end of the forward and at the end of the backward: "forward"
+is the forward of a training step, "fwd+bwd" the whole step. Compilation happens in the first
+warm-up run and is reported separately as the first call's time. A method that fails (a missing
+kernel, out of memory) is reported as a skipped row with its error; the others go on.
 
 `add_arguments(parser)` and `run(args) -> dict` are the command-line interface (`lrcompile bench`).
 """
@@ -29,40 +33,35 @@ happens in the first warm-up run and is reported separately as the first call's 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import gc
+import importlib.util
 import json
 import math
-import os
-import platform
-import resource
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from lrcompile import cost, native
-from lrcompile.attention import default_chunk_size, lowrank_attention
-from lrcompile.compiler import compile_graph
+from lrcompile import calibration, cost
+from lrcompile.attention import default_chunk_size
+from lrcompile.bench_methods import COMPILED_METHODS, DEFAULT_METHODS, DTYPES, FORCED_KERNELS, LOWRANK_METHODS, \
+    METHODS, RewriteRecord, failure_tolerant, inductor_fuses_math_attention, make_method, with_forced_kernels
+from lrcompile.bench_report import SLOPE_FROM_N, format_report
+from lrcompile.machine import machine_description, machine_info
+from lrcompile.peak_memory import peak_growth, run_child
+from lrcompile.plots import memory_plot_path, plot_memory, plot_times
 from lrcompile.policy import Policy
 from lrcompile.reference import random_attention_inputs
+from lrcompile.scaling import crossover, loglog_slope
+from lrcompile.timing import MATMUL_SIZE, interleaved_runs, measure_matmul_rate, median, progress_bar, \
+    training_step_times
 
-METHODS = ("sdpa", "math", "inductor", "lowrank", "lowrank_compiled")
-LOWRANK_METHODS = ("lowrank", "lowrank_compiled")
-COMPILED_METHODS = ("inductor", "lowrank_compiled")
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384, 32768)
 # A cap on lowrank_compiled rows, to bound the full run's time. Since the op is a custom op its
 # compile time no longer grows with n (3-15 s measured at n = 1024 and 4096), and its steps run
 # the same chunked kernels as `lowrank`; rows beyond the cap are "skipped", never extrapolated.
 DEFAULT_COMPILED_MAX_N = 16384
-SLOPE_FROM_N = 4096  # below it, fixed per-call overheads bend the log-log line
-MATMUL_SIZE = 2048
 GIB = 2**30
 
 
@@ -80,19 +79,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--degree", type=int, default=2, help="polynomial degree of the low-rank methods")
     parser.add_argument("--score-range", type=float, default=1.0,
                         help="inputs have scores within [-B, B]; the polynomial is built for this B")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiled methods compile here)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                        help=f"any of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS, metavar="METHOD",
+                        help=f"any of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--memory", action="store_true",
-                        help="also measure peak memory of forward+backward, one child process per row (slow)")
+                        help="also measure peak memory of forward+backward, one child process per row (slow; CPU)")
     parser.add_argument("--memory-budget-gib", type=float, default=4.0,
                         help="skip methods whose n x n float32 weights (all heads) exceed this")
     parser.add_argument("--compiled-max-n", type=int, default=DEFAULT_COMPILED_MAX_N,
                         help="largest n for lowrank_compiled, to bound the run time, default %(default)s")
     parser.add_argument("--matmul-size", type=int, default=MATMUL_SIZE,
-                        help="the float32 matmul rate is timed on a size^3 torch.mm, default %(default)s")
+                        help="the matmul rate is timed on a size^3 torch.mm of --dtype, default %(default)s")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="start no further configuration (n, mask) after this many seconds of timing; the rest are "
+                             "reported as skipped (keeps a run on a lent device within its time)")
     parser.add_argument("--plot", metavar="PATH", help="PNG of time vs n (and PATH_memory.png with --memory)")
     parser.add_argument("--json", metavar="PATH", help="all raw numbers as JSON")
     return parser
@@ -116,6 +120,9 @@ class Settings:
     memory_budget_bytes: float
     compiled_max_n: int
     matmul_size: int = MATMUL_SIZE
+    time_limit_s: float | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -132,13 +139,19 @@ class Settings:
         unknown = [m for m in args.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; accepted: {', '.join(METHODS)}")
+        device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device here")
+        if args.memory and device != "cpu":
+            raise ValueError(f"--memory measures the CPU's resident memory; got --device {device}")
         causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
         return cls(
             n=tuple(sorted(set(args.n))), batch=args.batch, heads=args.heads, head_dim=args.head_dim,
             degree=args.degree, score_range=args.score_range, repeats=args.repeats, warmup=args.warmup,
             methods=tuple(m for m in METHODS if m in args.methods), causal=causal, memory=args.memory,
             memory_budget_bytes=args.memory_budget_gib * GIB, compiled_max_n=args.compiled_max_n,
-            matmul_size=args.matmul_size,
+            matmul_size=args.matmul_size, device=device, dtype=dtype,
+            time_limit_s=getattr(args, "time_limit_s", None),
         )
 
     @property
@@ -149,8 +162,8 @@ class Settings:
 
     def describe(self) -> str:
         return (f"batch {self.batch}, heads {self.heads}, d = {self.head_dim}, degree {self.degree} "
-                f"(r = {math.comb(self.head_dim + self.degree, self.degree)}), float32, scores within "
-                f"[-{self.score_range:g}, {self.score_range:g}]")
+                f"(r = {math.comb(self.head_dim + self.degree, self.degree)}), {self.dtype} on {self.device}, "
+                f"scores within [-{self.score_range:g}, {self.score_range:g}]")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -158,14 +171,8 @@ def run(args: argparse.Namespace) -> dict:
     settings = Settings.from_args(args)
     progress_factory = progress_bar()
     print(f"lrcompile bench: {settings.describe()}", flush=True)
-    print(f"  {machine_description()}", flush=True)
-    matmul = measure_matmul_rate(settings.matmul_size)
-    fused = {causal: inductor_fuses_math_attention(causal, settings.head_dim)
-             for causal in settings.causal if "inductor" in settings.methods}
-    rows = time_all(settings, fused, progress_factory)
-    if settings.memory:
-        measure_all_memory(settings, rows, progress_factory)
-    result = summarise(settings, rows, matmul, fused)
+    print(f"  {machine_description(settings.device)}", flush=True)
+    result = measure(settings, progress_factory)
     print(format_report(result), flush=True)
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -174,6 +181,17 @@ def run(args: argparse.Namespace) -> dict:
         if settings.memory:
             plot_memory([result], memory_plot_path(args.plot))
     return result
+
+
+def measure(settings: Settings, progress_factory) -> dict:
+    """Every row of `settings` timed (and with settings.memory, measured), summarised; nothing printed."""
+    matmul = measure_matmul_rate(settings.matmul_size, device=settings.device, dtype=DTYPES[settings.dtype])
+    fused = {causal: inductor_fuses_math_attention(causal, settings)
+             for causal in settings.causal if "inductor" in settings.methods}
+    rows = time_all(settings, fused, progress_factory)
+    if settings.memory:
+        measure_all_memory(settings, rows, progress_factory)
+    return summarise(settings, rows, matmul, fused)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,65 +209,6 @@ def main(argv: list[str] | None = None) -> None:
 # The methods
 
 
-def math_attention(q, k, v, is_causal: bool):
-    """Exact attention as models spell it (nanoGPT's non-flash path): weights materialised."""
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, n_q, n_k)
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
-class RewriteRecord:
-    """How many attention sites the lrcompile backend rewrote in graphs that Inductor then compiled.
-
-    So that a row labelled lowrank_compiled is known to run the low-rank op: when rewriting or
-    compiling the rewritten graph fails, the backend falls back to the original graph (with a
-    warning), and that graph's sites are not counted.
-    """
-
-    def __init__(self):
-        self.rewritten_sites = 0
-
-    def backend(self, policy: Policy):
-        """lrcompile.backend(policy), plus the record."""
-        from torch._inductor.compile_fx import compile_fx
-
-        def lrcompile_recorded(gm, example_inputs):
-            sites = []
-
-            def inductor(graph_module, inputs):
-                compiled = compile_fx(graph_module, inputs)
-                if graph_module is not gm:  # the rewritten copy compiled
-                    self.rewritten_sites += sum(sites)
-                return compiled
-
-            return compile_graph(gm, example_inputs, policy, inner=inductor,
-                                 on_rewrite=lambda rewrite: sites.append(len(rewrite.rewritten)))
-        return lrcompile_recorded
-
-
-def make_method(method: str, settings: Settings, causal: bool, record: RewriteRecord | None = None) -> Callable:
-    """attend(q, k, v) -> out for one method and mask. Compiled methods compile on first call."""
-    if method == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if method == "math":
-        return lambda q, k, v: math_attention(q, k, v, causal)
-    if method == "lowrank":
-        return lambda q, k, v: lowrank_attention(q, k, v, is_causal=causal, degree=settings.degree,
-                                                 bound=settings.score_range)
-    # dynamic=False: one static graph per n, as the policy decides per shape; with automatic
-    # dynamic shapes a second n would turn the chunk loop symbolic.
-    if method == "inductor":
-        compiled = torch.compile(math_attention, backend="inductor", dynamic=False)
-    elif method == "lowrank_compiled":
-        record = record if record is not None else RewriteRecord()
-        compiled = torch.compile(math_attention, backend=record.backend(settings.policy), dynamic=False)
-    else:
-        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
-    return lambda q, k, v: compiled(q, k, v, causal)
-
-
 def weights_bytes(settings: Settings, n: int) -> int:
     """The n x n float32 attention weights for all heads: what math attention materialises."""
     return settings.batch * settings.heads * n * n * 4
@@ -261,6 +220,11 @@ def format_bytes(size: float) -> str:
 
 def skip_reason(method: str, n: int, causal: bool, settings: Settings, fused: dict) -> str:
     """Why (method, n) is not measured, or "" when it is."""
+    if method == "lowrank_triton" and settings.device != "cuda":
+        return f"skipped (the Triton kernels run on CUDA; this run is on {settings.device})"
+    if method == "lowrank_triton" and importlib.util.find_spec("lrcompile.kernels") is None:
+        # without the implementation selector LRCOMPILE_KERNELS is ignored: the row would time the torch sweep
+        return "skipped (this build has no implementation selector, lrcompile.kernels, to run the Triton kernels)"
     quadratic = method == "math" or (method == "inductor" and not fused.get(causal, False))
     if quadratic and weights_bytes(settings, n) > settings.memory_budget_bytes:
         return (f"skipped (needs {format_bytes(weights_bytes(settings, n))} for the n x n weights; "
@@ -270,29 +234,8 @@ def skip_reason(method: str, n: int, causal: bool, settings: Settings, fused: di
     return ""
 
 
-def inductor_fuses_math_attention(causal: bool, head_dim: int) -> bool:
-    """Whether Inductor's own pattern matcher (fuse_attention) turns the math spelling into SDPA.
-
-    Then `inductor` runs SDPA's kernel and needs no n x n memory, so the memory budget does not
-    apply to it. Probed once on a small shape; the counter is Inductor's record of replacements.
-    Inductor's caches are off for the probe: a cache hit skips the pattern matcher and its counter.
-    """
-    import torch._functorch.config
-    import torch._inductor.config
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    before = counters["inductor"]["fuse_attention"]
-    q, k, v = (torch.randn(1, 2, 256, head_dim, requires_grad=True) for _ in range(3))
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        torch.compile(math_attention, backend="inductor", dynamic=False)(q, k, v, causal).sum().backward()
-    torch._dynamo.reset()
-    return counters["inductor"]["fuse_attention"] > before
-
-
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Timing one configuration
 
 
 @dataclass
@@ -309,72 +252,46 @@ class Row:
     total_runs: list[float] = field(default_factory=list)
     first_call_s: float | None = None  # compiled methods: compile + one step
     flops: float | None = None  # FLOP model (lrcompile.cost), forward + backward
+    product_flops: float | None = None  # low-rank methods: the state products alone (cost.lowrank_product_flops)
+    bytes: float | None = None  # least memory traffic of forward + backward by the byte model (cost.*_bytes)
     peak_bytes: int | None = None  # growth of peak RSS over forward + backward (--memory)
     memory_note: str = ""
-
-
-def training_step_times(attend: Callable, q, k, v, grad_out) -> tuple[float, float]:
-    """(forward seconds, forward + backward seconds) of one step."""
-    q.grad = k.grad = v.grad = None
-    start = time.perf_counter()
-    out = attend(q, k, v)
-    forward_end = time.perf_counter()
-    out.backward(grad_out)
-    return forward_end - start, time.perf_counter() - start
-
-
-def interleaved_runs(steps: dict[str, Callable[[], tuple[float, ...]]], warmup: int, repeats: int,
-                     on_run: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Run every step warmup + repeats times, round-robin, the starting step rotating each round.
-
-    Rotation keeps any step from always following the same one (whose freed memory or cache state
-    it would inherit). Returns {name: {"first": first call's times, "runs": [timed runs]}}.
-    """
-    names = list(steps)
-    results = {name: {"first": None, "runs": []} for name in names}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times = steps[name]()
-            if round_index == 0:
-                results[name]["first"] = times
-            if round_index >= warmup:
-                results[name]["runs"].append(times)
-            if on_run is not None:
-                on_run(name)
-    return results
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def attention_inputs(settings: Settings, n: int):
     """q, k, v (B, H, n, d) with scores within the stated range, and a fixed grad_out."""
     q, k, v = random_attention_inputs(settings.batch, settings.heads, n, n, settings.head_dim,
-                                      score_range=settings.score_range, dtype=torch.float32, seed=n)
+                                      score_range=settings.score_range, dtype=torch.float32, seed=n,
+                                      requires_grad=False)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(n + 1))
-    return q, k, v, grad_out
+    dtype = DTYPES[settings.dtype]
+    q, k, v = (t.to(settings.device, dtype).requires_grad_() for t in (q, k, v))
+    return q, k, v, grad_out.to(settings.device, dtype)
 
 
 def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, progress) -> list[Row]:
     """All methods at one (n, mask), interleaved."""
-    torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no stale graphs
+    if settings.device == "cpu":
+        torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no stale graphs
     rows = {m: Row(m, n, causal, skip_reason(m, n, causal, settings, fused)) for m in settings.methods}
     q, k, v, grad_out = attention_inputs(settings, n)
-    records, steps = {}, {}
+    records, steps, failures = {}, {}, {}
     for method, row in rows.items():
         if row.skipped:
             continue
         records[method] = RewriteRecord()
         attend = make_method(method, settings, causal, records[method])
-        steps[method] = functools.partial(training_step_times, attend, q, k, v, grad_out)
+        step = functools.partial(training_step_times, attend, q, k, v, grad_out)
+        if method in FORCED_KERNELS:
+            step = with_forced_kernels(FORCED_KERNELS[method], step)
+        steps[method] = failure_tolerant(step, failures, method)
     progress.set_postfix_str(f"n={n} {'causal' if causal else 'non-causal'}")
     results = interleaved_runs(steps, settings.warmup, settings.repeats, on_run=lambda name: progress.update())
     for method, measured in results.items():
         row = rows[method]
+        if method in failures:
+            row.skipped = f"failed: {failures[method]}"
+            continue
         if method == "lowrank_compiled" and records[method].rewritten_sites == 0:
             row.skipped = "not measured: lrcompile kept exact attention (see its warning)"
             continue
@@ -385,6 +302,12 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
             row.first_call_s = measured["first"][1]
     for row in rows.values():
         row.flops = model_flops(row.method, n, causal, settings)
+        row.bytes = model_bytes(row.method, n, settings)
+        if row.method in LOWRANK_METHODS:
+            chunk = default_chunk_size(settings.head_dim, settings.degree, causal)
+            row.product_flops = cost.lowrank_product_flops(n, n, settings.head_dim, settings.head_dim,
+                                                           settings.batch * settings.heads, causal,
+                                                           settings.degree, chunk)
     return list(rows.values())
 
 
@@ -393,9 +316,13 @@ def time_all(settings: Settings, fused: dict, progress_factory) -> list[Row]:
     runs = sum(settings.warmup + settings.repeats
                for n, causal in configurations for m in settings.methods
                if not skip_reason(m, n, causal, settings, fused))
-    rows = []
+    rows, start = [], time.perf_counter()
     with progress_factory(total=runs, desc="timing", unit="run") as progress:
         for n, causal in configurations:
+            if rows and settings.time_limit_s is not None and time.perf_counter() - start > settings.time_limit_s:
+                rows += [Row(m, n, causal, f"skipped (--time-limit-s {settings.time_limit_s:g} reached)")
+                         for m in settings.methods]
+                continue
             rows += time_configuration(settings, n, causal, fused, progress)
     return rows
 
@@ -410,59 +337,16 @@ def model_flops(method: str, n: int, causal: bool, settings: Settings) -> float:
     return cost.exact_flops(n, n, d, d, batch_heads, causal)
 
 
-def measure_matmul_rate(size: int = MATMUL_SIZE, repeats: int = 5) -> dict:
-    """This machine's float32 torch.mm rate (size^3 product), median of `repeats` after one warm-up."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        runs.append(time.perf_counter() - start)
-    return {"size": size, "runs": runs, "gflops": 2 * size**3 / median(runs) / 1e9}
+def model_bytes(method: str, n: int, settings: Settings) -> float:
+    """Least memory traffic of forward + backward by the byte model: cost.exact_bytes or cost.lowrank_bytes."""
+    batch_heads, d, size = settings.batch * settings.heads, settings.head_dim, DTYPES[settings.dtype].itemsize
+    if method in LOWRANK_METHODS:
+        return cost.lowrank_bytes(n, n, d, d, batch_heads, settings.degree, size)
+    return cost.exact_bytes(n, n, d, d, batch_heads, size)
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory, one child process per row (as benchmarks/peak_memory.py)
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss() -> int:
-    """The process's peak resident set (VmHWM). Not ru_maxrss: that also keeps the peak recorded
-    whenever a thread exits (Inductor's compile threads do), which reset_peak_rss cannot lower."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM line in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Lower the peak-RSS high-water mark to the current RSS (Linux >= 4.0, /proc/self/clear_refs).
-
-    Lets a child compile at full size and then measure only the step. False where not allowed.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return peak_rss() <= current_rss() + (1 << 20)
-    except OSError:
-        return False
-
-
-def peak_growth(step: Callable[[], None], warm_up: Callable[[], None]) -> tuple[int | None, str]:
-    """Peak RSS growth of `step` after `warm_up`, or (None, why not)."""
-    warm_up()
-    gc.collect()
-    if not reset_peak_rss():
-        return None, "peak RSS cannot be reset here (/proc/self/clear_refs), so the warm-up's peak would count"
-    before = current_rss()
-    step()
-    return peak_rss() - before, ""
+# Peak memory, one child process per row (lrcompile.peak_memory)
 
 
 def peak_memory_row(method, n, causal, batch, heads, head_dim, degree, score_range, compiled_max_n) -> dict:
@@ -488,24 +372,10 @@ def peak_memory_row(method, n, causal, batch, heads, head_dim, degree, score_ran
             training_step_times(attend, *small)
         q.grad = k.grad = v.grad = None
 
+    if method in FORCED_KERNELS:
+        step, warm_up = (with_forced_kernels(FORCED_KERNELS[method], f) for f in (step, warm_up))
     peak, note = peak_growth(step, warm_up)
     return {"peak_bytes": peak, "note": note, "input_bytes": 3 * q.numel() * q.element_size()}
-
-
-def run_child(module_or_script: list[str], extra_args: list[str]) -> dict:
-    """Run a child Python (`-m module` or a script path) and parse the JSON of its last line.
-
-    glibc is told to mmap every buffer over 128 KiB separately, so freed buffers go back to the
-    system instead of staying in the heap: the peak is then the step's own, rounded up to pages.
-    """
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, *module_or_script, *extra_args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        return {"peak_bytes": None, "note": f"child failed (exit {done.returncode}): {' | '.join(tail)}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_all_memory(settings: Settings, rows: list[Row], progress_factory) -> None:
@@ -525,66 +395,44 @@ def measure_all_memory(settings: Settings, rows: list[Row], progress_factory) ->
 # Summary: ratios, slopes, crossovers
 
 
-def loglog_slope(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of log(time) against log(n); None with fewer than two points."""
-    if len(points) < 2:
-        return None
-    xs = [math.log(n) for n, _ in points]
-    ys = [math.log(t) for _, t in points]
-    x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
-    spread = sum((x - x_mean) ** 2 for x in xs)
-    return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / spread
-
-
-def crossover(ratios: list[tuple[int, float]]) -> dict:
-    """From which n the method stays faster than sdpa, from (n, time / sdpa time) sorted by n.
-
-    The crossing after the last n where the method is slower, interpolated linearly in
-    log(ratio) against log(n) between the two measured points around it.
-    """
-    if not ratios:
-        return {"n": None, "text": "not measured"}
-    slower = [i for i, (_, ratio) in enumerate(ratios) if ratio > 1]
-    if not slower:
-        return {"n": None, "text": f"faster at every measured n (from {ratios[0][0]})"}
-    last = slower[-1]
-    if last == len(ratios) - 1:
-        return {"n": None, "text": f"slower at every n up to {ratios[-1][0]}" if len(slower) == len(ratios)
-                else f"slower again at the largest n, {ratios[-1][0]}"}
-    (n0, r0), (n1, r1) = ratios[last], ratios[last + 1]
-    fraction = math.log(r0) / (math.log(r0) - math.log(r1))
-    n_cross = math.exp(math.log(n0) + fraction * (math.log(n1) - math.log(n0)))
-    return {"n": n_cross, "text": f"n = {n_cross:.0f} (between measured {n0} and {n1})"}
+PHASES = ("forward_s", "total_s")
 
 
 def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) -> dict:
     """Everything measured, plus what is derived from it: slopes, crossovers, FLOP-rate ratios."""
     measured = {(row.method, row.n, row.causal): row for row in rows if row.total_s is not None}
     chunk = {causal: default_chunk_size(settings.head_dim, settings.degree, causal) for causal in settings.causal}
+    batch_heads = settings.batch * settings.heads
+    in_use = calibration.lookup(settings.device, calibration.implementation_for(settings.device, batch_heads))
+    ratio = {causal: None if in_use.calibration is None else in_use.calibration.rate_ratio(causal, batch_heads)
+             for causal in settings.causal}
+    shortest = 0 if in_use.calibration is None else in_use.calibration.shortest_crossover
     return {
         "settings": {**asdict(settings), "describe": settings.describe()},
-        "machine": machine_info(),
+        "machine": machine_info(settings.device),
         "matmul": matmul,
         "inductor_fuses_math_attention": {("causal" if c else "non-causal"): f for c, f in fused.items()},
         "rows": [asdict(row) for row in rows],
         "slopes": [slope_entry(measured, settings, method, causal, phase)
                    for causal in settings.causal for method in settings.methods for phase in PHASES],
         "crossovers": [crossover_entry(measured, settings, method, causal, phase)
-                       for causal in settings.causal for method in _lowrank_against_sdpa(settings)
+                       for causal in settings.causal for method in lowrank_against_sdpa(settings)
                        for phase in PHASES],
-        "rate_ratios": [entry for causal in settings.causal for method in _lowrank_against_sdpa(settings)
+        "rate_ratios": [entry for causal in settings.causal for method in lowrank_against_sdpa(settings)
                         if (entry := rate_ratio_entry(measured, settings, method, causal))],
+        "calibration": in_use.description,
+        # the kernel implementation each low-rank method ran: what a calibration from this run is keyed by
+        "implementations": {m: FORCED_KERNELS.get(m) or calibration.implementation_for(settings.device, batch_heads)
+                            for m in settings.methods if m in LOWRANK_METHODS},
         "predicted_crossovers": [
-            {"causal": causal, "rate_ratio": cost.rate_ratio(causal),
-             "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal])}
+            {"causal": causal, "rate_ratio": ratio[causal],
+             "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal],
+                                        ratio=ratio[causal], shortest_crossover=shortest)}
             for causal in settings.causal],
     }
 
 
-PHASES = ("forward_s", "total_s")
-
-
-def _lowrank_against_sdpa(settings: Settings) -> list[str]:
+def lowrank_against_sdpa(settings: Settings) -> list[str]:
     return [m for m in LOWRANK_METHODS if m in settings.methods and "sdpa" in settings.methods]
 
 
@@ -605,273 +453,15 @@ def crossover_entry(measured: dict, settings: Settings, method: str, causal: boo
     return {"method": method, "causal": causal, "phase": phase, **crossover(ratios)}
 
 
-def calibration_from(results: list[dict], device_type: str = "cpu") -> dict:
-    """The cost model's calibration implied by these runs (lrcompile.cost, calibration.json).
-
-    For every low-rank method and mask kind, the rate ratio that puts the FLOP model's crossover at
-    the measured fwd+bwd crossover with sdpa; per mask kind the smallest over methods and
-    configurations, so the policy errs towards exact attention; and the shortest crossover of
-    all, below which fixed per-call costs (which FLOPs miss) are left to decide for exact
-    attention. Where the method was faster at every measured n, the smallest n stands in for the
-    crossover (an upper bound: conservative).
-    """
-    evidence = []
-    for result in results:
-        settings = result["settings"]
-        measured = {(r["method"], r["n"], r["causal"]): r for r in result["rows"] if r["total_s"] is not None}
-        for causal in settings["causal"]:
-            for method in LOWRANK_METHODS:
-                ratios = [(n, measured[method, n, causal]["total_s"] / measured["sdpa", n, causal]["total_s"])
-                          for n in settings["n"] if (method, n, causal) in measured and ("sdpa", n, causal) in measured]
-                if not ratios:
-                    continue
-                found = crossover(ratios)
-                n = found["n"] if found["n"] is not None else (ratios[0][0] if ratios[0][1] <= 1 else None)
-                if n is None:
-                    raise ValueError(f"{method}, {_mask(causal)}, d = {settings['head_dim']}: {found['text']}; "
-                                     f"measure longer sequences (--n) to calibrate")
-                chunk = default_chunk_size(settings["head_dim"], settings["degree"], causal)
-                evidence.append({"method": method, "causal": causal, "head_dim": settings["head_dim"],
-                                 "degree": settings["degree"], "measured_crossover": found["text"], "n": n,
-                                 "ratio": cost.ratio_for_crossover(n, settings["head_dim"], settings["head_dim"],
-                                                                   causal, settings["degree"], chunk)})
-    if not evidence:
-        raise ValueError("no low-rank method was measured against sdpa: nothing to calibrate")
-    entry = {"machine": results[0]["machine"], "evidence": evidence,
-             "shortest_crossover": math.ceil(min(e["n"] for e in evidence))}
-    for causal in (False, True):
-        ratios = [e["ratio"] for e in evidence if e["causal"] == causal]
-        if ratios:
-            entry["causal" if causal else "non_causal"] = min(ratios)
-    missing = [key for key in ("non_causal", "causal") if key not in entry]
-    if missing:
-        raise ValueError(f"no measurement for {missing[0].replace('_', '-')} attention: run both (--causal both)")
-    return {device_type: entry}
-
-
 def rate_ratio_entry(measured: dict, settings: Settings, method: str, causal: bool) -> dict | None:
-    """What cost.rate_ratio stands for: the low-rank path's achieved FLOP rate over exact attention's
-    (sdpa), both by the FLOP model, fwd+bwd, at the largest n both were measured."""
+    """What a calibration's rate ratio stands for: the low-rank path's achieved FLOP rate over exact
+    attention's (sdpa), both by the FLOP model, fwd+bwd, at the largest n both were measured."""
     common = _both_measured(measured, settings, method, causal)
     if not common:
         return None
     low, exact = measured[method, common[-1], causal], measured["sdpa", common[-1], causal]
     return {"method": method, "causal": causal, "n": common[-1],
             "ratio": (low.flops / low.total_s) / (exact.flops / exact.total_s)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "cpu_kernels": native.status(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def machine_description() -> str:
-    info = machine_info()
-    return (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}, "
-            f"{info['date']}; lrcompile CPU kernels: {info['cpu_kernels']}")
-
-
-def _milliseconds(seconds):
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def _ratio(numerator, denominator):
-    return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
-
-
-def table_lines(result: dict) -> list[str]:
-    """The per-row table as Markdown (also readable on a terminal)."""
-    rows = result["rows"]
-    sdpa = {(r["n"], r["causal"]): r for r in rows if r["method"] == "sdpa" and r["total_s"] is not None}
-    matmul_rate = result["matmul"]["gflops"]
-    with_memory = result["settings"]["memory"]
-    header = ["n", "mask", "method", "forward ms", "speed-up vs sdpa", "fwd+bwd ms", "speed-up vs sdpa",
-              "GFLOP/s (model)", "of matmul rate", "first call s"] + (["peak MiB"] if with_memory else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(rows, key=lambda r: (r["causal"], r["n"], METHODS.index(r["method"]))):
-        mask = "causal" if r["causal"] else "non-causal"
-        if r["skipped"]:
-            cells = [str(r["n"]), mask, r["method"], r["skipped"]] + [""] * (len(header) - 4)
-        else:
-            base = sdpa.get((r["n"], r["causal"]), {})
-            rate = r["flops"] / r["total_s"] / 1e9
-            cells = [str(r["n"]), mask, r["method"], _milliseconds(r["forward_s"]),
-                     _ratio(base.get("forward_s"), r["forward_s"]), _milliseconds(r["total_s"]),
-                     _ratio(base.get("total_s"), r["total_s"]), f"{rate:.1f}", f"{rate / matmul_rate:.0%}",
-                     "-" if r["first_call_s"] is None else f"{r['first_call_s']:.1f}"]
-            if with_memory:
-                cells.append("-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _mask(causal: bool) -> str:
-    return "causal" if causal else "non-causal"
-
-
-def format_report(result: dict) -> str:
-    """The report as Markdown: what was measured, the table, slopes, crossovers, rate ratios."""
-    settings = result["settings"]
-    matmul = result["matmul"]
-    lines = [
-        f"Attention, {settings['describe']}. Median of {settings['repeats']} interleaved runs after "
-        f"{settings['warmup']} warm-up; \"forward\" is the forward of a training step, \"fwd+bwd\" the whole "
-        f"step; speed-up vs sdpa = sdpa's time / the method's, same run. Matmul rate (float32 torch.mm "
-        f"{matmul['size']}^3, measured): **{matmul['gflops']:.1f} GFLOP/s**. GFLOP/s (model) = FLOPs of "
-        f"forward + backward by the FLOP model (lrcompile.cost) / measured fwd+bwd time.",
-        "",
-        *table_lines(result),
-        "",
-        "- first call s: compile + one step (compiled methods).",
-    ]
-    for mask, fuses in result["inductor_fuses_math_attention"].items():
-        lines.append(f"- inductor, {mask}: Inductor {'replaces' if fuses else 'does not replace'} the math spelling "
-                     f"by SDPA (its fuse_attention pass){'' if fuses else ', so it materialises the n x n weights'}.")
-    lines += [f"- {r['method']} n = {r['n']} {_mask(r['causal'])}: memory {r['memory_note']}"
-              for r in result["rows"] if r["memory_note"]]
-    lines += ["", *slope_table_lines(result), "", "Crossover with sdpa, measured: the n from which the method stays "
-              "faster, interpolated in log-log between the measured points around it.", ""]
-    for c in result["crossovers"]:
-        phase = "fwd+bwd" if c["phase"] == "total_s" else "forward"
-        lines.append(f"- {c['method']}, {_mask(c['causal'])}, {phase}: {c['text']}")
-    for p in result["predicted_crossovers"]:
-        ratio = "not calibrated" if p["rate_ratio"] is None else f"rate ratio {p['rate_ratio']:.3g}"
-        lines.append(f"- predicted by the cost model in use (lrcompile.cost, {ratio}), {_mask(p['causal'])}, "
-                     f"fwd+bwd: " + ("never" if p["n"] is None else f"n = {p['n']}"))
-    if result["rate_ratios"]:
-        lines += ["", "Achieved FLOP rate of low-rank over sdpa's (FLOP model / measured fwd+bwd time, at the "
-                      "largest n both measured; the cost model's calibration is this ratio near the crossover):", ""]
-        lines += [f"- {r['method']}, {_mask(r['causal'])}, n = {r['n']}: {r['ratio']:.2f}"
-                  for r in result["rate_ratios"]]
-    return "\n".join(lines)
-
-
-def slope_table_lines(result: dict) -> list[str]:
-    """Slope of log(time) vs log(n) per method, mask and phase, as a Markdown table."""
-    settings = result["settings"]
-    by_key = {(s["method"], s["causal"], s["phase"]): s for s in result["slopes"]}
-    columns = [(causal, phase) for causal in settings["causal"] for phase in ("total_s", "forward_s")]
-    header = ["method"] + [f"{_mask(c)} {'fwd+bwd' if p == 'total_s' else 'forward'}" for c, p in columns]
-    lines = [f"Slope of log(time) vs log(n), least squares over the measured n >= {SLOPE_FROM_N} (2 = quadratic, "
-             f"1 = linear; '-': fewer than two such n):", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in settings["methods"]:
-        cells = [method]
-        for causal, phase in columns:
-            entry = by_key[method, causal, phase]
-            cells.append("-" if entry["slope"] is None else f"{entry['slope']:.2f} ({entry['points']} n)")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def memory_plot_path(path: str) -> str:
-    target = Path(path)
-    return str(target.with_name(f"{target.stem}_memory{target.suffix or '.png'}"))
-
-
-def plot_times(results: list[dict], path: str) -> None:
-    """Forward+backward time vs n, log-log: one row of panels per configuration, one column per mask."""
-    plot_lines(_panels(results, lambda r: r["total_s"]), path, "forward + backward (s)", _machine_title(results))
-
-
-def plot_memory(results: list[dict], path: str) -> None:
-    """Peak memory of forward+backward vs n, log-log, laid out as plot_times."""
-    plot_lines(_panels(results, lambda r: None if r["peak_bytes"] is None else r["peak_bytes"] / GIB), path,
-               "peak memory of fwd+bwd above inputs (GiB)", _machine_title(results))
-
-
-def _panels(results, value):
-    """[[(title, {method: [(n, value)]}) per mask] per configuration], skipped rows left out."""
-    grid = []
-    for result in results:
-        settings, row_panels = result["settings"], []
-        for causal in settings["causal"]:
-            lines = {method: [(r["n"], value(r)) for r in result["rows"]
-                              if r["method"] == method and r["causal"] == causal and not r["skipped"]
-                              and value(r) is not None]
-                     for method in settings["methods"]}
-            title = (f"{'causal' if causal else 'non-causal'}, d = {settings['head_dim']}, "
-                     f"degree {settings['degree']}, {settings['heads']} heads")
-            row_panels.append((title, lines))
-        grid.append(row_panels)
-    return grid
-
-
-def _machine_title(results):
-    machine = results[0]["machine"]
-    return f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, {machine['date']}"
-
-
-def plot_lines(grid: list[list[tuple[str, dict]]], path: str, ylabel: str, suptitle: str) -> None:
-    """Log-log lines against sequence length n. grid[row][column] = (title, {label: [(n, y)]});
-    a label keeps its colour in every panel."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'lrcompile[bench]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(dict.fromkeys(label for row in grid for _, lines in row for label in lines))
-    columns = max(len(row) for row in grid)
-    figure, axes = plt.subplots(len(grid), columns, figsize=(6 * columns, 4.2 * len(grid)), squeeze=False)
-    for row_axes, row in zip(axes, grid):
-        for axis, (title, lines) in zip(row_axes, row):
-            for label, points in lines.items():
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=label, color=f"C{labels.index(label)}")
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
-            axis.set_xlabel("sequence length n")
-            axis.set_ylabel(ylabel)
-            axis.set_title(title)
-            axis.grid(True, which="both", alpha=0.3)
-            if axis.lines:
-                axis.legend()
-        for axis in row_axes[len(row):]:
-            axis.set_visible(False)
-    figure.suptitle(suptitle, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def progress_bar():
-    """A factory of tqdm bars on stderr (the report goes to stdout), gone when finished."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        raise ImportError("lrcompile bench needs tqdm for its progress bar: pip install 'lrcompile[bench]'") from None
-
-    def factory(**kwargs):
-        return tqdm(leave=False, file=sys.stderr, dynamic_ncols=True, **kwargs)
-    return factory
-
-
-def write_results_section(path: str | Path, section: str, markdown: str) -> None:
-    """Replace the text between <!-- {section}:start --> and <!-- {section}:end --> in `path`
-    (appending the section if its markers are missing), so each script owns one section."""
-    path = Path(path)
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{start}\n{markdown.rstrip()}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""The `lrcompile` command: explain, check, bench (DESIGN section 7).
+"""The `lrcompile` command: explain, check, bench, calibrate (DESIGN section 7).
 
     lrcompile explain gpt2 [--graph]        the site table (and the graphs)
     lrcompile check nanogpt --degree 4      output and gradient error vs exact float64, degrees 1..4
     lrcompile bench --n 1024 4096 --plot bench.png
+    lrcompile calibrate [--device cuda]     measure this machine for the cost model (under a minute)
 
 MODEL is a built-in name (nanogpt, gpt2, bert, llama) or path/to/file.py:factory.
 """
@@ -44,11 +45,19 @@ def main(argv=None) -> int:
     from lrcompile import bench
     bench.add_arguments(bench_parser)
 
+    calibrate_parser = commands.add_parser(
+        "calibrate", help="measure where low-rank overtakes exact attention here; the cost model then uses it")
+    from lrcompile import calibrate
+    calibrate.add_arguments(calibrate_parser)
+
     args = parser.parse_args(argv)
     if args.command == "explain":
         return _explain(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "calibrate":
+        calibrate.run(args)
+        return 0
     bench.run(args)
     return 0
 

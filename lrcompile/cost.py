@@ -6,26 +6,20 @@ is left out of the exact count (it is O(n^2), dominated by the products) but kep
 low-rank feature maps, whose elementwise work is O(n r) like its products.
 
 Predicted time is FLOPs / rate. The low-rank path runs at a fraction of exact attention's rate
-(smaller products, the feature maps, per-chunk overheads): that fraction, per device type and
-mask kind, is the calibration, so the crossover compares predicted times, not FLOPs. It is
-measured, not assumed: `python benchmarks/op_speed.py --calibrate` finds the fraction that puts
-the model's crossover where the measured one is (the smallest over the configurations it ran,
-so the model errs towards exact attention) and writes it to `calibration.json` beside this
-file. FLOPs miss the fixed cost of a call, which decides at short lengths (a millisecond against
-SDPA's few microseconds at n = 128): below the shortest crossover measured, the model keeps
-exact attention whatever the FLOPs say. A device type without a calibration gets none: the
-default policy keeps exact attention there rather than guess (`rate_ratio` returns None).
+(smaller products, the feature maps, per-chunk overheads): that fraction is the calibration, so
+the crossover compares predicted times, not FLOPs. It is measured, not assumed, per machine and
+kernel implementation (`lrcompile calibrate`; lrcompile.calibration stores them and says which
+applies): the fraction that puts the model's crossover where the measured one is. FLOPs miss the
+fixed cost of a call, which decides at short lengths (a millisecond against SDPA's few
+microseconds at n = 128): below the shortest crossover measured, the model keeps exact attention
+whatever the FLOPs say. Without a calibration (ratio None) low-rank is never predicted cheaper.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 from lrcompile.features import feature_dim
-
-CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
 
 def exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
@@ -64,44 +58,24 @@ def lowrank_product_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bo
     return total * batch_heads
 
 
-@functools.lru_cache(maxsize=1)
-def calibration() -> dict:
-    """The measured calibration: {device type: {"non_causal": ratio, "causal": ratio, ...}}."""
-    try:
-        return json.loads(CALIBRATION_PATH.read_text())
-    except FileNotFoundError:
-        return {}
-
-
-def rate_ratio(causal: bool, device_type: str = "cpu") -> float | None:
-    """Low-rank path's FLOP rate / exact attention's, near the crossover; None: not calibrated."""
-    entry = calibration().get(device_type)
-    return None if entry is None else entry["causal" if causal else "non_causal"]
-
-
-def shortest_crossover(device_type: str = "cpu") -> int:
-    """The shortest key length at which low-rank was measured faster (fixed costs rule below)."""
-    return calibration().get(device_type, {}).get("shortest_crossover", 0)
-
-
-def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0,
-                       device_type="cpu", ratio=None) -> bool:
-    """Predicted time of the low-rank path below exact attention's; False where not calibrated.
-
-    With an explicit `ratio` (calibration itself), the FLOPs alone decide."""
-    if ratio is None:
-        ratio = rate_ratio(causal, device_type)
-        if ratio is None or n_k < shortest_crossover(device_type):
-            return False
+def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0, *,
+                       ratio: float | None, shortest_crossover: int = 0) -> bool:
+    """Predicted time of the low-rank path below exact attention's, with the calibration's rate
+    `ratio` (None: not calibrated, never) and no rewrite below its `shortest_crossover`."""
+    if ratio is None or n_k < shortest_crossover:
+        return False
     exact = exact_flops(n_q, n_k, head_dim, value_dim, 1, causal)
     lowrank = lowrank_flops(n_q, n_k, head_dim, value_dim, 1, causal, degree, chunk, kv_ratio)
     return lowrank / ratio < exact
 
 
-def crossover_length(head_dim, value_dim, causal, degree, chunk=256, device_type="cpu", ratio=None) -> int | None:
+def crossover_length(head_dim, value_dim, causal, degree, chunk=256, *, ratio: float | None,
+                     shortest_crossover: int = 0) -> int | None:
     """Smallest n (n_q = n_k) from which low-rank is predicted faster (bisection); None if never."""
+    if ratio is None:
+        return None
     cheaper = functools.partial(lowrank_is_cheaper, head_dim=head_dim, value_dim=value_dim, causal=causal,
-                                degree=degree, chunk=chunk, device_type=device_type, ratio=ratio)
+                                degree=degree, chunk=chunk, ratio=ratio, shortest_crossover=shortest_crossover)
     low, high = 1, 1
     while not cheaper(high, high):
         high *= 2
@@ -120,3 +94,20 @@ def ratio_for_crossover(n, head_dim, value_dim, causal, degree, chunk=256) -> fl
     """The rate ratio at which the model's crossover is n: exact and low-rank FLOPs / ratio equal."""
     return (lowrank_flops(n, n, head_dim, value_dim, 1, causal, degree, chunk)
             / exact_flops(n, n, head_dim, value_dim, 1, causal))
+
+
+def exact_bytes(n_q, n_k, head_dim, value_dim, batch_heads, element_size: int) -> float:
+    """Least memory traffic of a fused (flash) exact attention step, forward + backward: q, k, v read
+    and the output written forward; q, k, v, the output and its gradient read and dq, dk, dv written
+    backward. The scores never reach memory in a fused kernel, so this is O(n d)."""
+    forward = n_q * head_dim + n_k * (head_dim + value_dim) + n_q * value_dim
+    backward = 2 * n_q * head_dim + 2 * n_k * (head_dim + value_dim) + 2 * n_q * value_dim
+    return (forward + backward) * element_size * batch_heads
+
+
+def lowrank_bytes(n_q, n_k, head_dim, value_dim, batch_heads, degree: int, element_size: int) -> float:
+    """Least memory traffic of the factored step: exact_bytes's O(n d) rows, plus the float32 states
+    (r, d_v + 1) written and read once each: S forward, S and R backward. Kernels that keep a running
+    state on chip move no more; each hand-over of a state through memory adds 2 r (d_v + 1) 4 bytes."""
+    state = feature_dim(head_dim, degree) * (value_dim + 1) * 4
+    return exact_bytes(n_q, n_k, head_dim, value_dim, batch_heads, element_size) + 2 * 3 * state * batch_heads

@@ -2,32 +2,56 @@
 
     python3 dev.py demo            (or: python -m lrcompile.demo [--n 8192])
 
+0. The cost model's calibration: a calibration applies only to the machine and kernel path it was
+   measured on, so on a machine without one the demo first runs `lrcompile calibrate` (under a
+   minute, stored in the user's cache for every later run) rather than show a default policy that
+   keeps every site exact.
 1. The op: lowrank_attention on a long sequence, its error against exact attention and its time
-   against F.scaled_dot_product_attention, forward + backward, measured side by side.
+   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.timing).
 2. A model: a 4-layer GPT compiled with backend="lrcompile" (default policy): the site report,
    the error of its logits against the exact model, and its training-step time against the same
-   model compiled by Inductor with exact attention.
+   model compiled by Inductor with exact attention, interleaved. The sequence length is raised
+   to where this machine's calibration rewrites the sites, if the one asked for is below it.
 """
 
 import argparse
-import time
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from lrcompile import lowrank_attention, native
+from lrcompile import calibration, cost, lowrank_attention, native
+from lrcompile.attention import default_chunk_size
 from lrcompile.polynomial import exp_polynomial
 from lrcompile.reference import random_attention_inputs
+from lrcompile.timing import StepClock, interleaved_runs, median, progress_bar, training_step_times
+
+MODEL_HEADS, MODEL_HEAD_DIM = 4, 16  # lrcompile.models.nanogpt
+LONGEST_MODEL_N = 8192  # beyond it, Inductor's exact model materialises several GiB of weights per layer
 
 
-def median_time(fn, repeats=3):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def ensure_calibrated(batch_heads: int) -> calibration.Lookup:
+    """This machine's calibration for the path a call of `batch_heads` runs; measured first if missing."""
+    implementation = calibration.implementation_for("cpu", batch_heads)
+    found = calibration.lookup("cpu", implementation)
+    if found.calibration is None:
+        from lrcompile.calibrate import calibrate, summary
+
+        print(f"== {found.description}.\n   Calibrating first: `lrcompile calibrate` (under a minute; kept for "
+              f"later runs)", flush=True)
+        entry, path = calibrate("cpu", heads=batch_heads)
+        print(summary(entry, path))
+        found = calibration.lookup("cpu", implementation)
+    print(f"cost model: {found.description}\n", flush=True)
+    return found
+
+
+def interleaved_medians(steps: dict, repeats: int = 3) -> dict:
+    """{name: median seconds of the whole step}, steps timed round-robin after one warm-up each."""
+    with progress_bar()(total=len(steps) * (1 + repeats), desc="timing", unit="run") as progress:
+        runs = interleaved_runs(steps, warmup=1, repeats=repeats, on_run=lambda _: progress.update())
+    return {name: median([times[-1] for times in measured["runs"]]) for name, measured in runs.items()}
 
 
 def op_demo(n, heads, head_dim, score_range):
@@ -35,38 +59,60 @@ def op_demo(n, heads, head_dim, score_range):
           f"scores within [-{score_range:g}, {score_range:g}]")
     q, k, v = random_attention_inputs(1, heads, n, n, head_dim, score_range=score_range, attained=True,
                                       dtype=torch.float32, seed=0)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     for causal in (False, True):
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
         approx = lowrank_attention(q, k, v, is_causal=causal)
         error = (approx.double() - exact).abs().max().item()
         bound = exp_polynomial(2, score_range).output_error_factor * v.abs().max().item()
-
-        def exact_step():
-            F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
-
-        def lowrank_step():
-            lowrank_attention(q, k, v, is_causal=causal).sum().backward()
-
-        exact_time, lowrank_time = median_time(exact_step), median_time(lowrank_step)
+        steps = {
+            "sdpa": functools.partial(training_step_times,
+                                      functools.partial(F.scaled_dot_product_attention, is_causal=causal),
+                                      q, k, v, grad_out),
+            "lowrank": functools.partial(training_step_times,
+                                         functools.partial(lowrank_attention, is_causal=causal), q, k, v, grad_out),
+        }
+        seconds = interleaved_medians(steps)
         print(f"  {'causal    ' if causal else 'non-causal'}  max |error| {error:.2e} (bound {bound:.2e})   "
-              f"forward+backward: SDPA {exact_time * 1e3:7.1f} ms, lowrank {lowrank_time * 1e3:7.1f} ms, "
-              f"speed-up x{exact_time / lowrank_time:.2f}")
+              f"forward+backward: SDPA {seconds['sdpa'] * 1e3:7.1f} ms, lowrank {seconds['lowrank'] * 1e3:7.1f} ms, "
+              f"speed-up x{seconds['sdpa'] / seconds['lowrank']:.2f}")
 
 
-def model_demo(n):
+def model_length(requested: int, found: calibration.Lookup) -> int | None:
+    """The model demo's sequence length: `requested`, or the power of two from which this machine's
+    calibration rewrites the model's causal sites if that is longer; None if that is beyond reach."""
+    chunk = default_chunk_size(MODEL_HEAD_DIM, 2, True)
+    crossover = cost.crossover_length(MODEL_HEAD_DIM, MODEL_HEAD_DIM, True, 2, chunk,
+                                      ratio=found.calibration.rate_ratio(True, MODEL_HEADS),
+                                      shortest_crossover=found.calibration.shortest_crossover)
+    if crossover is None or crossover > LONGEST_MODEL_N:
+        return None
+    return max(requested, 2 ** math.ceil(math.log2(crossover)))
+
+
+def model_demo(n, found):
     from lrcompile.compiler import backend
     from lrcompile.guard import reset_stats, stats
-    from lrcompile.policy import Policy
     from lrcompile.models import nanogpt
+    from lrcompile.policy import Policy
     from lrcompile.report import explain
 
-    print(f"\n== torch.compile(model, backend='lrcompile'): 4-layer GPT (d_head = 16), sequence length {n}")
-    model, (idx,) = nanogpt(n=n)
+    policy, length = Policy(), model_length(n, found)
+    if length is None:
+        print(f"\n(this machine's calibration predicts exact attention faster up to n = {LONGEST_MODEL_N} for this "
+              f"model, so the demo forces the rewrite: Policy(cost_model=False))")
+        policy, length = Policy(cost_model=False), n
+    elif length != n:
+        print(f"\n(on this machine the cost model rewrites this model's sites from n = {length}, not {n}: "
+              f"the model demo runs there)")
+    print(f"\n== torch.compile(model, backend='lrcompile'): 4-layer GPT (d_head = {MODEL_HEAD_DIM}), "
+          f"sequence length {length}")
+    model, (idx,) = nanogpt(n=length)
     model.train()
-    print(explain(model, idx))
+    print(explain(model, idx, policy=policy))
     torch._dynamo.reset()
     reset_stats()
-    ours = torch.compile(model, backend=backend())
+    ours = torch.compile(model, backend=backend(policy))
     exact = torch.compile(model, backend="inductor")
     with torch.no_grad():
         reference = model.double()(idx)
@@ -78,19 +124,23 @@ def model_demo(n):
     if calls:
         print(f"  accuracy guard: {sum(s.calls for s in calls.values())} calls of {len(calls)} rewritten sites, "
               f"{sum(s.fallbacks for s in calls.values())} sent to exact attention, largest estimated error "
-              f"{max(s.largest_error for s in calls.values()):.2e} (max_error {Policy().max_error:g})")
+              f"{max(s.largest_error for s in calls.values()):.2e} (max_error {policy.max_error:g})")
     else:
         print("  accuracy guard: no rewritten site ran (the policy kept exact attention at this length)")
 
     def step(compiled):
         def run():
             model.zero_grad(set_to_none=True)
+            clock = StepClock("cpu")
+            clock.mark()
             compiled(idx).float().logsumexp(-1).mean().backward()
+            clock.mark()
+            return clock.seconds_since_first()
         return run
 
-    ours_time, exact_time = median_time(step(ours)), median_time(step(exact))
-    print(f"  training step (forward + backward): Inductor exact {exact_time * 1e3:.0f} ms, "
-          f"lrcompile {ours_time * 1e3:.0f} ms, speed-up x{exact_time / ours_time:.2f}")
+    seconds = interleaved_medians({"inductor": step(exact), "lrcompile": step(ours)})
+    print(f"  training step (forward + backward, interleaved): Inductor exact {seconds['inductor'] * 1e3:.0f} ms, "
+          f"lrcompile {seconds['lrcompile'] * 1e3:.0f} ms, speed-up x{seconds['inductor'] / seconds['lrcompile']:.2f}")
 
 
 def main():
@@ -99,12 +149,13 @@ def main():
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--score-range", type=float, default=1.0)
-    parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the model demo")
+    parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the model demo (at least)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"lrcompile CPU kernels: {native.status()}; {torch.get_num_threads()} torch threads\n")
+    found = ensure_calibrated(MODEL_HEADS)
     op_demo(args.n, args.heads, args.head_dim, args.score_range)
-    model_demo(args.model_n)
+    model_demo(args.model_n, found)
 
 
 if __name__ == "__main__":

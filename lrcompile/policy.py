@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lrcompile import cost, guard, kernels
+from lrcompile import calibration, cost, guard, kernels
 from lrcompile.attention import default_chunk_size
 from lrcompile.features import feature_dim
 from lrcompile.guard import ON_INACCURATE
@@ -116,6 +116,7 @@ class Decision:
     kernel: kernels.Choice | None = None  # the implementation (and sweep) the site's calls run
     config: KernelConfig | None = None  # what the kernel runs with, when rewritten
     lowrank_kwargs: dict = field(default_factory=dict)  # passed to lowrank_attention: config, memory_budget
+    calibration: str = ""  # which cost-model calibration decided, or why none applies ("" : cost model off)
 
 
 def decide(site, policy: Policy, measured_range: float | None = None) -> Decision:
@@ -162,7 +163,7 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
         decision.rewrite, decision.reason = False, str(error)
         return decision
     if policy.cost_model:
-        kept = _cost_model_keeps(decision, site, n_k, head_dim, value_dim, degree, chunk)
+        kept = _cost_model_keeps(decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads)
         if kept:
             decision.rewrite, decision.reason = False, kept
             return decision
@@ -181,22 +182,26 @@ def unmatched_patterns(policy: Policy, module_paths) -> list[str]:
             if not any(fnmatch.fnmatchcase(path, pattern) for path in paths)]
 
 
-def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk) -> str:
-    """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster."""
+def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads) -> str:
+    """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster.
+
+    Records in decision.calibration which calibration decided (or why none applies)."""
     device = getattr(site, "device", "") or "unknown"
-    ratio = cost.rate_ratio(site.is_causal, device)
-    if ratio is None:
-        return (f"the cost model is not calibrated for {device} devices (benchmarks/op_speed.py --calibrate "
-                f"there), so exact attention is kept; Policy(cost_model=False) forces the rewrite")
-    if device == "cpu" and decision.kernel.implementation != "c":
-        return (f"the cost model is calibrated for lrcompile's C kernels, but this site would run the "
-                f"{decision.kernel.label} implementation ({decision.kernel.reason}), so exact attention is kept; "
+    found = calibration.lookup(device, calibration.key_implementation(decision.kernel))
+    decision.calibration = found.description
+    if found.calibration is None:
+        # on the CPU the torch path runs where the C kernels cannot: say why they cannot
+        why = f" ({decision.kernel.reason})" if decision.kernel.reason else ""
+        return (f"the cost model is not calibrated for this machine and kernel path ({decision.kernel.label}{why}): "
+                f"{found.description}; so exact attention is kept: run `lrcompile calibrate`, or "
                 f"Policy(cost_model=False) forces the rewrite")
+    ratio = found.calibration.rate_ratio(site.is_causal, int(batch_heads))
+    shortest = found.calibration.shortest_crossover
     if not _holds(decision.flops_lowrank / ratio < decision.flops_exact):
-        crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, device)
+        crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, ratio=ratio,
+                                          shortest_crossover=shortest)
         return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
                 f"d = {head_dim}, degree {degree}, on {device}); Policy(cost_model=False) forces it")
-    shortest = cost.shortest_crossover(device)
     if _holds(n_k < shortest):
         return (f"key length {n_k} is below the shortest crossover measured on {device} (n = {shortest}), where "
                 f"the fixed cost of a call outweighs the FLOPs saved; Policy(cost_model=False) forces the rewrite")

@@ -48,6 +48,7 @@ class Site:
                                           # a call like it returns exact under on_inaccurate="exact"
     implementation: str = ""              # what runs a rewritten site's calls (lrcompile.kernels): "c",
                                           # "triton", "torch" or "c features, torch sweep"; "" when kept
+    calibration: str = ""                 # which cost-model calibration decided, or why none applies
 
 
 @dataclass
@@ -136,6 +137,7 @@ def _sites_of(rewrite: Rewrite) -> list[Site]:
             notes=site.notes,
             label=site_label(site),
             implementation=decision.kernel.label if decision.rewrite and decision.kernel is not None else "",
+            calibration=decision.calibration,
         ))
     return sites
 
@@ -188,6 +190,10 @@ def format_report(report: Report) -> str:
         out.append("")
         out.append("kept exact, and why:")
         out += [f"  {module}: {reason}" for module, reason in kept]
+    calibrations = list(dict.fromkeys(s.calibration for s in report.sites if s.calibration))
+    if calibrations:
+        out.append("")
+        out += [f"cost model: {description}" for description in calibrations]
     notes = [(s.module, s.notes) for s in report.sites if s.notes]
     if notes:
         out.append("")

@@ -8,6 +8,9 @@ import pytest
 
 import lrcompile
 from lrcompile import bench
+from lrcompile.peak_memory import run_child
+from lrcompile.results import write_results_section
+from lrcompile.scaling import crossover, loglog_slope
 
 
 def bench_args(*argv):
@@ -65,7 +68,7 @@ def test_memory_budget_counts_the_weights_of_all_heads():
 
 
 def test_peak_memory_is_measured_in_a_child_process():
-    child = bench.run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(
+    child = run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(
         method="lowrank", n=1024, causal=False, batch=1, heads=1, head_dim=64, degree=2, score_range=1.0,
         compiled_max_n=4096))])
     if child["note"].startswith("peak RSS cannot be reset"):
@@ -85,24 +88,24 @@ def test_bad_arguments_say_what_was_received(bad, message):
 
 
 def test_slope_of_a_power_law_is_its_exponent():
-    assert bench.loglog_slope([(n, 3e-9 * n**2) for n in (4096, 8192, 32768)]) == pytest.approx(2.0)
-    assert bench.loglog_slope([(4096, 1.0)]) is None
+    assert loglog_slope([(n, 3e-9 * n**2) for n in (4096, 8192, 32768)]) == pytest.approx(2.0)
+    assert loglog_slope([(4096, 1.0)]) is None
 
 
 def test_crossover_is_interpolated_in_log_log_after_the_last_slower_point():
-    assert bench.crossover([(1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
+    assert crossover([(1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
     # Noise below the crossing does not count: the method must stay faster from there on.
-    assert bench.crossover([(512, 0.9), (1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
-    assert bench.crossover([(1024, 2.0), (2048, 1.5)])["text"] == "slower at every n up to 2048"
-    assert bench.crossover([(1024, 0.5), (2048, 0.4)])["text"] == "faster at every measured n (from 1024)"
-    assert bench.crossover([(1024, 0.5), (2048, 1.4)])["n"] is None
+    assert crossover([(512, 0.9), (1024, 2.0), (4096, 0.5)])["n"] == pytest.approx(2048)
+    assert crossover([(1024, 2.0), (2048, 1.5)])["text"] == "slower at every n up to 2048"
+    assert crossover([(1024, 0.5), (2048, 0.4)])["text"] == "faster at every measured n (from 1024)"
+    assert crossover([(1024, 0.5), (2048, 1.4)])["n"] is None
 
 
 def test_results_section_is_replaced_without_touching_the_others(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# title\n<!-- a:start -->\nold a\n<!-- a:end -->\n<!-- b:start -->\nold b\n<!-- b:end -->\n")
-    bench.write_results_section(path, "a", "new a")
-    bench.write_results_section(path, "c", "new c")
+    write_results_section(path, "a", "new a")
+    write_results_section(path, "c", "new c")
     assert path.read_text() == ("# title\n<!-- a:start -->\nnew a\n<!-- a:end -->\n<!-- b:start -->\nold b\n"
                                 "<!-- b:end -->\n\n<!-- c:start -->\nnew c\n<!-- c:end -->\n")
 
@@ -114,3 +117,36 @@ def test_a_compiled_row_that_lrcompile_did_not_rewrite_is_not_reported_as_lowran
                                   "lowrank_compiled"))
     row = next(r for r in result["rows"] if r["method"] == "lowrank_compiled")
     assert row["skipped"].startswith("not measured") and row["total_s"] is None
+
+
+def test_the_module_runs_as_a_script(tmp_path):
+    """`python -m lrcompile.bench`, as the docs and the memory children call it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lrcompile.bench", "--n", "32", "--repeats", "1", "--methods", "sdpa",
+                           "lowrank", "--causal", "yes", "--matmul-size", "64", "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert {(r["method"], r["causal"]) for r in rows} == {("sdpa", True), ("lowrank", True)}
+
+
+def test_a_cuda_run_reports_the_byte_model_rate():
+    from lrcompile.bench_report import table_lines
+
+    result = bench.run(bench_args("--n", "32", "--repeats", "1", "--methods", "sdpa", "lowrank", "--causal", "no"))
+    assert "GB/s (byte model)" not in table_lines(result)[0]
+    result["settings"]["device"] = "cuda"  # the table as a GPU run prints it
+    header, _, *rows = table_lines(result)
+    assert header.endswith("| GB/s (byte model) |")
+    lowrank = next(r for r in result["rows"] if r["method"] == "lowrank")
+    assert lowrank["bytes"] > next(r for r in result["rows"] if r["method"] == "sdpa")["bytes"]
+    assert all(float(row.split("|")[-2]) >= 0 for row in rows)
+
+
+def test_configurations_after_the_time_limit_are_skipped_and_say_so():
+    result = bench.run(bench_args("--n", "16", "32", "--repeats", "1", "--methods", "sdpa", "--causal", "no",
+                                  "--time-limit-s", "0"))
+    skipped = {r["n"]: r["skipped"] for r in result["rows"]}
+    assert skipped[16] == "" and skipped[32] == "skipped (--time-limit-s 0 reached)"

@@ -39,3 +39,10 @@ def test_model_from_a_file(tmp_path):
 def test_bad_model_spec_says_what_is_accepted(spec, message):
     with pytest.raises(ValueError, match=message):
         load_model(spec)
+
+
+def test_bench_runs_through_the_command_line(capsys):
+    assert main(["bench", "--n", "32", "--repeats", "1", "--methods", "sdpa", "lowrank", "--causal", "no",
+                 "--matmul-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "| 32 | non-causal | lowrank |" in out and "cost model's calibration:" in out

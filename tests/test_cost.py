@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lrcompile import bench, cost, native
+from lrcompile import cost, native
 from lrcompile.factored import factored_attention, factored_attention_backward
 
 
@@ -54,45 +54,23 @@ def test_calibrated_ratio_puts_the_model_crossover_at_the_measured_one():
         assert cost.crossover_length(64, 64, causal, 2, 64, ratio=ratio / 2) > crossover  # slower path, later
 
 
-def test_an_uncalibrated_device_never_predicts_low_rank_faster(monkeypatch):
-    monkeypatch.setattr(cost, "calibration", lambda: {"cpu": {"non_causal": 0.5, "causal": 0.5}})
-    assert cost.rate_ratio(False, "cuda") is None
-    assert cost.crossover_length(64, 64, False, 2, device_type="cuda") is None
-    assert not cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, device_type="cuda")
-    assert cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, device_type="cpu")
+def test_without_a_calibration_low_rank_is_never_predicted_faster():
+    assert cost.crossover_length(64, 64, False, 2, ratio=None) is None
+    assert not cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, ratio=None)
+    assert cost.lowrank_is_cheaper(10**6, 10**6, 64, 64, False, 2, ratio=0.5)
 
 
-def test_below_the_shortest_measured_crossover_exact_attention_is_kept(monkeypatch):
+def test_below_the_shortest_measured_crossover_exact_attention_is_kept():
     # FLOPs alone would favour low-rank at n = 200 for d = 16; fixed per-call costs do not
-    monkeypatch.setattr(cost, "calibration", lambda: {"cpu": {"non_causal": 0.9, "causal": 0.9,
-                                                              "shortest_crossover": 2000}})
     assert cost.lowrank_is_cheaper(200, 200, 16, 16, False, 2, ratio=0.9)
-    assert not cost.lowrank_is_cheaper(200, 200, 16, 16, False, 2)
-    assert cost.lowrank_is_cheaper(2000, 2000, 16, 16, False, 2)
-    assert cost.crossover_length(16, 16, False, 2) == 2000
+    assert not cost.lowrank_is_cheaper(200, 200, 16, 16, False, 2, ratio=0.9, shortest_crossover=2000)
+    assert cost.lowrank_is_cheaper(2000, 2000, 16, 16, False, 2, ratio=0.9, shortest_crossover=2000)
+    assert cost.crossover_length(16, 16, False, 2, ratio=0.9, shortest_crossover=2000) == 2000
 
 
-def synthetic_result(crossovers, head_dim=64, degree=2, ns=(1024, 2048, 4096, 8192)):
-    """A bench result whose lowrank/sdpa time ratio crosses 1 at the given n per mask."""
-    rows = []
-    for causal, crossing in crossovers.items():
-        for n in ns:
-            rows.append({"method": "sdpa", "n": n, "causal": causal, "total_s": 1.0})
-            rows.append({"method": "lowrank", "n": n, "causal": causal, "total_s": crossing / n})
-    return {"settings": {"head_dim": head_dim, "degree": degree, "causal": list(crossovers), "n": list(ns)},
-            "machine": {"cpu": "test"}, "rows": rows}
-
-
-def test_calibration_takes_the_smallest_ratio_over_configurations():
-    results = [synthetic_result({False: 2000, True: 5000}), synthetic_result({False: 3000, True: 6000}, head_dim=32,
-                                                                            degree=3)]
-    calibration = bench.calibration_from(results)["cpu"]
-    for causal, key in ((False, "non_causal"), (True, "causal")):
-        implied = [e["ratio"] for e in calibration["evidence"] if e["causal"] == causal]
-        assert len(implied) == 2 and calibration[key] == min(implied)
-    assert calibration["shortest_crossover"] == 2000
-
-
-def test_calibration_refuses_a_mask_that_never_crossed():
-    with pytest.raises(ValueError, match="measure longer sequences"):
-        bench.calibration_from([synthetic_result({False: 2000, True: 10**6})])
+def test_byte_model_counts_the_rows_once_per_pass_and_the_states_of_the_factored_step():
+    n, d, r = 4096, 64, 2145  # r = C(66, 2)
+    # forward: q, k, v in, out out; backward: q, k, v, out, dout in, dq, dk, dv out: 12 n d elements
+    assert cost.exact_bytes(n, n, d, d, 1, element_size=2) == 12 * n * d * 2
+    extra = cost.lowrank_bytes(n, n, d, d, 3, 2, element_size=2) - cost.exact_bytes(n, n, d, d, 3, element_size=2)
+    assert extra == 3 * 6 * r * (d + 1) * 4  # S forward, S and R backward, each written and read, per head

@@ -186,10 +186,10 @@ def test_the_c_sweep_gives_the_same_result_on_one_thread_or_two(is_causal):
 @pytest.mark.slow
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_the_c_sweep_peak_memory_stays_below_one_n_by_r_block(is_causal):
-    from lrcompile import bench
+    from lrcompile.peak_memory import run_child
 
     n, head_dim = 32768, 64  # two heads, two threads: the C sweep
-    child = bench.run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(
+    child = run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(
         method="lowrank", n=n, causal=is_causal, batch=1, heads=2, head_dim=head_dim, degree=2, score_range=1.0,
         compiled_max_n=n))])
     if child["note"].startswith("peak RSS cannot be reset"):

@@ -1,8 +1,9 @@
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 
-from lrcompile import cost
+from lrcompile import calibration, cost
 from lrcompile.policy import Policy, decide, unmatched_patterns
 from lrcompile.polynomial import degree_for, exp_polynomial
 
@@ -110,8 +111,14 @@ def test_min_seq_len_keeps_short_sequences():
     assert decide(site(n=1024), policy).rewrite
 
 
+def this_machine(causal=False):
+    """The calibration in use (conftest installs the reference's as this machine's): ratio and shortest n."""
+    applied = calibration.lookup("cpu", "c").calibration
+    return dict(ratio=applied.rate_ratio(causal), shortest_crossover=applied.shortest_crossover)
+
+
 def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
-    crossover = cost.crossover_length(64, 64, False, 2)
+    crossover = cost.crossover_length(64, 64, False, 2, **this_machine())
     short = decide(site(n=crossover // 2), Policy())
     assert not short.rewrite and f"about n = {crossover}" in short.reason
     assert decide(site(n=crossover * 2), Policy()).rewrite
@@ -119,10 +126,9 @@ def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
 
 
 def test_below_the_shortest_measured_crossover_exact_attention_is_kept_whatever_the_flops():
-    from lrcompile import cost
-
-    shortest = cost.shortest_crossover("cpu")
-    assert shortest > 0 and cost.crossover_length(16, 16, False, 2) == shortest  # FLOPs alone: far shorter
+    shortest = this_machine()["shortest_crossover"]
+    flops_alone = cost.crossover_length(16, 16, False, 2, ratio=this_machine()["ratio"])
+    assert 0 < flops_alone < shortest and cost.crossover_length(16, 16, False, 2, **this_machine()) == shortest
     kept = decide(site(n=shortest - 1, d=16), Policy())
     assert not kept.rewrite and "below the shortest crossover measured" in kept.reason
     assert decide(site(n=shortest, d=16), Policy()).rewrite
@@ -130,21 +136,40 @@ def test_below_the_shortest_measured_crossover_exact_attention_is_kept_whatever_
 
 def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():
     kept = decide(site(n=10**6, device="cuda"), Policy())
-    assert not kept.rewrite and "not calibrated for cuda devices" in kept.reason
+    assert not kept.rewrite and "not calibrated for this machine" in kept.reason
+    runs = kept.kernel.implementation  # triton where it imports, else the torch sweep
+    assert "lrcompile calibrate" in kept.reason and f"implementation '{runs}'" in kept.reason
     assert decide(site(n=10**6, device="cuda"), Policy(cost_model=False)).rewrite
 
 
-def test_without_the_c_kernels_the_cpu_calibration_does_not_apply(monkeypatch):
+def test_without_the_c_kernels_the_c_calibration_does_not_apply(monkeypatch):
     from lrcompile import native
 
     monkeypatch.setattr(native, "enabled", lambda: False)  # the torch path is several times slower
     kept = decide(site(n=10**6), Policy())
-    assert not kept.rewrite and "calibrated for lrcompile's C kernels" in kept.reason
+    assert not kept.rewrite and "not calibrated" in kept.reason and "implementation 'torch'" in kept.reason
+
+
+def test_the_decision_names_the_calibration_that_decided():
+    decision = decide(site(n=10**6), Policy())
+    assert decision.rewrite and decision.calibration.startswith("this machine's calibration, measured 2026-11-25")
+    assert decide(site(n=10**6), Policy(cost_model=False)).calibration == ""
+
+
+def test_fewer_heads_than_threads_leave_the_c_sweep_cores_idle(monkeypatch):
+    """The C sweep runs one head per thread: with 4 threads, 2 heads keep 2 cores busy where SDPA
+    uses all 4, so the same n that pays off with 4 heads does not with 2."""
+    applied = calibration.lookup("cpu", "c").calibration
+    assert applied.rate_ratio(False, 2) == applied.rate_ratio(False, 4)  # 2 threads here: both fill them
+    four_threads = dataclasses.replace(applied, key={**applied.key, "threads": 4}, batch_heads=4)
+    assert four_threads.rate_ratio(False, 2) == pytest.approx(four_threads.rate_ratio(False) / 2)
+    assert four_threads.rate_ratio(False, 6) == pytest.approx(four_threads.rate_ratio(False) * 3 / 4)  # 2 rounds
 
 
 def test_crossover_falls_with_head_dim_and_rises_with_degree():
-    assert cost.crossover_length(16, 16, False, 2) < cost.crossover_length(64, 64, False, 2)
-    assert cost.crossover_length(32, 32, False, 2) < cost.crossover_length(32, 32, False, 3)
+    ratio = this_machine()["ratio"]
+    assert cost.crossover_length(16, 16, False, 2, ratio=ratio) < cost.crossover_length(64, 64, False, 2, ratio=ratio)
+    assert cost.crossover_length(32, 32, False, 2, ratio=ratio) < cost.crossover_length(32, 32, False, 3, ratio=ratio)
 
 
 def test_auto_degree_is_the_smallest_meeting_the_tolerance_for_the_measured_range():

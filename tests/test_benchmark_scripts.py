@@ -1,0 +1,61 @@
+"""benchmarks/op_speed.py: the GPU command's paths at tiny sizes on the CPU, and its target table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from lrcompile import calibration
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def op_speed():
+    return script("op_speed")
+
+
+def test_the_gpu_methods_run_at_tiny_sizes_on_the_cpu_and_triton_is_skipped_with_its_reason(
+        op_speed, tmp_path, monkeypatch, fresh_dynamo):
+    monkeypatch.setenv("LRCOMPILE_CALIBRATION", str(tmp_path / "calibration.json"))
+    paths = {name: tmp_path / name for name in ("R.md", "op.png", "op.json")}
+    op_speed.main(["--device", "cpu", "--n", "64", "128", "--repeats", "1", "--dtypes", "float32",
+                   "--configurations", "64:2", "--methods", "sdpa", "lowrank_triton", "lowrank_torch", "--calibrate",
+                   "--results", str(paths["R.md"]), "--plot", str(paths["op.png"]), "--json", str(paths["op.json"])])
+    (result,) = json.loads(paths["op.json"].read_text())
+    rows = {(r["method"], r["n"], r["causal"]): r for r in result["rows"]}
+    assert all(rows["lowrank_torch", n, c]["total_s"] > 0 for n in (64, 128) for c in (False, True))
+    assert rows["lowrank_triton", 64, False]["skipped"].startswith("skipped (the Triton kernels run on CUDA")
+    assert result["implementations"]["lowrank_torch"] == "torch"
+    assert "<!-- op-speed:start -->" in paths["R.md"].read_text() and paths["op.png"].stat().st_size > 0
+    # the torch sweep's calibration, keyed to this machine, is what the policy now finds for that path
+    found = calibration.lookup("cpu", "torch")
+    assert found.calibration is not None and found.description.startswith("this machine's calibration")
+    assert "not measured" in "\n".join(op_speed.target_lines([result]))
+
+
+def test_targets_are_the_speed_ups_over_sdpa_in_the_same_run(op_speed):
+    rows = [{"method": "sdpa", "n": 16384, "causal": False, "total_s": 1.0, "skipped": ""},
+            {"method": "lowrank_triton", "n": 16384, "causal": False, "total_s": 0.4, "skipped": "",
+             "product_flops": 0.3e12}]
+    result = {"settings": {"dtype": "bfloat16", "methods": ["sdpa", "lowrank_triton"]},
+              "matmul": {"gflops": 1000.0}, "rows": rows}
+    lines = op_speed.target_lines([result])
+    assert "| bfloat16 | lowrank_triton | non-causal | 16384 | 2.50x | 2x | yes | 75% (>= 50%) |" in lines
+    assert any("| causal | 65536 |" in line and "not measured" in line for line in lines)
+
+
+def test_the_cuda_run_defaults_to_the_sizes_and_methods_of_the_issue(op_speed):
+    args, runs, _ = op_speed.parse_arguments(["--device", "cuda"])
+    assert [(run.dtype, run.heads) for run in runs] == [("bfloat16", 16), ("float32", 16)]
+    assert runs[0].n == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    assert runs[0].methods == ["sdpa", "inductor", "lowrank_triton", "lowrank_torch"]
+    assert runs[0].time_limit_s == 200 and args.json.name == "op_speed_cuda.json"  # 2 dtypes within 8 minutes
