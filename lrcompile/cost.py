@@ -64,6 +64,17 @@ def lowrank_product_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bo
     return total * batch_heads
 
 
+def direct_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
+    """The direct algorithm of `lrcompile.direct` (the n x n polynomial block, no features), forward
+    and backward: per visible (query, key) pair X and A W^ forward; X, dA, dq, dk and U backward."""
+    if causal:  # query position i sees keys 0..min(i, n_k - 1)
+        seen = min(n_q, n_k)
+        pairs = seen * (seen + 1) // 2 + (n_q - seen) * n_k
+    else:
+        pairs = n_q * n_k
+    return pairs * 2 * (4 * head_dim + 3 * (value_dim + 1)) * batch_heads
+
+
 @functools.lru_cache(maxsize=1)
 def calibration() -> dict:
     """The measured calibration: {device type: {"non_causal": ratio, "causal": ratio, ...}}."""

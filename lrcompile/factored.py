@@ -51,7 +51,7 @@ import functools
 
 import torch
 
-from lrcompile import guard, native
+from lrcompile import direct, guard, native
 from lrcompile.features import FeatureMap, MonomialTable, feature_dim, monomial_table
 from lrcompile.threads import split_heads
 
@@ -75,6 +75,7 @@ def factored_attention(
     True when it replaced `out` by exact attention, which the backward then differentiates.
     """
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
+    sweeps.direct = _direct_core(q, k, v, coefficients, causal, chunk_size)
     k_centred = centre_keys(k, key_weight, scale, causal)[0]
     out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
     exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
@@ -104,6 +105,7 @@ def factored_attention_backward(
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
+    sweeps.direct = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
     sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
     g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / _safe(denominator).unsqueeze(-1)
@@ -140,6 +142,17 @@ def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
 
 
 factored_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | None:
+    """The direct algorithm where it is cheaper than the sweeps (lrcompile.direct), else None.
+
+    A function of the shapes alone, so the backward makes the forward's choice."""
+    groups, n_q, head_dim = q.shape[2:]
+    if direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
+                          chunk_size, q.device.type):
+        return direct.Direct(coefficients, causal, q)
+    return None
 
 
 def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float, causal: bool):
@@ -203,6 +216,7 @@ class _Sweeps:
         self.causal = causal
         self.chunk = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
+        self.direct: direct.Direct | None = None  # set by the op where the direct algorithm is cheaper
         self._masks = {}
         self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
 
@@ -233,6 +247,10 @@ class _Sweeps:
         """A zero state (BH, r, columns), for the BH of `like`."""
         return like.new_zeros(like.shape[0], columns, self.table.feature_dim).mT
 
+    def new_state_placeholder(self, like, columns):
+        """An uninitialised (BH, r, columns) state, for the BH of `like`: never written nor read."""
+        return like.new_empty(like.shape[0], self.table.feature_dim, columns)
+
     @staticmethod
     def new_rows(like, rows, columns, zero=False):
         make = like.new_zeros if zero else like.new_empty
@@ -250,8 +268,11 @@ class _Sweeps:
         batch, heads, groups = q.shape[:3]
         rows, keys = self.query_rows(q), k.flatten(0, 1).contiguous()
         weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()  # W^ (BH, n_k, d_v + 1)
-        in_c = self.native_sweep(rows)
-        if in_c is not None:
+        in_c = None if self.direct is not None else self.native_sweep(rows)
+        if self.direct is not None:
+            # no state: an unread placeholder of the shape the op promises
+            out_hat, state = self.direct.forward(rows, keys, weighted, groups), self.new_state_placeholder(keys, weighted)
+        elif in_c is not None:
             out_t, state_t = in_c.forward(rows, keys, weighted, groups)
             out_hat, state = out_t.mT, state_t.mT
         elif self.causal:
@@ -270,8 +291,10 @@ class _Sweeps:
         rows, g_rows, keys = self.query_rows(q), self.query_rows(g_hat), k.flatten(0, 1).contiguous()
         weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()
         state = state.flatten(0, 1)
-        in_c = self.native_sweep(rows)
-        if in_c is not None:
+        in_c = None if self.direct is not None else self.native_sweep(rows)
+        if self.direct is not None:
+            dq, dk, key_grads = self.direct.backward(rows, keys, weighted, g_rows, groups)
+        elif in_c is not None:
             dq, dk, key_grads_t = in_c.backward(rows, keys, weighted, g_rows, state.mT.contiguous(), groups)
             key_grads = key_grads_t.mT
         elif self.causal:

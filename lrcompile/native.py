@@ -3,7 +3,8 @@
 `csrc/kernels.c` is compiled on first use with the system C compiler (the one Inductor uses on
 CPU) into a cache directory, keyed by the sources, the compiler and the CPU, and shared by every
 later process. It holds the feature maps and their VJP (`FeatureKernels`), the causal in-chunk
-polynomial (`causal_block`), and whole forward and backward sweeps (`Sweep`), whose matrix products
+polynomial (`causal_block`), whole forward and backward sweeps (`Sweep`) and the direct algorithm of
+short sequences (`DirectKernels`), whose matrix products
 call the BLAS torch links (its sgemm_/dgemm_, found in libtorch_cpu). Where no compiler works, or
 for tensors the kernels do not take (not on the CPU, not float32/float64), `lrcompile.features`
 and `lrcompile.factored` compute the same values with torch operations; `status()` says which
@@ -184,6 +185,56 @@ class Sweep:
             raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
 
 
+class DirectKernels:
+    """The direct algorithm of lrcompile.direct in C (csrc/direct.h), one head per thread.
+
+    Tensors as for `Sweep` (heads, rows, .) and contiguous, but outputs row-major: O^ (heads, N, e)
+    and U (heads, n_k, e). `tile` query positions per score block. Built by `direct()`.
+    """
+
+    def __init__(self, polynomial: torch.Tensor, tile: int, causal: bool, dtype: torch.dtype, threads: int):
+        lib = library()
+        self._forward = getattr(lib, f"lrc_direct_forward_{SUFFIX[dtype]}")
+        self._backward = getattr(lib, f"lrc_direct_backward_{SUFFIX[dtype]}")
+        self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
+        self._fixed = dict(chunk=tile, causal=int(causal), degree=self._polynomial.numel() - 1, threads=threads,
+                           polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
+
+    def forward(self, rows, keys, weighted, groups):
+        """O^ (heads, N, e)."""
+        out = rows.new_empty(rows.shape[0], rows.shape[1], weighted.shape[-1])
+        self._run(self._forward, rows, keys, weighted, groups, out=out)
+        return out
+
+    def backward(self, rows, keys, weighted, g_rows, groups):
+        """(dq' (heads, N, d), dk' (heads, n_k, d), U (heads, n_k, e))."""
+        dq, dk, key_grads = torch.empty_like(rows), torch.empty_like(keys), torch.empty_like(weighted)
+        self._run(self._backward, rows, keys, weighted, groups, g_rows=g_rows, out=key_grads, dq=dq, dk=dk)
+        return dq, dk, key_grads
+
+    def _run(self, function, rows, keys, weighted, groups, **buffers):
+        tensors = dict(rows=rows, keys=keys, weighted=weighted, **buffers)
+        for name, t in tensors.items():
+            if not t.is_contiguous():
+                raise ValueError(f"native direct kernel: {name} must be contiguous, got strides {t.stride()}")
+        problem = Problem(heads=rows.shape[0], groups=groups, n_q=rows.shape[1] // groups, n_k=keys.shape[1],
+                          d=rows.shape[2], e=weighted.shape[2], **self._fixed,
+                          **{name: t.data_ptr() for name, t in tensors.items()})
+        if function(ctypes.addressof(problem)):
+            raise MemoryError("lrcompile: a thread of the native direct kernel could not allocate its score tiles")
+
+
+def direct(polynomial: torch.Tensor, tile: int, causal: bool, rows: torch.Tensor) -> DirectKernels | None:
+    """The C direct kernel for `rows` (heads, N, d), or None where the torch version should run:
+    as for `sweep`, heads go one per thread, so it needs enough of them, and torch's BLAS."""
+    threads = torch.get_num_threads()
+    if not supports(rows) or (threads > 1 and not worth_splitting(rows, rows.shape[0], threads)):
+        return None
+    if _gemm_address(rows.dtype) is None:
+        return None
+    return DirectKernels(polynomial, tile, causal, rows.dtype, threads)
+
+
 def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep | None:
     """The native sweep for `rows` (heads, N, d), or None where the torch sweep should run instead.
 
@@ -237,6 +288,8 @@ _SIGNATURES = {
     "lrc_causal_block": (None, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 4, _POINTER, _INT64, _INT]),
     "lrc_forward": (_INT, [ctypes.c_void_p]),
     "lrc_backward": (_INT, [ctypes.c_void_p]),
+    "lrc_direct_forward": (_INT, [ctypes.c_void_p]),
+    "lrc_direct_backward": (_INT, [ctypes.c_void_p]),
 }
 
 
