@@ -47,8 +47,9 @@ from lrcompile import cost, native
 # not listed compare FLOPs alone (a ratio of 1, not measured).
 DIRECT_RATE_RATIO = {"cpu": 1.0}
 ALGORITHMS = ("auto", "direct", "factored")
-# Query positions per score tile of the C kernel: causal tiles skip the keys after their last
-# position (half the block at n >> tile), non-causal ones bound a thread's scores to ~1 MiB.
+# Query rows per score tile of the C kernel: causal tiles (positions of one query head) skip the
+# keys after their last position (half the block at n >> tile); non-causal tiles bound a
+# thread's scores to about 1 MiB.
 CAUSAL_TILE = 64
 NON_CAUSAL_TILE_ELEMENTS = 1 << 18
 
@@ -90,8 +91,15 @@ def crossover_length(head_dim: int, value_dim: int, causal: bool, degree: int, c
 
 
 class Direct:
-    """The direct core of one call: the interface of the factored sweeps' core, over the sweeps'
-    rows (BH, N, d), keys (BH, n_k, d), W^ (BH, n_k, e) and G^ (BH, N, e)."""
+    """The direct algorithm for one call.
+
+    `forward` / `backward` are the core of the factored sweeps' interface, over the sweeps' rows
+    (BH, N, d), keys (BH, n_k, d), W^ (BH, n_k, e) and G^ (BH, N, e), in torch operations: the
+    reference, and the path wherever the C kernel does not run, with the op's shared code
+    around it. `native_kernel` is the C kernel, which fuses that shared code in (one parallel
+    region each way: at these lengths a dozen separate passes over (n, d) tensors cost as much
+    as the block itself).
+    """
 
     def __init__(self, coefficients, causal: bool, like: torch.Tensor):
         self.coefficients = tuple(coefficients)
@@ -99,24 +107,19 @@ class Direct:
         self.causal = causal
         self.polynomial = torch.tensor(self.coefficients, dtype=like.dtype)  # c_0..c_g, for the C kernel
 
-    def native_kernel(self, rows, keys):
-        """The C kernel (lrcompile.native.DirectKernels) where it applies, else None."""
-        groups_rows, n_k = rows.shape[1], keys.shape[1]
-        tile = CAUSAL_TILE if self.causal else max(CAUSAL_TILE, NON_CAUSAL_TILE_ELEMENTS // max(n_k, 1))
-        return native.direct(self.polynomial, min(tile, max(groups_rows, 1)), self.causal, rows)
+    def native_kernel(self, q, scale: float):
+        """The fused C kernel (lrcompile.native.DirectKernels) for q (B, H, G, n_q, d), or None."""
+        groups, n_q = q.shape[2], q.shape[3]
+        rows = groups * n_q
+        tile = CAUSAL_TILE if self.causal else max(CAUSAL_TILE, NON_CAUSAL_TILE_ELEMENTS // max(n_q, 1))
+        return native.direct(self.polynomial, max(1, min(tile, rows)), self.causal, scale, q)
 
     def forward(self, rows, keys, weighted, groups):
         """O^ (BH, N, e)."""
-        in_c = self.native_kernel(rows, keys)
-        if in_c is not None:
-            return in_c.forward(rows, keys, weighted, groups)
         return torch.bmm(self.block(rows, keys, groups), weighted)
 
     def backward(self, rows, keys, weighted, g_rows, groups):
         """(dq' (BH, N, d), dk' (BH, n_k, d), U (BH, n_k, e))."""
-        in_c = self.native_kernel(rows, keys)
-        if in_c is not None:
-            return in_c.backward(rows, keys, weighted, g_rows, groups)
         d_block = torch.bmm(g_rows, weighted.mT)  # dA, made dX by block()
         block = self.block(rows, keys, groups, d_block)
         return torch.bmm(d_block, keys), torch.bmm(d_block.mT, rows), torch.bmm(block.mT, g_rows)
@@ -134,7 +137,7 @@ class Direct:
 
     @staticmethod
     def mask(rows, n_k, groups, like):
-        """(N, n_k): 1 where row i's position i // groups is at or after key j."""
+        """(N, n_k): 1 where row i's position i // groups (rows position-major) is at or after key j."""
         positions = torch.arange(rows, device=like.device) // groups
         return (positions[:, None] >= torch.arange(n_k, device=like.device)).to(like.dtype)
 

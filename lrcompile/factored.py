@@ -74,10 +74,16 @@ def factored_attention(
     The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
     True when it replaced `out` by exact attention, which the backward then differentiates.
     """
-    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
-    sweeps.direct = _direct_core(q, k, v, coefficients, causal, chunk_size)
-    k_centred = centre_keys(k, key_weight, scale, causal)[0]
-    out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
+    core = _direct_core(q, k, v, coefficients, causal, chunk_size)
+    fused = None if core is None else core.native_kernel(q, scale)
+    if fused is not None:  # the direct algorithm, everything in one C call
+        out, denominator = fused.forward(q.contiguous(), k.contiguous(), v.contiguous(), _contiguous(key_weight))
+        state = _state_placeholder(q, k, v, coefficients)
+    else:
+        sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
+        sweeps.direct = core
+        k_centred = centre_keys(k, key_weight, scale, causal)[0]
+        out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
     exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
     if exact:
         out = guard.exact_attention(q, k, v, key_weight, scale, causal)
@@ -104,8 +110,15 @@ def factored_attention_backward(
         dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
+    core = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
+    fused = None if core is None else core.native_kernel(q, scale)
+    if fused is not None:
+        dq, dk, dv, dw = fused.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                        _contiguous(key_weight), out.contiguous(), denominator.contiguous(),
+                                        key_weight_grad)
+        return dq, dk, dv, (dw if key_weight_grad else q.new_empty(0))
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
-    sweeps.direct = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
+    sweeps.direct = core
     sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
     g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / _safe(denominator).unsqueeze(-1)
@@ -153,6 +166,16 @@ def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | N
                           chunk_size, q.device.type):
         return direct.Direct(coefficients, causal, q)
     return None
+
+
+def _state_placeholder(q, k, v, coefficients):
+    """The state output where the direct algorithm ran: the fake kernel's shape, never read."""
+    r = feature_dim(q.shape[-1], len(coefficients) - 1)
+    return q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
 def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float, causal: bool):
@@ -247,10 +270,6 @@ class _Sweeps:
         """A zero state (BH, r, columns), for the BH of `like`."""
         return like.new_zeros(like.shape[0], columns, self.table.feature_dim).mT
 
-    def new_state_placeholder(self, like, columns):
-        """An uninitialised (BH, r, columns) state, for the BH of `like`: never written nor read."""
-        return like.new_empty(like.shape[0], self.table.feature_dim, columns)
-
     @staticmethod
     def new_rows(like, rows, columns, zero=False):
         make = like.new_zeros if zero else like.new_empty
@@ -271,7 +290,8 @@ class _Sweeps:
         in_c = None if self.direct is not None else self.native_sweep(rows)
         if self.direct is not None:
             # no state: an unread placeholder of the shape the op promises
-            out_hat, state = self.direct.forward(rows, keys, weighted, groups), self.new_state_placeholder(keys, weighted)
+            out_hat = self.direct.forward(rows, keys, weighted, groups)
+            state = rows.new_empty(keys.shape[0], self.table.feature_dim, weighted.shape[-1])
         elif in_c is not None:
             out_t, state_t = in_c.forward(rows, keys, weighted, groups)
             out_hat, state = out_t.mT, state_t.mT

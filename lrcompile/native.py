@@ -185,54 +185,70 @@ class Sweep:
             raise MemoryError("lrcompile: a thread of the native sweep could not allocate its feature buffers")
 
 
-class DirectKernels:
-    """The direct algorithm of lrcompile.direct in C (csrc/direct.h), one head per thread.
+class DirectProblem(ctypes.Structure):
+    """lrc_direct_problem of csrc/direct.h: one direct attention call, every head."""
 
-    Tensors as for `Sweep` (heads, rows, .) and contiguous, but outputs row-major: O^ (heads, N, e)
-    and U (heads, n_k, e). `tile` query positions per score block. Built by `direct()`.
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "heads", "groups", "n_q", "n_k", "d", "dv", "causal", "degree", "tile", "threads")] + [
+        ("root_scale", ctypes.c_double)] + [(name, ctypes.c_void_p) for name in (
+            "q", "k", "v", "weight", "grad_out", "out", "denominator", "dq", "dk", "dv_out", "dw", "polynomial",
+            "gemm")]
+
+
+class DirectKernels:
+    """The fused direct attention of lrcompile.direct in C (csrc/direct.h), one head per thread.
+
+    Tensors in the layout of lrcompile.factored, contiguous: q (B, H, G, n_q, d), k (B, H, n_k, d),
+    v (B, H, n_k, d_v), key weights (B, H, n_k) or None. Built by `direct()`.
     """
 
-    def __init__(self, polynomial: torch.Tensor, tile: int, causal: bool, dtype: torch.dtype, threads: int):
+    def __init__(self, polynomial: torch.Tensor, tile: int, causal: bool, scale: float, dtype: torch.dtype,
+                 threads: int):
         lib = library()
         self._forward = getattr(lib, f"lrc_direct_forward_{SUFFIX[dtype]}")
         self._backward = getattr(lib, f"lrc_direct_backward_{SUFFIX[dtype]}")
         self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
-        self._fixed = dict(chunk=tile, causal=int(causal), degree=self._polynomial.numel() - 1, threads=threads,
-                           polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
+        self._fixed = dict(causal=int(causal), degree=self._polynomial.numel() - 1, tile=tile, threads=threads,
+                           root_scale=scale**0.5, polynomial=self._polynomial.data_ptr(), gemm=_gemm_address(dtype))
 
-    def forward(self, rows, keys, weighted, groups):
-        """O^ (heads, N, e)."""
-        out = rows.new_empty(rows.shape[0], rows.shape[1], weighted.shape[-1])
-        self._run(self._forward, rows, keys, weighted, groups, out=out)
-        return out
+    def forward(self, q, k, v, key_weight):
+        """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q))."""
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        denominator = q.new_empty(q.shape[:-1])
+        self._run(self._forward, q, k, v, key_weight, out=out, denominator=denominator)
+        return out, denominator
 
-    def backward(self, rows, keys, weighted, g_rows, groups):
-        """(dq' (heads, N, d), dk' (heads, n_k, d), U (heads, n_k, e))."""
-        dq, dk, key_grads = torch.empty_like(rows), torch.empty_like(keys), torch.empty_like(weighted)
-        self._run(self._backward, rows, keys, weighted, groups, g_rows=g_rows, out=key_grads, dq=dq, dk=dk)
-        return dq, dk, key_grads
+    def backward(self, grad_out, q, k, v, key_weight, out, denominator, key_weight_grad: bool):
+        """(dq, dk, dv, d key_weight or None)."""
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dw = torch.empty_like(key_weight) if key_weight_grad else None
+        self._run(self._backward, q, k, v, key_weight, grad_out=grad_out, out=out, denominator=denominator,
+                  dq=dq, dk=dk, dv_out=dv, dw=dw)
+        return dq, dk, dv, dw
 
-    def _run(self, function, rows, keys, weighted, groups, **buffers):
-        tensors = dict(rows=rows, keys=keys, weighted=weighted, **buffers)
+    def _run(self, function, q, k, v, key_weight, **buffers):
+        tensors = dict(q=q, k=k, v=v, weight=key_weight, **buffers)
         for name, t in tensors.items():
-            if not t.is_contiguous():
+            if t is not None and not t.is_contiguous():
                 raise ValueError(f"native direct kernel: {name} must be contiguous, got strides {t.stride()}")
-        problem = Problem(heads=rows.shape[0], groups=groups, n_q=rows.shape[1] // groups, n_k=keys.shape[1],
-                          d=rows.shape[2], e=weighted.shape[2], **self._fixed,
-                          **{name: t.data_ptr() for name, t in tensors.items()})
+        problem = DirectProblem(heads=k.shape[0] * k.shape[1], groups=q.shape[2], n_q=q.shape[3], n_k=k.shape[2],
+                                d=q.shape[4], dv=v.shape[3], **self._fixed,
+                                **{name: None if t is None else t.data_ptr() for name, t in tensors.items()})
         if function(ctypes.addressof(problem)):
             raise MemoryError("lrcompile: a thread of the native direct kernel could not allocate its score tiles")
 
 
-def direct(polynomial: torch.Tensor, tile: int, causal: bool, rows: torch.Tensor) -> DirectKernels | None:
-    """The C direct kernel for `rows` (heads, N, d), or None where the torch version should run:
-    as for `sweep`, heads go one per thread, so it needs enough of them, and torch's BLAS."""
+def direct(polynomial: torch.Tensor, tile: int, causal: bool, scale: float, q: torch.Tensor) -> DirectKernels | None:
+    """The C direct kernel for q (B, H, G, n_q, d), or None where the torch version should run: as
+    for `sweep`, heads go one per thread, so it needs enough (batch x key/value head) problems,
+    and torch's BLAS."""
     threads = torch.get_num_threads()
-    if not supports(rows) or (threads > 1 and not worth_splitting(rows, rows.shape[0], threads)):
+    heads = q.shape[0] * q.shape[1]
+    if not supports(q) or (threads > 1 and not worth_splitting(q, heads, threads)):
         return None
-    if _gemm_address(rows.dtype) is None:
+    if _gemm_address(q.dtype) is None:
         return None
-    return DirectKernels(polynomial, tile, causal, rows.dtype, threads)
+    return DirectKernels(polynomial, tile, causal, scale, q.dtype, threads)
 
 
 def sweep(features: FeatureKernels | None, polynomial, chunk: int, causal: bool, rows: torch.Tensor) -> Sweep | None:

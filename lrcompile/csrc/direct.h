@@ -1,112 +1,234 @@
-/* The direct algorithm of lrcompile.direct, one head per thread, for one element type: included
- * by kernels.c once per type, with `real` and SUFFIX() defined, after sweeps.h (whose mm() and
- * block_row() of features.h it uses).
+/* The direct algorithm of lrcompile.direct, fused, one (batch, key/value head) per thread, for one
+ * element type: included by kernels.c once per type, with `real` and SUFFIX() defined, after
+ * sweeps.h (whose mm() it uses).
  *
- * The same polynomial attention as the sweeps, computed as the n x n block the causal in-chunk
- * step already uses, with no features and no states (lrcompile/direct.py derives it):
+ * The same polynomial attention as lrcompile.factored, computed as the n x n block the causal
+ * in-chunk step already uses, without features or states, and with everything around the block
+ * that the op otherwise does in separate torch passes (scaling, key centring, key weights, the
+ * normalisation, G^, dV, dw, the centring correction) done here, so that a short call is one
+ * parallel region forward and one backward. lrcompile/direct.py derives it; per head, with
+ * r = sqrt(s), K' = r K - mu (mu the mean of the valid keys when non-causal, else 0):
  *
- *   forward    X = Q' K'^T,  A = P(X) * M,  O^ = A W^                       (N, e)
- *   backward   X, A as above;  dA = G^ W^^T;  dX = dA * M * P'(X)
- *              dq' = dX K',  dk' = dX^T Q',  U = A^T G^                     (N, d), (n_k, d), (n_k, e)
+ *   forward    X = r Q K'^T;  A = P(X) * M (unweighted);  A_w = A * w (per key column)
+ *              D = A_w 1;  out = (A_w V) / D   (0 where D = 0: no key to attend to)
+ *   backward   g = dO / D,  delta = (dO . out) / D  (0 where D = 0)
+ *              E = g V^T - delta 1^T  (dL/dA_w);  dX = E * w * P'(X) * M
+ *              dq = r dX K';  G = r dX^T Q (dL/dK');  dk = r (G - [valid] sum_j G_j / n_valid)
+ *              dV = A_w^T g;  dw_j = sum_i A_ij E_ij
  *
- * M is 1 everywhere when non-causal; causally row i (position i / groups, rows position-major)
- * sees keys 0..i / groups (top-left aligned, as SDPA). W^ = w * [V | 1] carries the key weights.
+ * M is 1 everywhere when non-causal; causally query position i sees keys 0..i (top-left aligned,
+ * as SDPA). Query rows are head-major, N = groups * n_q: row g n_q + i is position i of query
+ * head g of this key/value head (GQA).
  *
- * Tiles: `chunk` query positions at a time (chunk * groups rows, or chunk rows when non-causal)
- * against every key the tile can see, so a thread's scores are a (chunk rows) x n_k block, and
- * causally the keys after a tile's last position are never multiplied.
+ * Tiles: `tile` query rows at a time, scores (tile, n_k) in the thread's buffer; causally a tile
+ * holds consecutive positions of one query head and multiplies only the keys up to its last.
  *
- * Layouts, per head (lrc_problem in kernels.c): rows (N, d), keys (n_k, d), W^ (n_k, e),
- * G^ (N, e), out O^ (N, e) in the forward and U (n_k, e) in the backward; row-major, contiguous.
- * Fields of lrc_problem about features (r, r_lower, parent, last, phi_coefficients, state) are
- * not read.
+ * Layouts (lrc_direct_problem): q (heads, N, d); k (heads, n_k, d); v (heads, n_k, dv);
+ * weight (heads, n_k) or NULL; out, grad_out (heads, N, dv); denominator (heads, N);
+ * dq (heads, N, d); dk (heads, n_k, d); dv_out (heads, n_k, dv); dw (heads, n_k) or NULL.
+ * Row-major, contiguous.
  */
 
+#ifndef LRC_DIRECT_PROBLEM
+#define LRC_DIRECT_PROBLEM
+/* One direct attention call, every head. Mirrored by native.DirectProblem (ctypes). */
 typedef struct {
-    real *scores, *d_scores;  /* (tile rows, n_k) */
+    int64_t heads, groups, n_q, n_k, d, dv, causal, degree, tile, threads;
+    double root_scale;
+    const void *q, *k, *v, *weight, *grad_out;
+    void *out, *denominator, *dq, *dk, *dv_out, *dw;
+    const void* polynomial;
+    void* gemm;
+} lrc_direct_problem;
+#endif
+
+/* One thread's buffers. */
+typedef struct {
+    real *keys;              /* K' (n_k, d) of the current head */
+    real *scores, *d_scores; /* (tile, n_k) */
+    real *g;                 /* dO / D of a tile (tile, dv) */
+    real *delta;             /* (dO . out) / D of a tile (tile) */
 } SUFFIX(direct_workspace);
 
-static int64_t SUFFIX(direct_tile_rows)(const lrc_problem* p)
+/* K' = r K - mu into w->keys; returns the number of valid keys (w_j > 0), at least 1. */
+static int64_t SUFFIX(direct_keys)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, const real* k,
+                                   const real* weight)
 {
-    const int64_t N = p->groups * p->n_q;
-    const int64_t rows = p->causal ? p->chunk * p->groups : p->chunk;
-    return rows < N ? rows : N;
-}
-
-/* Query rows [q0, q0 + wq) of head view v: scores against the first `kc` keys into w->scores
- * (leading dimension n_k), made A = P(X) * M in place; with d_scores, dA there becomes dX. */
-static void SUFFIX(direct_block)(const lrc_problem* p, SUFFIX(direct_workspace)* w, const real* rows,
-                                 const real* keys, int64_t q0, int64_t wq, int64_t kc, real* d_scores)
-{
-    SUFFIX(mm)((SUFFIX(gemm_t))p->gemm, 0, 1, wq, kc, p->d, 1, rows + q0 * p->d, p->d, keys, p->d, 0, w->scores,
-               p->n_k);
-    for (int64_t i = 0; i < wq; ++i) {
-        /* causal: position (q0 + i) / groups sees keys up to itself; block_row clips to kc */
-        const int64_t visible = p->causal ? (q0 + i) / p->groups + 1 : kc;
-        SUFFIX(block_row)(w->scores + i * p->n_k, d_scores ? d_scores + i * p->n_k : 0, kc, visible,
-                          (const real*)p->polynomial, p->degree);
+    const int64_t n_k = p->n_k, d = p->d;
+    const real r = (real)p->root_scale;
+    for (int64_t j = 0; j < n_k * d; ++j) w->keys[j] = r * k[j];
+    if (p->causal) return 1;  /* causal keys are not centred: the mean would leak later keys */
+    int64_t valid = 0;
+    for (int64_t j = 0; j < n_k; ++j) valid += !weight || weight[j] > 0;
+    if (valid == 0) return 1;
+    for (int64_t col = 0; col < d; ++col) {
+        real sum = 0;
+        for (int64_t j = 0; j < n_k; ++j)
+            if (!weight || weight[j] > 0) sum += w->keys[j * d + col];
+        const real mean = sum / (real)valid;
+        for (int64_t j = 0; j < n_k; ++j) w->keys[j * d + col] -= mean;
     }
+    return valid;
 }
 
-/* Keys a tile of rows [q0, q0 + wq) can see: all of them, or causally those up to its last position. */
-static int64_t SUFFIX(direct_keys)(const lrc_problem* p, int64_t q0, int64_t wq)
+/* The keys a tile of wq rows from `position` can see: all, or causally those up to its last. */
+static int64_t SUFFIX(direct_tile_keys)(const lrc_direct_problem* p, int64_t position, int64_t wq)
 {
     if (!p->causal) return p->n_k;
-    const int64_t last_position = (q0 + wq - 1) / p->groups;
-    return last_position + 1 < p->n_k ? last_position + 1 : p->n_k;
+    return position + wq < p->n_k ? position + wq : p->n_k;
 }
 
-static void SUFFIX(direct_forward_head)(const lrc_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
+static inline real SUFFIX(direct_poly)(const real* c, int64_t degree, real x)
 {
-    SUFFIX(gemm_t) gemm = (SUFFIX(gemm_t))p->gemm;
-    const int64_t N = p->groups * p->n_q, d = p->d, e = p->e, tile = SUFFIX(direct_tile_rows)(p);
-    const real* rows = (const real*)p->rows + h * N * d;
-    const real* keys = (const real*)p->keys + h * p->n_k * d;
-    const real* W = (const real*)p->weighted + h * p->n_k * e;
-    real* O = (real*)p->out + h * N * e;
-    for (int64_t q0 = 0; q0 < N; q0 += tile) {
-        const int64_t wq = N - q0 < tile ? N - q0 : tile, kc = SUFFIX(direct_keys)(p, q0, wq);
-        SUFFIX(direct_block)(p, w, rows, keys, q0, wq, kc, 0);
-        SUFFIX(mm)(gemm, 0, 0, wq, e, kc, 1, w->scores, p->n_k, W, e, 0, O + q0 * e, e);  /* O^ = A W^ */
-    }
+    real value = c[degree];
+    for (int64_t m = degree - 1; m >= 0; --m) value = value * x + c[m];
+    return value;
 }
 
-static void SUFFIX(direct_backward_head)(const lrc_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
+static inline real SUFFIX(direct_slope)(const real* c, int64_t degree, real x)
+{
+    real slope = degree * c[degree];
+    for (int64_t m = degree - 1; m >= 1; --m) slope = slope * x + m * c[m];
+    return slope;
+}
+
+/* Runs the code given (__VA_ARGS__) with q0, wq, position for every tile of a head: causally
+ * consecutive positions of one
+ * query head, else any `tile` consecutive rows. */
+#define DIRECT_TILES(p, ...)                                                                      \
+    do {                                                                                         \
+        if ((p)->causal) {                                                                       \
+            for (int64_t group = 0; group < (p)->groups; ++group)                                \
+                for (int64_t position = 0; position < (p)->n_q; position += (p)->tile) {         \
+                    const int64_t q0 = group * (p)->n_q + position;                              \
+                    const int64_t wq = (p)->n_q - position < (p)->tile ? (p)->n_q - position : (p)->tile; \
+                    __VA_ARGS__;                                                                 \
+                }                                                                                \
+        } else {                                                                                 \
+            const int64_t N = (p)->groups * (p)->n_q, position = 0;                              \
+            for (int64_t q0 = 0; q0 < N; q0 += (p)->tile) {                                      \
+                const int64_t wq = N - q0 < (p)->tile ? N - q0 : (p)->tile;                      \
+                __VA_ARGS__;                                                                     \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+
+static void SUFFIX(direct_forward_head)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
 {
     SUFFIX(gemm_t) gemm = (SUFFIX(gemm_t))p->gemm;
-    const int64_t N = p->groups * p->n_q, d = p->d, e = p->e, tile = SUFFIX(direct_tile_rows)(p);
-    const real* rows = (const real*)p->rows + h * N * d;
-    const real* keys = (const real*)p->keys + h * p->n_k * d;
-    const real* W = (const real*)p->weighted + h * p->n_k * e;
-    const real* G = (const real*)p->g_rows + h * N * e;
+    const int64_t N = p->groups * p->n_q, n_k = p->n_k, d = p->d, dv = p->dv;
+    const real* q = (const real*)p->q + h * N * d;
+    const real* v = (const real*)p->v + h * n_k * dv;
+    const real* weight = p->weight ? (const real*)p->weight + h * n_k : 0;
+    const real* c = (const real*)p->polynomial;
+    real* out = (real*)p->out + h * N * dv;
+    real* denominator = (real*)p->denominator + h * N;
+    SUFFIX(direct_keys)(p, w, (const real*)p->k + h * n_k * d, weight);
+    DIRECT_TILES(p, {
+        const int64_t kc = SUFFIX(direct_tile_keys)(p, position, wq);
+        SUFFIX(mm)(gemm, 0, 1, wq, kc, d, (real)p->root_scale, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);
+        for (int64_t i = 0; i < wq; ++i) {
+            real* restrict x = w->scores + i * n_k;
+            const int64_t seen = p->causal && position + i + 1 < kc ? position + i + 1 : kc;
+            real sum = 0;
+            for (int64_t j = 0; j < seen; ++j) {
+                const real a = SUFFIX(direct_poly)(c, p->degree, x[j]) * (weight ? weight[j] : 1);
+                x[j] = a;
+                sum += a;
+            }
+            for (int64_t j = seen; j < kc; ++j) x[j] = 0;
+            denominator[q0 + i] = sum;
+        }
+        SUFFIX(mm)(gemm, 0, 0, wq, dv, kc, 1, w->scores, n_k, v, dv, 0, out + q0 * dv, dv);
+        for (int64_t i = 0; i < wq; ++i) {
+            const real D = denominator[q0 + i], inverse = D != 0 ? 1 / D : 0;
+            for (int64_t col = 0; col < dv; ++col) out[(q0 + i) * dv + col] *= inverse;
+        }
+    });
+}
+
+static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
+{
+    SUFFIX(gemm_t) gemm = (SUFFIX(gemm_t))p->gemm;
+    const int64_t N = p->groups * p->n_q, n_k = p->n_k, d = p->d, dv = p->dv;
+    const real r = (real)p->root_scale;
+    const real* q = (const real*)p->q + h * N * d;
+    const real* v = (const real*)p->v + h * n_k * dv;
+    const real* weight = p->weight ? (const real*)p->weight + h * n_k : 0;
+    const real* grad_out = (const real*)p->grad_out + h * N * dv;
+    const real* out = (const real*)p->out + h * N * dv;
+    const real* denominator = (const real*)p->denominator + h * N;
+    const real* c = (const real*)p->polynomial;
     real* dq = (real*)p->dq + h * N * d;
-    real* dk = (real*)p->dk + h * p->n_k * d;
-    real* U = (real*)p->out + h * p->n_k * e;
-    /* dk and U sum over tiles; keys no query sees (causal, n_k > n_q) stay zero */
-    memset(dk, 0, sizeof(real) * p->n_k * d);
-    memset(U, 0, sizeof(real) * p->n_k * e);
-    for (int64_t q0 = 0; q0 < N; q0 += tile) {
-        const int64_t wq = N - q0 < tile ? N - q0 : tile, kc = SUFFIX(direct_keys)(p, q0, wq);
-        SUFFIX(mm)(gemm, 0, 1, wq, kc, e, 1, G + q0 * e, e, W, e, 0, w->d_scores, p->n_k);  /* dA = G^ W^^T */
-        SUFFIX(direct_block)(p, w, rows, keys, q0, wq, kc, w->d_scores);                    /* A, dX */
-        SUFFIX(mm)(gemm, 0, 0, wq, d, kc, 1, w->d_scores, p->n_k, keys, d, 0, dq + q0 * d, d);   /* dq' = dX K' */
-        SUFFIX(mm)(gemm, 1, 0, kc, d, wq, 1, w->d_scores, p->n_k, rows + q0 * d, d, 1, dk, d);   /* dk' += dX^T Q' */
-        SUFFIX(mm)(gemm, 1, 0, kc, e, wq, 1, w->scores, p->n_k, G + q0 * e, e, 1, U, e);         /* U += A^T G^ */
+    real* dk = (real*)p->dk + h * n_k * d;  /* G = dL/dK' until the end */
+    real* dV = (real*)p->dv_out + h * n_k * dv;
+    real* dw = p->dw ? (real*)p->dw + h * n_k : 0;
+    const int64_t valid = SUFFIX(direct_keys)(p, w, (const real*)p->k + h * n_k * d, weight);
+    /* keys no query sees (causal, n_k > n_q) keep these zeros */
+    memset(dk, 0, sizeof(real) * n_k * d);
+    memset(dV, 0, sizeof(real) * n_k * dv);
+    if (dw) memset(dw, 0, sizeof(real) * n_k);
+    DIRECT_TILES(p, {
+        const int64_t kc = SUFFIX(direct_tile_keys)(p, position, wq);
+        for (int64_t i = 0; i < wq; ++i) {  /* g = dO / D, delta = (dO . out) / D */
+            const real D = denominator[q0 + i], inverse = D != 0 ? 1 / D : 0;
+            const real* restrict dO = grad_out + (q0 + i) * dv;
+            const real* restrict o = out + (q0 + i) * dv;
+            real dot = 0;
+            for (int64_t col = 0; col < dv; ++col) {
+                w->g[i * dv + col] = dO[col] * inverse;
+                dot += dO[col] * o[col];
+            }
+            w->delta[i] = dot * inverse;
+        }
+        SUFFIX(mm)(gemm, 0, 1, wq, kc, dv, 1, w->g, dv, v, dv, 0, w->d_scores, n_k);              /* g V^T */
+        SUFFIX(mm)(gemm, 0, 1, wq, kc, d, r, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);       /* X */
+        for (int64_t i = 0; i < wq; ++i) {
+            real* restrict x = w->scores + i * n_k;
+            real* restrict e = w->d_scores + i * n_k;
+            const int64_t seen = p->causal && position + i + 1 < kc ? position + i + 1 : kc;
+            const real delta = w->delta[i];
+            for (int64_t j = 0; j < seen; ++j) {
+                const real a = SUFFIX(direct_poly)(c, p->degree, x[j]);
+                const real slope = SUFFIX(direct_slope)(c, p->degree, x[j]);
+                const real weight_j = weight ? weight[j] : 1;
+                const real dA = e[j] - delta;  /* dL/dA_w */
+                if (dw) dw[j] += a * dA;
+                e[j] = dA * weight_j * slope;   /* dX */
+                x[j] = a * weight_j;            /* A_w */
+            }
+            for (int64_t j = seen; j < kc; ++j) x[j] = e[j] = 0;
+        }
+        SUFFIX(mm)(gemm, 0, 0, wq, d, kc, r, w->d_scores, n_k, w->keys, d, 0, dq + q0 * d, d);   /* dq = r dX K' */
+        SUFFIX(mm)(gemm, 1, 0, kc, d, wq, r, w->d_scores, n_k, q + q0 * d, d, 1, dk, d);         /* G += r dX^T Q */
+        SUFFIX(mm)(gemm, 1, 0, kc, dv, wq, 1, w->scores, n_k, w->g, dv, 1, dV, dv);              /* dV += A_w^T g */
+    });
+    /* dk = r (G - [valid] mean over valid keys of G): mu = mean of the valid r k_j */
+    for (int64_t col = 0; col < d; ++col) {
+        real sum = 0;
+        if (!p->causal)
+            for (int64_t j = 0; j < n_k; ++j) sum += dk[j * d + col];
+        const real mean = sum / (real)valid;
+        for (int64_t j = 0; j < n_k; ++j)
+            dk[j * d + col] = r * (dk[j * d + col] - ((!weight || weight[j] > 0) ? mean : 0));
     }
 }
 
-/* ---- entry points: 0 on success, 1 when a thread could not allocate its score tiles ------ */
+/* ---- entry points: 0 on success, 1 when a thread could not allocate its buffers ---------- */
 
-static int SUFFIX(direct_run_heads)(const lrc_problem* p, int backward)
+static int SUFFIX(direct_run_heads)(const lrc_direct_problem* p, int backward)
 {
-    const int64_t tile_elements = SUFFIX(direct_tile_rows)(p) * p->n_k + 1;  /* + 1: never malloc(0) */
+    const int64_t tile_scores = p->tile * p->n_k + 1;  /* + 1: never malloc(0) */
     int failed = 0;
     #pragma omp parallel num_threads(p->threads)
     {
         SUFFIX(direct_workspace) w;
-        w.scores = malloc(sizeof(real) * tile_elements);
-        w.d_scores = backward ? malloc(sizeof(real) * tile_elements) : 0;
-        const int ready = w.scores && (w.d_scores || !backward);
+        w.keys = malloc(sizeof(real) * (p->n_k * p->d + 1));
+        w.scores = malloc(sizeof(real) * tile_scores);
+        w.d_scores = backward ? malloc(sizeof(real) * tile_scores) : 0;
+        w.g = malloc(sizeof(real) * (p->tile * p->dv + 1));
+        w.delta = malloc(sizeof(real) * (p->tile + 1));
+        const int ready = w.keys && w.scores && (w.d_scores || !backward) && w.g && w.delta;
         if (!ready) {
             #pragma omp atomic write
             failed = 1;
@@ -119,12 +241,15 @@ static int SUFFIX(direct_run_heads)(const lrc_problem* p, int backward)
             else
                 SUFFIX(direct_forward_head)(p, &w, h);
         }
+        free(w.keys);
         free(w.scores);
         free(w.d_scores);
+        free(w.g);
+        free(w.delta);
     }
     return failed;
 }
 
-int SUFFIX(lrc_direct_forward)(const lrc_problem* p) { return SUFFIX(direct_run_heads)(p, 0); }
+int SUFFIX(lrc_direct_forward)(const lrc_direct_problem* p) { return SUFFIX(direct_run_heads)(p, 0); }
 
-int SUFFIX(lrc_direct_backward)(const lrc_problem* p) { return SUFFIX(direct_run_heads)(p, 1); }
+int SUFFIX(lrc_direct_backward)(const lrc_direct_problem* p) { return SUFFIX(direct_run_heads)(p, 1); }
