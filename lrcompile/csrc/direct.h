@@ -93,8 +93,7 @@ static inline real SUFFIX(direct_slope)(const real* c, int64_t degree, real x)
 }
 
 /* Runs the code given (__VA_ARGS__) with q0, wq, position for every tile of a head: causally
- * consecutive positions of one
- * query head, else any `tile` consecutive rows. */
+ * consecutive positions of one query head, else any `tile` consecutive rows. */
 #define DIRECT_TILES(p, ...)                                                                      \
     do {                                                                                         \
         if ((p)->causal) {                                                                       \
