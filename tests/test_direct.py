@@ -89,6 +89,22 @@ def test_direct_is_the_polynomial_attention_forward_and_every_gradient(implement
         torch.testing.assert_close(got.double() / scale, want / scale, rtol=tolerance, atol=tolerance, msg=name)
 
 
+@pytest.mark.parametrize("degree", [3, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_other_degrees_are_the_polynomial_attention_too(implementation, degree, causal):
+    q, k, v = random_attention_inputs(2, 2, 33, 33, 8, score_range=SCORE_RANGE)
+    mask = key_padding_mask("float", 2, 33, seed=degree)
+    polynomial = exp_polynomial(degree, SCORE_RANGE, "chebyshev")
+    out, grads = gradients(lowrank_attention(q, k, v, mask, is_causal=causal, degree=degree, approximation="chebyshev",
+                                             bound=SCORE_RANGE), (q, k, v, mask), 6)
+    inputs64 = tuple(t.detach().requires_grad_() for t in (q, k, v, mask))
+    expected, expected_grads = gradients(polynomial_attention(*inputs64[:3], list(polynomial.coefficients),
+                                                              inputs64[3], is_causal=causal), inputs64, 6)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_rows_with_no_key_to_attend_to_are_zero_and_send_nothing_back_like_factored(implementation, causal,
                                                                                      monkeypatch):

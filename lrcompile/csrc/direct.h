@@ -40,6 +40,34 @@ typedef struct {
     const void* polynomial;
     void* gemm;
 } lrc_direct_problem;
+
+/* The tiles of a head's query rows: causally consecutive positions of one query head (a tile
+ * then sees the keys up to its last position), else any `tile` consecutive rows. */
+typedef struct {
+    int64_t q0, rows, position;  /* first row, row count, position of the first row */
+} lrc_direct_tile;
+
+static int64_t lrc_direct_tile_count(const lrc_direct_problem* p)
+{
+    if (p->causal) return p->groups * ((p->n_q + p->tile - 1) / p->tile);
+    return (p->groups * p->n_q + p->tile - 1) / p->tile;
+}
+
+static lrc_direct_tile lrc_direct_tile_at(const lrc_direct_problem* p, int64_t t)
+{
+    lrc_direct_tile tile;
+    if (p->causal) {
+        const int64_t per_group = (p->n_q + p->tile - 1) / p->tile;
+        tile.position = (t % per_group) * p->tile;
+        tile.q0 = (t / per_group) * p->n_q + tile.position;
+        tile.rows = p->n_q - tile.position < p->tile ? p->n_q - tile.position : p->tile;
+    } else {
+        tile.position = 0;
+        tile.q0 = t * p->tile;
+        tile.rows = p->groups * p->n_q - tile.q0 < p->tile ? p->groups * p->n_q - tile.q0 : p->tile;
+    }
+    return tile;
+}
 #endif
 
 /* One thread's buffers. */
@@ -48,14 +76,18 @@ typedef struct {
     real *scores, *d_scores; /* (tile, n_k) */
     real *g;                 /* dO / D of a tile (tile, dv) */
     real *delta;             /* (dO . out) / D of a tile (tile) */
+    real *weights;           /* w of the current head, 1 without a mask (n_k): no branch per score */
+    real *dw;                /* dw of the current head (n_k) */
+    real *row;               /* dL/dA_w of one row (n_k) */
 } SUFFIX(direct_workspace);
 
-/* K' = r K - mu into w->keys; returns the number of valid keys (w_j > 0), at least 1. */
+/* K' = r K - mu into w->keys, and the key weights into w->weights; returns the number of valid keys (w_j > 0), at least 1. */
 static int64_t SUFFIX(direct_keys)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, const real* k,
                                    const real* weight)
 {
     const int64_t n_k = p->n_k, d = p->d;
     const real r = (real)p->root_scale;
+    for (int64_t j = 0; j < n_k; ++j) w->weights[j] = weight ? weight[j] : 1;
     for (int64_t j = 0; j < n_k * d; ++j) w->keys[j] = r * k[j];
     if (p->causal) return 1;  /* causal keys are not centred: the mean would leak later keys */
     int64_t valid = 0;
@@ -78,6 +110,7 @@ static int64_t SUFFIX(direct_tile_keys)(const lrc_direct_problem* p, int64_t pos
     return position + wq < p->n_k ? position + wq : p->n_k;
 }
 
+#pragma omp declare simd uniform(c, degree)
 static inline real SUFFIX(direct_poly)(const real* c, int64_t degree, real x)
 {
     real value = c[degree];
@@ -85,32 +118,13 @@ static inline real SUFFIX(direct_poly)(const real* c, int64_t degree, real x)
     return value;
 }
 
+#pragma omp declare simd uniform(c, degree)
 static inline real SUFFIX(direct_slope)(const real* c, int64_t degree, real x)
 {
     real slope = degree * c[degree];
     for (int64_t m = degree - 1; m >= 1; --m) slope = slope * x + m * c[m];
     return slope;
 }
-
-/* Runs the code given (__VA_ARGS__) with q0, wq, position for every tile of a head: causally
- * consecutive positions of one query head, else any `tile` consecutive rows. */
-#define DIRECT_TILES(p, ...)                                                                      \
-    do {                                                                                         \
-        if ((p)->causal) {                                                                       \
-            for (int64_t group = 0; group < (p)->groups; ++group)                                \
-                for (int64_t position = 0; position < (p)->n_q; position += (p)->tile) {         \
-                    const int64_t q0 = group * (p)->n_q + position;                              \
-                    const int64_t wq = (p)->n_q - position < (p)->tile ? (p)->n_q - position : (p)->tile; \
-                    __VA_ARGS__;                                                                 \
-                }                                                                                \
-        } else {                                                                                 \
-            const int64_t N = (p)->groups * (p)->n_q, position = 0;                              \
-            for (int64_t q0 = 0; q0 < N; q0 += (p)->tile) {                                      \
-                const int64_t wq = N - q0 < (p)->tile ? N - q0 : (p)->tile;                      \
-                __VA_ARGS__;                                                                     \
-            }                                                                                    \
-        }                                                                                        \
-    } while (0)
 
 static void SUFFIX(direct_forward_head)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
 {
@@ -123,15 +137,18 @@ static void SUFFIX(direct_forward_head)(const lrc_direct_problem* p, SUFFIX(dire
     real* out = (real*)p->out + h * N * dv;
     real* denominator = (real*)p->denominator + h * N;
     SUFFIX(direct_keys)(p, w, (const real*)p->k + h * n_k * d, weight);
-    DIRECT_TILES(p, {
+    for (int64_t t = 0; t < lrc_direct_tile_count(p); ++t) {
+        const lrc_direct_tile tile = lrc_direct_tile_at(p, t);
+        const int64_t q0 = tile.q0, wq = tile.rows, position = tile.position;
         const int64_t kc = SUFFIX(direct_tile_keys)(p, position, wq);
         SUFFIX(mm)(gemm, 0, 1, wq, kc, d, (real)p->root_scale, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);
         for (int64_t i = 0; i < wq; ++i) {
             real* restrict x = w->scores + i * n_k;
             const int64_t seen = p->causal && position + i + 1 < kc ? position + i + 1 : kc;
             real sum = 0;
+            #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < seen; ++j) {
-                const real a = SUFFIX(direct_poly)(c, p->degree, x[j]) * (weight ? weight[j] : 1);
+                const real a = SUFFIX(direct_poly)(c, p->degree, x[j]) * w->weights[j];
                 x[j] = a;
                 sum += a;
             }
@@ -143,7 +160,7 @@ static void SUFFIX(direct_forward_head)(const lrc_direct_problem* p, SUFFIX(dire
             const real D = denominator[q0 + i], inverse = D != 0 ? 1 / D : 0;
             for (int64_t col = 0; col < dv; ++col) out[(q0 + i) * dv + col] *= inverse;
         }
-    });
+    }
 }
 
 static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
@@ -166,8 +183,10 @@ static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(dir
     /* keys no query sees (causal, n_k > n_q) keep these zeros */
     memset(dk, 0, sizeof(real) * n_k * d);
     memset(dV, 0, sizeof(real) * n_k * dv);
-    if (dw) memset(dw, 0, sizeof(real) * n_k);
-    DIRECT_TILES(p, {
+    memset(w->dw, 0, sizeof(real) * n_k);
+    for (int64_t t = 0; t < lrc_direct_tile_count(p); ++t) {
+        const lrc_direct_tile tile = lrc_direct_tile_at(p, t);
+        const int64_t q0 = tile.q0, wq = tile.rows, position = tile.position;
         const int64_t kc = SUFFIX(direct_tile_keys)(p, position, wq);
         for (int64_t i = 0; i < wq; ++i) {  /* g = dO / D, delta = (dO . out) / D */
             const real D = denominator[q0 + i], inverse = D != 0 ? 1 / D : 0;
@@ -187,21 +206,38 @@ static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(dir
             real* restrict e = w->d_scores + i * n_k;
             const int64_t seen = p->causal && position + i + 1 < kc ? position + i + 1 : kc;
             const real delta = w->delta[i];
-            for (int64_t j = 0; j < seen; ++j) {
-                const real a = SUFFIX(direct_poly)(c, p->degree, x[j]);
-                const real slope = SUFFIX(direct_slope)(c, p->degree, x[j]);
-                const real weight_j = weight ? weight[j] : 1;
-                const real dA = e[j] - delta;  /* dL/dA_w */
-                if (dw) dw[j] += a * dA;
-                e[j] = dA * weight_j * slope;   /* dX */
-                x[j] = a * weight_j;            /* A_w */
+            real* restrict row = w->row;
+            real* restrict dw_row = w->dw;
+            const real* restrict weights = w->weights;
+            if (p->degree == 2) {  /* the default degree, straight-line so that it vectorises */
+                const real c0 = c[0], c1 = c[1], c2 = c[2];
+                #pragma omp simd
+                for (int64_t j = 0; j < seen; ++j) {
+                    const real dA = e[j] - delta, a = c0 + x[j] * (c1 + x[j] * c2);  /* dL/dA_w, P(x) */
+                    dw_row[j] += a * dA;
+                    e[j] = dA * weights[j] * (c1 + 2 * c2 * x[j]);  /* dX */
+                    x[j] = a * weights[j];                          /* A_w */
+                }
+            } else {  /* two passes with one Horner loop each */
+                #pragma omp simd
+                for (int64_t j = 0; j < seen; ++j) {
+                    row[j] = e[j] - delta;
+                    e[j] = row[j] * weights[j] * SUFFIX(direct_slope)(c, p->degree, x[j]);
+                }
+                #pragma omp simd
+                for (int64_t j = 0; j < seen; ++j) {
+                    const real a = SUFFIX(direct_poly)(c, p->degree, x[j]);
+                    dw_row[j] += a * row[j];
+                    x[j] = a * weights[j];
+                }
             }
             for (int64_t j = seen; j < kc; ++j) x[j] = e[j] = 0;
         }
         SUFFIX(mm)(gemm, 0, 0, wq, d, kc, r, w->d_scores, n_k, w->keys, d, 0, dq + q0 * d, d);   /* dq = r dX K' */
         SUFFIX(mm)(gemm, 1, 0, kc, d, wq, r, w->d_scores, n_k, q + q0 * d, d, 1, dk, d);         /* G += r dX^T Q */
         SUFFIX(mm)(gemm, 1, 0, kc, dv, wq, 1, w->scores, n_k, w->g, dv, 1, dV, dv);              /* dV += A_w^T g */
-    });
+    }
+    if (dw) memcpy(dw, w->dw, sizeof(real) * n_k);
     /* dk = r (G - [valid] mean over valid keys of G): mu = mean of the valid r k_j */
     for (int64_t col = 0; col < d; ++col) {
         real sum = 0;
@@ -227,7 +263,11 @@ static int SUFFIX(direct_run_heads)(const lrc_direct_problem* p, int backward)
         w.d_scores = backward ? malloc(sizeof(real) * tile_scores) : 0;
         w.g = malloc(sizeof(real) * (p->tile * p->dv + 1));
         w.delta = malloc(sizeof(real) * (p->tile + 1));
-        const int ready = w.keys && w.scores && (w.d_scores || !backward) && w.g && w.delta;
+        w.weights = malloc(sizeof(real) * (p->n_k + 1));
+        w.dw = malloc(sizeof(real) * (p->n_k + 1));
+        w.row = malloc(sizeof(real) * (p->n_k + 1));
+        const int ready = w.keys && w.scores && (w.d_scores || !backward) && w.g && w.delta && w.weights && w.dw
+                          && w.row;
         if (!ready) {
             #pragma omp atomic write
             failed = 1;
@@ -245,6 +285,9 @@ static int SUFFIX(direct_run_heads)(const lrc_direct_problem* p, int backward)
         free(w.d_scores);
         free(w.g);
         free(w.delta);
+        free(w.weights);
+        free(w.dw);
+        free(w.row);
     }
     return failed;
 }
