@@ -112,11 +112,11 @@ class Direct:
         self.causal = causal
         self.polynomial = torch.tensor(self.coefficients, dtype=like.dtype)  # c_0..c_g, for the C kernel
 
-    def native_kernel(self, q, scale: float):
-        """The fused C kernel (lrcompile.native.DirectKernels) for q (B, H, G, n_q, d), or None."""
-        groups, n_q = q.shape[2], q.shape[3]
-        rows = groups * n_q
-        tile = CAUSAL_TILE if self.causal else max(CAUSAL_TILE, NON_CAUSAL_TILE_ELEMENTS // max(n_q, 1))
+    def native_kernel(self, q, k, scale: float):
+        """The fused C kernel (lrcompile.native.DirectKernels) for q (B, H, G, n_q, d) and k
+        (B, H, n_k, d), or None where it does not apply."""
+        rows, n_k = q.shape[2] * q.shape[3], k.shape[-2]
+        tile = CAUSAL_TILE if self.causal else max(CAUSAL_TILE, NON_CAUSAL_TILE_ELEMENTS // max(n_k, 1))
         return native.direct(self.polynomial, max(1, min(tile, rows)), self.causal, scale, q)
 
     def forward(self, rows, keys, weighted, groups):

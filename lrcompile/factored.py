@@ -43,6 +43,10 @@ chunk the work is a few large matrix products and one pass of the feature maps.
 On the CPU the same sweeps also exist in C (lrcompile.native.Sweep, csrc/sweeps.h), one head per
 core, and run wherever they build; the sweeps here are then the reference the tests hold them to,
 and the path on other devices.
+
+Short calls compute the same function directly, as one n x n block without features
+(lrcompile.direct): the op asks `direct.uses_direct` in its forward and, from the same shapes,
+in its backward.
 """
 
 from __future__ import annotations
@@ -71,14 +75,15 @@ def factored_attention(
     """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
 
     Causally, S sums the keys every query can see at the end: the backward peels it chunk by chunk.
+    Where the direct algorithm runs (lrcompile.direct) there is no state: S is (B, H, 0, d_v + 1).
     The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
     True when it replaced `out` by exact attention, which the backward then differentiates.
     """
     core = _direct_core(q, k, v, coefficients, causal, chunk_size)
-    fused = None if core is None else core.native_kernel(q, scale)
+    fused = None if core is None else core.native_kernel(q, k, scale)
     if fused is not None:  # the direct algorithm, everything in one C call
         out, denominator = fused.forward(q.contiguous(), k.contiguous(), v.contiguous(), _contiguous(key_weight))
-        state = _state_placeholder(q, k, v, coefficients)
+        state = q.new_empty(k.shape[:-2] + (0, v.shape[-1] + 1))  # no state
     else:
         sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size)
         sweeps.direct = core
@@ -93,8 +98,7 @@ def factored_attention(
 
 @factored_attention.register_fake
 def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site):
-    r = feature_dim(q.shape[-1], len(coefficients) - 1)
-    state = q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
+    state = q.new_empty(k.shape[:-2] + (_state_rows(q, k, v, coefficients, causal, chunk_size), v.shape[-1] + 1))
     exact = q.new_empty((), dtype=torch.bool)
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state, exact
 
@@ -111,7 +115,7 @@ def factored_attention_backward(
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
     core = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
-    fused = None if core is None else core.native_kernel(q, scale)
+    fused = None if core is None else core.native_kernel(q, k, scale)
     if fused is not None:
         dq, dk, dv, dw = fused.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
                                         _contiguous(key_weight), out.contiguous(), denominator.contiguous(),
@@ -168,10 +172,17 @@ def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | N
     return None
 
 
-def _state_placeholder(q, k, v, coefficients):
-    """The state output where the direct algorithm ran: the fake kernel's shape, never read."""
-    r = feature_dim(q.shape[-1], len(coefficients) - 1)
-    return q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
+def _state_rows(q, k, v, coefficients, causal, chunk_size):
+    """Rows of the state output: r for the factored algorithm, 0 for the direct one (no state).
+
+    The fake kernel asks the forward's question, so under dynamic shapes the answer is a guard on
+    the lengths: a shape across the switch recompiles."""
+    groups, n_q, head_dim = q.shape[2:]
+    degree = len(coefficients) - 1
+    if direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, degree, causal, chunk_size,
+                          q.device.type):
+        return 0
+    return feature_dim(head_dim, degree)
 
 
 def _contiguous(t):
@@ -288,10 +299,9 @@ class _Sweeps:
         rows, keys = self.query_rows(q), k.flatten(0, 1).contiguous()
         weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()  # W^ (BH, n_k, d_v + 1)
         in_c = None if self.direct is not None else self.native_sweep(rows)
-        if self.direct is not None:
-            # no state: an unread placeholder of the shape the op promises
+        if self.direct is not None:  # no state
             out_hat = self.direct.forward(rows, keys, weighted, groups)
-            state = rows.new_empty(keys.shape[0], self.table.feature_dim, weighted.shape[-1])
+            state = rows.new_empty(keys.shape[0], 0, weighted.shape[-1])
         elif in_c is not None:
             out_t, state_t = in_c.forward(rows, keys, weighted, groups)
             out_hat, state = out_t.mT, state_t.mT

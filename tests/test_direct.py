@@ -34,7 +34,7 @@ def implementation(request, monkeypatch):
         if native.library() is None:
             pytest.skip(f"no C kernels here: {native.status()}")
     else:
-        monkeypatch.setattr(direct.Direct, "native_kernel", lambda self, q, scale: None)
+        monkeypatch.setattr(direct.Direct, "native_kernel", lambda self, q, k, scale: None)
     return request.param
 
 
@@ -129,7 +129,7 @@ def test_c_kernel_and_torch_core_agree_in_float32(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_ALGORITHM", "direct")
     q, k, v = random_attention_inputs(2, 4, 70, 70, 16, score_range=SCORE_RANGE, kv_heads=2, dtype=torch.float32)
     in_c = gradients(lowrank_attention(q, k, v, is_causal=True, degree=DEGREE, enable_gqa=True), (q, k, v), 3)
-    monkeypatch.setattr(direct.Direct, "native_kernel", lambda self, q, scale: None)
+    monkeypatch.setattr(direct.Direct, "native_kernel", lambda self, q, k, scale: None)
     in_torch = gradients(lowrank_attention(q, k, v, is_causal=True, degree=DEGREE, enable_gqa=True), (q, k, v), 3)
     for got, want in zip((in_c[0], *in_c[1]), (in_torch[0], *in_torch[1])):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
