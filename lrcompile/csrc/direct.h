@@ -78,27 +78,36 @@ typedef struct {
     real *delta;             /* (dO . out) / D of a tile (tile) */
     real *weights;           /* w of the current head, 1 without a mask (n_k): no branch per score */
     real *dw;                /* dw of the current head (n_k) */
-    real *row;               /* dL/dA_w of one row (n_k) */
+    real *value, *slope;     /* P(X), P'(X) of one row (n_k) */
+    real *columns;           /* a sum over keys (d) */
 } SUFFIX(direct_workspace);
 
-/* K' = r K - mu into w->keys, and the key weights into w->weights; returns the number of valid keys (w_j > 0), at least 1. */
+static int SUFFIX(valid_key)(const real* weight, int64_t j) { return !weight || weight[j] > 0; }
+
+/* K' = r K - mu into w->keys, and the key weights into w->weights. Returns the number of valid
+ * keys (w_j > 0), at least 1. Row by row: keys are (n_k, d) row-major. */
 static int64_t SUFFIX(direct_keys)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, const real* k,
                                    const real* weight)
 {
     const int64_t n_k = p->n_k, d = p->d;
     const real r = (real)p->root_scale;
+    real* restrict mu = w->columns;
+    int64_t valid = 0;
     for (int64_t j = 0; j < n_k; ++j) w->weights[j] = weight ? weight[j] : 1;
     for (int64_t j = 0; j < n_k * d; ++j) w->keys[j] = r * k[j];
     if (p->causal) return 1;  /* causal keys are not centred: the mean would leak later keys */
-    int64_t valid = 0;
-    for (int64_t j = 0; j < n_k; ++j) valid += !weight || weight[j] > 0;
+    memset(mu, 0, sizeof(real) * d);
+    for (int64_t j = 0; j < n_k; ++j) {
+        if (!SUFFIX(valid_key)(weight, j)) continue;
+        ++valid;
+        const real* restrict key = w->keys + j * d;
+        for (int64_t col = 0; col < d; ++col) mu[col] += key[col];
+    }
     if (valid == 0) return 1;
-    for (int64_t col = 0; col < d; ++col) {
-        real sum = 0;
-        for (int64_t j = 0; j < n_k; ++j)
-            if (!weight || weight[j] > 0) sum += w->keys[j * d + col];
-        const real mean = sum / (real)valid;
-        for (int64_t j = 0; j < n_k; ++j) w->keys[j * d + col] -= mean;
+    for (int64_t col = 0; col < d; ++col) mu[col] /= (real)valid;
+    for (int64_t j = 0; j < n_k; ++j) {
+        real* restrict key = w->keys + j * d;
+        for (int64_t col = 0; col < d; ++col) key[col] -= mu[col];
     }
     return valid;
 }
@@ -110,20 +119,20 @@ static int64_t SUFFIX(direct_tile_keys)(const lrc_direct_problem* p, int64_t pos
     return position + wq < p->n_k ? position + wq : p->n_k;
 }
 
-#pragma omp declare simd uniform(c, degree)
-static inline real SUFFIX(direct_poly)(const real* c, int64_t degree, real x)
+/* value[j] = P(x[j]) and, with slope, slope[j] = P'(x[j]) for j < count: Horner's rule with the
+ * degree as the outer loop, so that every inner loop is a plain vector loop over the row. */
+static void SUFFIX(polynomial_row)(const real* restrict x, int64_t count, const real* c, int64_t degree,
+                                   real* restrict value, real* restrict slope)
 {
-    real value = c[degree];
-    for (int64_t m = degree - 1; m >= 0; --m) value = value * x + c[m];
-    return value;
-}
-
-#pragma omp declare simd uniform(c, degree)
-static inline real SUFFIX(direct_slope)(const real* c, int64_t degree, real x)
-{
-    real slope = degree * c[degree];
-    for (int64_t m = degree - 1; m >= 1; --m) slope = slope * x + m * c[m];
-    return slope;
+    for (int64_t j = 0; j < count; ++j) value[j] = c[degree];
+    if (slope)
+        for (int64_t j = 0; j < count; ++j) slope[j] = degree * c[degree];
+    for (int64_t m = degree - 1; m >= 0; --m) {
+        const real cm = c[m], m_cm = m * c[m];
+        for (int64_t j = 0; j < count; ++j) value[j] = value[j] * x[j] + cm;
+        if (slope && m >= 1)
+            for (int64_t j = 0; j < count; ++j) slope[j] = slope[j] * x[j] + m_cm;
+    }
 }
 
 static void SUFFIX(direct_forward_head)(const lrc_direct_problem* p, SUFFIX(direct_workspace)* w, int64_t h)
@@ -136,26 +145,28 @@ static void SUFFIX(direct_forward_head)(const lrc_direct_problem* p, SUFFIX(dire
     const real* c = (const real*)p->polynomial;
     real* out = (real*)p->out + h * N * dv;
     real* denominator = (real*)p->denominator + h * N;
+    const real* restrict weights = w->weights;
+    real* restrict value = w->value;
     SUFFIX(direct_keys)(p, w, (const real*)p->k + h * n_k * d, weight);
     for (int64_t t = 0; t < lrc_direct_tile_count(p); ++t) {
         const lrc_direct_tile tile = lrc_direct_tile_at(p, t);
         const int64_t q0 = tile.q0, wq = tile.rows, position = tile.position;
         const int64_t kc = SUFFIX(direct_tile_keys)(p, position, wq);
-        SUFFIX(mm)(gemm, 0, 1, wq, kc, d, (real)p->root_scale, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);
+        SUFFIX(mm)(gemm, 0, 1, wq, kc, d, (real)p->root_scale, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);  /* X */
         for (int64_t i = 0; i < wq; ++i) {
             real* restrict x = w->scores + i * n_k;
             const int64_t seen = p->causal && position + i + 1 < kc ? position + i + 1 : kc;
+            SUFFIX(polynomial_row)(x, seen, c, p->degree, value, 0);
             real sum = 0;
             #pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < seen; ++j) {
-                const real a = SUFFIX(direct_poly)(c, p->degree, x[j]) * w->weights[j];
-                x[j] = a;
-                sum += a;
+                x[j] = value[j] * weights[j];  /* A_w */
+                sum += x[j];
             }
             for (int64_t j = seen; j < kc; ++j) x[j] = 0;
             denominator[q0 + i] = sum;
         }
-        SUFFIX(mm)(gemm, 0, 0, wq, dv, kc, 1, w->scores, n_k, v, dv, 0, out + q0 * dv, dv);
+        SUFFIX(mm)(gemm, 0, 0, wq, dv, kc, 1, w->scores, n_k, v, dv, 0, out + q0 * dv, dv);  /* A_w V */
         for (int64_t i = 0; i < wq; ++i) {
             const real D = denominator[q0 + i], inverse = D != 0 ? 1 / D : 0;
             for (int64_t col = 0; col < dv; ++col) out[(q0 + i) * dv + col] *= inverse;
@@ -179,11 +190,15 @@ static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(dir
     real* dk = (real*)p->dk + h * n_k * d;  /* G = dL/dK' until the end */
     real* dV = (real*)p->dv_out + h * n_k * dv;
     real* dw = p->dw ? (real*)p->dw + h * n_k : 0;
+    const real* restrict weights = w->weights;
+    real* restrict value = w->value;
+    real* restrict slope = w->slope;
+    real* restrict dw_head = w->dw;
     const int64_t valid = SUFFIX(direct_keys)(p, w, (const real*)p->k + h * n_k * d, weight);
     /* keys no query sees (causal, n_k > n_q) keep these zeros */
     memset(dk, 0, sizeof(real) * n_k * d);
     memset(dV, 0, sizeof(real) * n_k * dv);
-    memset(w->dw, 0, sizeof(real) * n_k);
+    memset(dw_head, 0, sizeof(real) * n_k);
     for (int64_t t = 0; t < lrc_direct_tile_count(p); ++t) {
         const lrc_direct_tile tile = lrc_direct_tile_at(p, t);
         const int64_t q0 = tile.q0, wq = tile.rows, position = tile.position;
@@ -199,53 +214,37 @@ static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(dir
             }
             w->delta[i] = dot * inverse;
         }
-        SUFFIX(mm)(gemm, 0, 1, wq, kc, dv, 1, w->g, dv, v, dv, 0, w->d_scores, n_k);              /* g V^T */
-        SUFFIX(mm)(gemm, 0, 1, wq, kc, d, r, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);       /* X */
+        SUFFIX(mm)(gemm, 0, 1, wq, kc, dv, 1, w->g, dv, v, dv, 0, w->d_scores, n_k);         /* g V^T */
+        SUFFIX(mm)(gemm, 0, 1, wq, kc, d, r, q + q0 * d, d, w->keys, d, 0, w->scores, n_k);  /* X */
         for (int64_t i = 0; i < wq; ++i) {
             real* restrict x = w->scores + i * n_k;
             real* restrict e = w->d_scores + i * n_k;
             const int64_t seen = p->causal && position + i + 1 < kc ? position + i + 1 : kc;
             const real delta = w->delta[i];
-            real* restrict row = w->row;
-            real* restrict dw_row = w->dw;
-            const real* restrict weights = w->weights;
-            if (p->degree == 2) {  /* the default degree, straight-line so that it vectorises */
-                const real c0 = c[0], c1 = c[1], c2 = c[2];
-                #pragma omp simd
-                for (int64_t j = 0; j < seen; ++j) {
-                    const real dA = e[j] - delta, a = c0 + x[j] * (c1 + x[j] * c2);  /* dL/dA_w, P(x) */
-                    dw_row[j] += a * dA;
-                    e[j] = dA * weights[j] * (c1 + 2 * c2 * x[j]);  /* dX */
-                    x[j] = a * weights[j];                          /* A_w */
-                }
-            } else {  /* two passes with one Horner loop each */
-                #pragma omp simd
-                for (int64_t j = 0; j < seen; ++j) {
-                    row[j] = e[j] - delta;
-                    e[j] = row[j] * weights[j] * SUFFIX(direct_slope)(c, p->degree, x[j]);
-                }
-                #pragma omp simd
-                for (int64_t j = 0; j < seen; ++j) {
-                    const real a = SUFFIX(direct_poly)(c, p->degree, x[j]);
-                    dw_row[j] += a * row[j];
-                    x[j] = a * weights[j];
-                }
+            SUFFIX(polynomial_row)(x, seen, c, p->degree, value, slope);
+            #pragma omp simd
+            for (int64_t j = 0; j < seen; ++j) {
+                const real dA = e[j] - delta;  /* dL/dA_w */
+                dw_head[j] += value[j] * dA;
+                e[j] = dA * weights[j] * slope[j];  /* dX */
+                x[j] = value[j] * weights[j];       /* A_w */
             }
             for (int64_t j = seen; j < kc; ++j) x[j] = e[j] = 0;
         }
-        SUFFIX(mm)(gemm, 0, 0, wq, d, kc, r, w->d_scores, n_k, w->keys, d, 0, dq + q0 * d, d);   /* dq = r dX K' */
-        SUFFIX(mm)(gemm, 1, 0, kc, d, wq, r, w->d_scores, n_k, q + q0 * d, d, 1, dk, d);         /* G += r dX^T Q */
-        SUFFIX(mm)(gemm, 1, 0, kc, dv, wq, 1, w->scores, n_k, w->g, dv, 1, dV, dv);              /* dV += A_w^T g */
+        SUFFIX(mm)(gemm, 0, 0, wq, d, kc, r, w->d_scores, n_k, w->keys, d, 0, dq + q0 * d, d);  /* dq = r dX K' */
+        SUFFIX(mm)(gemm, 1, 0, kc, d, wq, r, w->d_scores, n_k, q + q0 * d, d, 1, dk, d);        /* G += r dX^T Q */
+        SUFFIX(mm)(gemm, 1, 0, kc, dv, wq, 1, w->scores, n_k, w->g, dv, 1, dV, dv);             /* dV += A_w^T g */
     }
-    if (dw) memcpy(dw, w->dw, sizeof(real) * n_k);
-    /* dk = r (G - [valid] mean over valid keys of G): mu = mean of the valid r k_j */
-    for (int64_t col = 0; col < d; ++col) {
-        real sum = 0;
-        if (!p->causal)
-            for (int64_t j = 0; j < n_k; ++j) sum += dk[j * d + col];
-        const real mean = sum / (real)valid;
+    if (dw) memcpy(dw, dw_head, sizeof(real) * n_k);
+    /* dk = r (G - [valid] mean over valid keys of G), since mu is the mean of the valid r k_j */
+    real* restrict mean = w->columns;
+    memset(mean, 0, sizeof(real) * d);
+    if (!p->causal)
         for (int64_t j = 0; j < n_k; ++j)
-            dk[j * d + col] = r * (dk[j * d + col] - ((!weight || weight[j] > 0) ? mean : 0));
+            for (int64_t col = 0; col < d; ++col) mean[col] += dk[j * d + col] / (real)valid;
+    for (int64_t j = 0; j < n_k; ++j) {
+        const int centred = !p->causal && SUFFIX(valid_key)(weight, j);
+        for (int64_t col = 0; col < d; ++col) dk[j * d + col] = r * (dk[j * d + col] - (centred ? mean[col] : 0));
     }
 }
 
@@ -258,16 +257,15 @@ static int SUFFIX(direct_run_heads)(const lrc_direct_problem* p, int backward)
     #pragma omp parallel num_threads(p->threads)
     {
         SUFFIX(direct_workspace) w;
-        w.keys = malloc(sizeof(real) * (p->n_k * p->d + 1));
-        w.scores = malloc(sizeof(real) * tile_scores);
-        w.d_scores = backward ? malloc(sizeof(real) * tile_scores) : 0;
-        w.g = malloc(sizeof(real) * (p->tile * p->dv + 1));
-        w.delta = malloc(sizeof(real) * (p->tile + 1));
-        w.weights = malloc(sizeof(real) * (p->n_k + 1));
-        w.dw = malloc(sizeof(real) * (p->n_k + 1));
-        w.row = malloc(sizeof(real) * (p->n_k + 1));
-        const int ready = w.keys && w.scores && (w.d_scores || !backward) && w.g && w.delta && w.weights && w.dw
-                          && w.row;
+        real** buffers[] = {&w.keys, &w.scores, &w.d_scores, &w.g, &w.delta, &w.weights, &w.dw, &w.value,
+                            &w.slope, &w.columns};
+        const int64_t sizes[] = {p->n_k * p->d, tile_scores, backward ? tile_scores : 0, p->tile * p->dv, p->tile,
+                                 p->n_k, p->n_k, p->n_k, p->n_k, p->d};
+        int ready = 1;
+        for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); ++b) {
+            *buffers[b] = malloc(sizeof(real) * (sizes[b] + 1));
+            ready = ready && *buffers[b];
+        }
         if (!ready) {
             #pragma omp atomic write
             failed = 1;
@@ -280,14 +278,7 @@ static int SUFFIX(direct_run_heads)(const lrc_direct_problem* p, int backward)
             else
                 SUFFIX(direct_forward_head)(p, &w, h);
         }
-        free(w.keys);
-        free(w.scores);
-        free(w.d_scores);
-        free(w.g);
-        free(w.delta);
-        free(w.weights);
-        free(w.dw);
-        free(w.row);
+        for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); ++b) free(*buffers[b]);
     }
     return failed;
 }
