@@ -43,14 +43,15 @@ import torch
 from lrcompile import cost, native
 
 # Direct FLOP rate / factored FLOP rate, per device type, both with lrcompile's own kernels on the
-# same BLAS. Measured by benchmarks/short_sequences.py --calibrate (RESULTS.md, "direct
-# calibration"), 2-core CPU, degree 2: 5.3 (d = 32) and 1.3 (d = 64) non-causal, 2.2 (d = 32) and
-# about 1.1 (d = 64, crossover just above n = 4096) causal. The factored FLOP count misses how
-# much slower its narrow r = 561 products run at d = 32, hence the spread; 2.0, near their
-# geometric mean, puts the switch within about 2.5x in time of every measured crossover, and
-# chooses direct at n <= 1009 in all four. Device types not listed compare FLOPs alone (ratio 1,
-# not measured).
-DIRECT_RATE_RATIO = {"cpu": 2.0}
+# same BLAS. Measured by benchmarks/short_sequences.py --calibrate (benchmarks/RESULTS.md, "direct
+# calibration"; 2-core CPU, degree 2, float32): 7.0 (d = 32) and 1.75 (d = 64) non-causal, 2.8
+# (d = 32) and 1.27 (d = 64) causal. The spread is the factored FLOP count's: its narrow r = 561
+# products at d = 32 run far below the rate of the r = 2145 ones at d = 64. 2.5, their geometric
+# mean, switches at n = 1261 / 4709 (d = 32 / 64) non-causal and 4128 / 11282 causal, against
+# measured crossovers of 3519 / 3293 and 4585 / 5727: within 2.8x in time of the faster algorithm
+# at the switch, and direct wherever n <= 1261. Device types not listed compare FLOPs alone
+# (ratio 1, not measured).
+DIRECT_RATE_RATIO = {"cpu": 2.5}
 ALGORITHMS = ("auto", "direct", "factored")
 # Query rows per score tile of the C kernel: causal tiles (positions of one query head) skip the
 # keys after their last position (half the block at n >> tile); non-causal tiles bound a

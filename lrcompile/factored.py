@@ -161,28 +161,25 @@ def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
 factored_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | None:
-    """The direct algorithm where it is cheaper than the sweeps (lrcompile.direct), else None.
-
-    A function of the shapes alone, so the backward makes the forward's choice."""
+def _uses_direct(q, k, v, coefficients, causal, chunk_size) -> bool:
+    """Whether this call takes the direct algorithm (lrcompile.direct): a function of the shapes
+    alone, asked by the forward, the fake kernel and the backward alike. Under dynamic shapes the
+    fake kernel's answer is a guard on the lengths: a shape across the switch recompiles."""
     groups, n_q, head_dim = q.shape[2:]
-    if direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
-                          chunk_size, q.device.type):
-        return direct.Direct(coefficients, causal, q)
-    return None
+    return direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
+                              chunk_size, q.device.type)
+
+
+def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | None:
+    """The direct algorithm where it is cheaper than the sweeps, else None."""
+    return direct.Direct(coefficients, causal, q) if _uses_direct(q, k, v, coefficients, causal, chunk_size) else None
 
 
 def _state_rows(q, k, v, coefficients, causal, chunk_size):
-    """Rows of the state output: r for the factored algorithm, 0 for the direct one (no state).
-
-    The fake kernel asks the forward's question, so under dynamic shapes the answer is a guard on
-    the lengths: a shape across the switch recompiles."""
-    groups, n_q, head_dim = q.shape[2:]
-    degree = len(coefficients) - 1
-    if direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, degree, causal, chunk_size,
-                          q.device.type):
+    """Rows of the state output: r for the factored algorithm, 0 for the direct one (no state)."""
+    if _uses_direct(q, k, v, coefficients, causal, chunk_size):
         return 0
-    return feature_dim(head_dim, degree)
+    return feature_dim(q.shape[-1], len(coefficients) - 1)
 
 
 def _contiguous(t):
