@@ -11,6 +11,7 @@ One training step each (forward, then backward of a fixed grad_out), methods rou
 every repeat, medians; ratios are to SDPA of the same run.
 
     python benchmarks/short_sequences.py                 # n = 256, 512; d = 32, 64; both masks
+    python benchmarks/short_sequences.py --threads 1     # one core each: no waiting at thread barriers
     python benchmarks/short_sequences.py --calibrate     # the direct/factored rate ratio
 
 --calibrate times the direct and the factored algorithm alone (both forced) at growing n, finds
@@ -55,6 +56,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); the section is named after a non-default count")
     parser.add_argument("--calibrate", action="store_true", help="measure the direct/factored rate ratio instead")
     parser.add_argument("--calibrate-n", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
@@ -110,7 +113,9 @@ def markdown(args, rows: list[dict]) -> str:
         f"forced, `LRCOMPILE_ALGORITHM=factored`) and after (the op's choice) against "
         f"`F.scaled_dot_product_attention`, batch {args.batch} x {args.heads} heads, float32, score range 2, one "
         f"training step (forward, backward), median of {args.repeats} interleaved runs, ratios to SDPA of the same "
-        f"run, {bench.machine_description()}. Command: `python benchmarks/short_sequences.py`.",
+        f"run, {bench.machine_description()}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (other "
+        f"processes share the cores). Command: `python benchmarks/short_sequences.py"
+        f"{'' if args.threads is None else f' --threads {args.threads}'}`.",
         "",
         "| n | d | mask | chosen | SDPA fwd+bwd ms | before ms | before / SDPA | after ms | after / SDPA "
         "| SDPA fwd ms | before fwd / SDPA | after fwd / SDPA |",
@@ -181,12 +186,14 @@ def calibration_markdown(args, results) -> str:
 def main(argv=None):
     args = parse_arguments(argv)
     torch.manual_seed(0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.calibrate:
         text = calibration_markdown(args, calibrate(args))
         section = CALIBRATION_SECTION
     else:
         text = markdown(args, measure(args))
-        section = SECTION
+        section = SECTION if args.threads is None else f"{SECTION}-{args.threads}-threads"
     print(text)
     bench.write_results_section(args.results, section, text)
 
