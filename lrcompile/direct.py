@@ -9,8 +9,10 @@ r-wide products cost more than the n x n block itself (r = 2145 at d = 64, degre
 same function is computed directly, as the causal in-chunk step already computes its block: same
 coefficients, same centred keys k', same key weights (inside W^ = w * [V | 1]), same causal
 alignment and GQA row layout. Two algorithms of one function: the op picks the cheaper
-(`uses_direct`), forward and backward alike; everything around the core (centring, W^, G^, dV,
-dw, the centring correction, the guard) is the factored op's.
+(`uses_direct`), forward and backward alike. The torch version (`Direct.forward`/`backward`) is a
+core with the sweeps' interface, and everything around it (centring, W^, G^, dV, dw, the
+centring correction) is the factored op's; the C kernel does that work inside its one pass. The
+guard is the op's either way.
 
 Forward.   X = Q' K'^T (N, n_k);  A = P(X) * M;  O^ = A W^ (N, d_v + 1)
 Backward.  With G^ as in lrcompile.factored (dO / D and the delta column):
@@ -20,7 +22,7 @@ Backward.  With G^ as in lrcompile.factored (dO / D and the delta column):
 
 M is the causal mask of the sweeps' position-major rows (row i is position i // G and sees keys
 0..i // G, top-left aligned as SDPA), all ones otherwise. Nothing of size r is formed, so there
-is no state: the op's state output is an unread placeholder when this algorithm runs.
+is no state: the op's state output has 0 rows when this algorithm runs.
 
 On the CPU the C kernel (csrc/direct.h, lrcompile.native.DirectKernels) runs one head per thread,
 in tiles of query positions; the torch version below is the reference it is tested against and
@@ -74,6 +76,10 @@ def uses_direct(n_q: int, n_k: int, head_dim: int, value_dim: int, groups: int, 
     forced = forced_algorithm()
     if forced != "auto":
         return forced == "direct"
+    return _direct_is_cheaper(n_q, n_k, head_dim, value_dim, groups, degree, causal, chunk, device_type)
+
+
+def _direct_is_cheaper(n_q, n_k, head_dim, value_dim, groups, degree, causal, chunk, device_type):
     direct = cost.direct_flops(n_q, n_k, head_dim, value_dim, groups, causal)
     factored = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, groups, causal, degree, chunk, 1 / groups)
     return direct < DIRECT_RATE_RATIO.get(device_type, 1.0) * factored
@@ -81,11 +87,9 @@ def uses_direct(n_q: int, n_k: int, head_dim: int, value_dim: int, groups: int, 
 
 def crossover_length(head_dim: int, value_dim: int, causal: bool, degree: int, chunk: int, groups: int = 1,
                      device_type: str = "cpu") -> int:
-    """Smallest n (n_q = n_k) from which the factored algorithm is chosen."""
+    """Smallest n (n_q = n_k) from which the cost rule chooses the factored algorithm."""
     def factored(n):
-        direct = cost.direct_flops(n, n, head_dim, value_dim, groups, causal)
-        lowrank = cost.lowrank_flops(n, n, head_dim, value_dim, groups, causal, degree, chunk, 1 / groups)
-        return direct >= DIRECT_RATE_RATIO.get(device_type, 1.0) * lowrank
+        return not _direct_is_cheaper(n, n, head_dim, value_dim, groups, degree, causal, chunk, device_type)
     high = 1
     while not factored(high):
         high *= 2

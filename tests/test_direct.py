@@ -75,8 +75,8 @@ def test_direct_is_the_polynomial_attention_forward_and_every_gradient(implement
     reference_inputs = tuple(t.detach().double().requires_grad_() for t in inputs)
     q64, k64, v64 = reference_inputs[:3]
     mask64 = reference_inputs[3] if mask_kind == "float" else mask
-    expected, expected_grads = gradients(
-        polynomial_attention(q64, k64, v64, COEFFICIENTS, mask64, is_causal=causal, enable_gqa=gqa), reference_inputs, 1)
+    reference = polynomial_attention(q64, k64, v64, COEFFICIENTS, mask64, is_causal=causal, enable_gqa=gqa)
+    expected, expected_grads = gradients(reference, reference_inputs, 1)
     # causal rows that see no valid key: the reference divides 0 by 0, the op returns zeros (SDPA's)
     seen = torch.isfinite(expected)
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
