@@ -25,13 +25,15 @@ M is the causal mask of the sweeps' position-major rows (row i is position i // 
 is no state: the op's state output has 0 rows when this algorithm runs.
 
 On the CPU the C kernel (csrc/direct.h, lrcompile.native.DirectKernels) runs one head per thread,
-in tiles of query positions; the torch version below is the reference it is tested against and
-the path on other devices.
+in tiles of query positions; the torch version below is the reference it is tested against, and
+runs where the C kernel does not (fewer heads than threads, no compiler, another device when
+forced).
 
 Which algorithm: predicted time = FLOPs / rate. `lrcompile.cost.direct_flops` counts the direct
 products, `cost.lowrank_flops` the factored ones; the direct algorithm runs at DIRECT_RATE_RATIO
 times the factored rate on the CPU (measured by benchmarks/short_sequences.py --calibrate), so it
-is chosen iff direct_flops < DIRECT_RATE_RATIO * lowrank_flops. The rule is a function of the
+is chosen iff direct_flops < DIRECT_RATE_RATIO * lowrank_flops; on device types without a measured
+ratio the factored algorithm runs. The rule is a function of the
 shapes alone, so forward and backward choose alike. LRCOMPILE_ALGORITHM=direct|factored forces one
 (benchmarks, tests); it must not change between a forward and its backward.
 """
@@ -51,8 +53,9 @@ from lrcompile import cost, native
 # products at d = 32 run far below the rate of the r = 2145 ones at d = 64. 2.5, their geometric
 # mean, switches at n = 1261 / 4709 (d = 32 / 64) non-causal and 4128 / 11282 causal, against
 # measured crossovers of 3519 / 3293 and 4585 / 5727: within 2.8x in time of the faster algorithm
-# at the switch, and direct wherever n <= 1261. Device types not listed compare FLOPs alone
-# (ratio 1, not measured).
+# at the switch, and direct wherever n <= 1261. A device type not listed keeps the factored
+# algorithm (unless forced): the torch version there forms (BH, N, n_k) blocks, and nothing says
+# where its crossover is.
 DIRECT_RATE_RATIO = {"cpu": 2.5}
 ALGORITHMS = ("auto", "direct", "factored")
 # Query rows per score tile of the C kernel: causal tiles (positions of one query head) skip the
@@ -80,9 +83,12 @@ def uses_direct(n_q: int, n_k: int, head_dim: int, value_dim: int, groups: int, 
 
 
 def _direct_is_cheaper(n_q, n_k, head_dim, value_dim, groups, degree, causal, chunk, device_type):
+    ratio = DIRECT_RATE_RATIO.get(device_type)
+    if ratio is None:  # not measured there: the factored algorithm, as before the direct one existed
+        return False
     direct = cost.direct_flops(n_q, n_k, head_dim, value_dim, groups, causal)
     factored = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, groups, causal, degree, chunk, 1 / groups)
-    return direct < DIRECT_RATE_RATIO.get(device_type, 1.0) * factored
+    return direct < ratio * factored
 
 
 def crossover_length(head_dim: int, value_dim: int, causal: bool, degree: int, chunk: int, groups: int = 1,
@@ -90,6 +96,8 @@ def crossover_length(head_dim: int, value_dim: int, causal: bool, degree: int, c
     """Smallest n (n_q = n_k) from which the cost rule chooses the factored algorithm."""
     def factored(n):
         return not _direct_is_cheaper(n, n, head_dim, value_dim, groups, degree, causal, chunk, device_type)
+    if device_type not in DIRECT_RATE_RATIO:
+        return 1
     high = 1
     while not factored(high):
         high *= 2

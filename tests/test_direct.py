@@ -166,6 +166,12 @@ def test_the_rule_prefers_direct_for_short_and_factored_for_long_sequences():
         assert not direct.uses_direct(32768, 32768, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
 
 
+def test_a_device_without_a_measured_rate_ratio_keeps_the_factored_algorithm(monkeypatch):
+    monkeypatch.delenv("LRCOMPILE_ALGORITHM", raising=False)
+    assert direct.uses_direct(64, 64, 32, 32, 1, DEGREE, False, 128, "cpu")
+    assert not direct.uses_direct(64, 64, 32, 32, 1, DEGREE, False, 128, "cuda")
+
+
 def test_direct_flops_count_the_visible_pairs():
     assert cost.direct_flops(10, 10, 4, 4, 1, False) == 100 * 2 * (16 + 15)
     assert cost.direct_flops(10, 10, 4, 4, 1, True) == 55 * 2 * (16 + 15)
