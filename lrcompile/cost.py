@@ -58,6 +58,17 @@ def lowrank_product_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bo
     return total * batch_heads
 
 
+def direct_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal: bool):
+    """The direct algorithm of `lrcompile.direct` (the n x n polynomial block, no features), forward
+    and backward: per visible (query, key) pair X and A W^ forward; X, dA, dq, dk and U backward."""
+    if causal:  # query position i sees keys 0..min(i, n_k - 1)
+        seen = min(n_q, n_k)
+        pairs = seen * (seen + 1) // 2 + (n_q - seen) * n_k
+    else:
+        pairs = n_q * n_k
+    return pairs * 2 * (4 * head_dim + 3 * (value_dim + 1)) * batch_heads
+
+
 def lowrank_is_cheaper(n_q, n_k, head_dim, value_dim, causal, degree, chunk=256, kv_ratio=1.0, *,
                        ratio: float | None, shortest_crossover: int = 0) -> bool:
     """Predicted time of the low-rank path below exact attention's, with the calibration's rate

@@ -44,6 +44,10 @@ On the CPU the same sweeps also exist in C (lrcompile.native.Sweep, csrc/sweeps.
 core; `lrcompile.kernels` decides per call which runs (the op's `implementation` argument: "c"
 or "torch"). The sweeps here are the reference the tests hold every other implementation to,
 and the path wherever no other runs.
+
+Short calls compute the same function directly, as one n x n block without features
+(lrcompile.direct): the op asks `direct.uses_direct` in its forward and, from the same shapes,
+in its backward. Under "c" the direct algorithm is one fused C call (native.DirectKernels).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import functools
 
 import torch
 
-from lrcompile import guard, kernels, native
+from lrcompile import direct, guard, kernels, native
 from lrcompile.features import FeatureMap, MonomialTable, feature_dim, monomial_table
 from lrcompile.threads import split_heads
 
@@ -72,12 +76,20 @@ def factored_attention(
     """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
 
     Causally, S sums the keys every query can see at the end: the backward peels it chunk by chunk.
+    Where the direct algorithm runs (lrcompile.direct) there is no state: S is (B, H, 0, d_v + 1).
     The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
     True when it replaced `out` by exact attention, which the backward then differentiates.
     """
-    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
-    k_centred = centre_keys(k, key_weight, scale, causal)[0]
-    out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
+    core = _direct_core(q, k, v, coefficients, causal, chunk_size)
+    fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
+    if fused is not None:  # the direct algorithm, everything in one C call
+        out, denominator = fused.forward(q.contiguous(), k.contiguous(), v.contiguous(), _contiguous(key_weight))
+        state = q.new_empty(k.shape[:-2] + (0, v.shape[-1] + 1))  # no state
+    else:
+        sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
+        sweeps.direct = core
+        k_centred = centre_keys(k, key_weight, scale, causal)[0]
+        out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
     exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
     if exact:
         out = guard.exact_attention(q, k, v, key_weight, scale, causal)
@@ -88,8 +100,7 @@ def factored_attention(
 @factored_attention.register_fake
 def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site,
       implementation="torch"):
-    r = feature_dim(q.shape[-1], len(coefficients) - 1)
-    state = q.new_empty(k.shape[:-2] + (r, v.shape[-1] + 1))
+    state = q.new_empty(k.shape[:-2] + (_state_rows(q, k, v, coefficients, causal, chunk_size), v.shape[-1] + 1))
     exact = q.new_empty((), dtype=torch.bool)
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state, exact
 
@@ -106,7 +117,15 @@ def factored_attention_backward(
         dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
+    core = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
+    fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
+    if fused is not None:
+        dq, dk, dv, dw = fused.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                        _contiguous(key_weight), out.contiguous(), denominator.contiguous(),
+                                        key_weight_grad)
+        return dq, dk, dv, (dw if key_weight_grad else q.new_empty(0))
     sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
+    sweeps.direct = core
     sweeps.need_key_weight_grad = key_weight_grad
     k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
     g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / _safe(denominator).unsqueeze(-1)
@@ -145,6 +164,31 @@ def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
 
 
 factored_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _uses_direct(q, k, v, coefficients, causal, chunk_size) -> bool:
+    """Whether this call takes the direct algorithm (lrcompile.direct): a function of the shapes
+    alone, asked by the forward, the fake kernel and the backward alike. Under dynamic shapes the
+    fake kernel's answer is a guard on the lengths: a shape across the switch recompiles."""
+    groups, n_q, head_dim = q.shape[2:]
+    return direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
+                              chunk_size, q.device.type)
+
+
+def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | None:
+    """The direct algorithm where it is cheaper than the sweeps, else None."""
+    return direct.Direct(coefficients, causal, q) if _uses_direct(q, k, v, coefficients, causal, chunk_size) else None
+
+
+def _state_rows(q, k, v, coefficients, causal, chunk_size):
+    """Rows of the state output: r for the factored algorithm, 0 for the direct one (no state)."""
+    if _uses_direct(q, k, v, coefficients, causal, chunk_size):
+        return 0
+    return feature_dim(q.shape[-1], len(coefficients) - 1)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
 def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float, causal: bool):
@@ -213,6 +257,7 @@ class _Sweeps:
         self.causal = causal
         self.chunk_size = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
+        self.direct: direct.Direct | None = None  # set by the op where the direct algorithm is cheaper
         self._masks = {}
         self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
 
@@ -261,8 +306,11 @@ class _Sweeps:
         batch, heads, groups = q.shape[:3]
         rows, keys = self.query_rows(q), k.flatten(0, 1).contiguous()
         weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()  # W^ (BH, n_k, d_v + 1)
-        in_c = self.native_sweep(rows)
-        if in_c is not None:
+        in_c = None if self.direct is not None else self.native_sweep(rows)
+        if self.direct is not None:  # no state
+            out_hat = self.direct.forward(rows, keys, weighted, groups)
+            state = rows.new_empty(keys.shape[0], 0, weighted.shape[-1])
+        elif in_c is not None:
             out_t, state_t = in_c.forward(rows, keys, weighted, groups)
             out_hat, state = out_t.mT, state_t.mT
         elif self.causal:
@@ -281,8 +329,10 @@ class _Sweeps:
         rows, g_rows, keys = self.query_rows(q), self.query_rows(g_hat), k.flatten(0, 1).contiguous()
         weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()
         state = state.flatten(0, 1)
-        in_c = self.native_sweep(rows)
-        if in_c is not None:
+        in_c = None if self.direct is not None else self.native_sweep(rows)
+        if self.direct is not None:
+            dq, dk, key_grads = self.direct.backward(rows, keys, weighted, g_rows, groups)
+        elif in_c is not None:
             dq, dk, key_grads_t = in_c.backward(rows, keys, weighted, g_rows, state.mT.contiguous(), groups)
             key_grads = key_grads_t.mT
         elif self.causal:

@@ -3,7 +3,8 @@
 `csrc/kernels.c` is compiled on first use with the system C compiler (the one Inductor uses on
 CPU) into a cache directory, keyed by the sources, the compiler and the CPU, and shared by every
 later process. It holds the feature maps and their VJP (`FeatureKernels`), the causal in-chunk
-polynomial (`causal_block`), and whole forward and backward sweeps (`Sweep`), whose matrix products
+polynomial (`causal_block`), whole forward and backward sweeps (`Sweep`) and the direct algorithm of
+short sequences (`DirectKernels`), whose matrix products
 call the BLAS torch links (its sgemm_/dgemm_, found in libtorch_cpu). Where no compiler works, or
 for tensors the kernels do not take (not on the CPU, not float32/float64), `lrcompile.features`
 and `lrcompile.factored` compute the same values with torch operations; `status()` says which
@@ -29,6 +30,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from lrcompile.threads import fills_threads
 
 SOURCES = Path(__file__).parent / "csrc"
 MAIN_SOURCE = SOURCES / "kernels.c"  # includes the others
@@ -189,6 +192,77 @@ def sweep(features: FeatureKernels, polynomial, chunk_size: int, causal: bool, r
     return Sweep(features, polynomial, chunk_size, causal, rows.dtype, torch.get_num_threads())
 
 
+class DirectProblem(ctypes.Structure):
+    """lrc_direct_problem of csrc/direct.h: one direct attention call, every head."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "heads", "groups", "n_q", "n_k", "d", "dv", "causal", "degree", "tile", "threads")] + [
+        ("root_scale", ctypes.c_double)] + [(name, ctypes.c_void_p) for name in (
+            "q", "k", "v", "weight", "grad_out", "out", "denominator", "dq", "dk", "dv_out", "dw", "polynomial",
+            "gemm")]
+
+
+# The C structs (csrc/) and their ctypes mirrors, checked against each other at load time.
+_STRUCT_MIRRORS = {"problem": Problem, "direct_problem": DirectProblem}
+
+
+class DirectKernels:
+    """The fused direct attention of lrcompile.direct in C (csrc/direct.h), one head per thread.
+
+    Tensors in the layout of lrcompile.factored, contiguous: q (B, H, G, n_q, d), k (B, H, n_k, d),
+    v (B, H, n_k, d_v), key weights (B, H, n_k) or None. Built by `direct()`.
+    """
+
+    def __init__(self, polynomial: torch.Tensor, tile: int, causal: bool, scale: float, dtype: torch.dtype,
+                 threads: int):
+        lib = library()
+        self._forward = getattr(lib, f"lrc_direct_forward_{SUFFIX[dtype]}")
+        self._backward = getattr(lib, f"lrc_direct_backward_{SUFFIX[dtype]}")
+        self._polynomial = polynomial.to(dtype).contiguous()  # kept alive: C sees the address
+        self._fixed = dict(causal=int(causal), degree=self._polynomial.numel() - 1, tile=tile, threads=threads,
+                           root_scale=scale**0.5, polynomial=self._polynomial.data_ptr(), gemm=gemm_address(dtype))
+
+    def forward(self, q, k, v, key_weight):
+        """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q))."""
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        denominator = q.new_empty(q.shape[:-1])
+        self._run(self._forward, q, k, v, key_weight, out=out, denominator=denominator)
+        return out, denominator
+
+    def backward(self, grad_out, q, k, v, key_weight, out, denominator, key_weight_grad: bool):
+        """(dq, dk, dv, d key_weight or None)."""
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dw = torch.empty_like(key_weight) if key_weight_grad else None
+        self._run(self._backward, q, k, v, key_weight, grad_out=grad_out, out=out, denominator=denominator,
+                  dq=dq, dk=dk, dv_out=dv, dw=dw)
+        return dq, dk, dv, dw
+
+    def _run(self, function, q, k, v, key_weight, **buffers):
+        tensors = dict(q=q, k=k, v=v, weight=key_weight, **buffers)
+        for name, t in tensors.items():
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"native direct kernel: {name} must be contiguous, got strides {t.stride()}")
+        problem = DirectProblem(heads=k.shape[0] * k.shape[1], groups=q.shape[2], n_q=q.shape[3], n_k=k.shape[2],
+                                d=q.shape[4], dv=v.shape[3], **self._fixed,
+                                **{name: None if t is None else t.data_ptr() for name, t in tensors.items()})
+        if function(ctypes.addressof(problem)):
+            raise MemoryError("lrcompile: a thread of the native direct kernel could not allocate its score tiles")
+
+
+def direct(polynomial: torch.Tensor, tile: int, causal: bool, scale: float, q: torch.Tensor) -> DirectKernels | None:
+    """The C direct kernel for q (B, H, G, n_q, d) on the CPU in float32/float64, or None where the
+    torch version should run: as for the C sweep (lrcompile.kernels.sweep), heads go one per
+    thread, so it needs enough (batch x key/value head) problems, and torch's BLAS."""
+    threads = torch.get_num_threads()
+    if threads > 1 and not fills_threads(q.shape[0] * q.shape[1], threads):
+        return None
+    if gemm_address(q.dtype) is None:
+        return None
+    return DirectKernels(polynomial, tile, causal, scale, q.dtype, threads)
+
+
+
+
 def gemm_address(dtype: torch.dtype) -> int | None:
     """Address of the Fortran ?gemm_ of the BLAS torch uses (MKL here), None where none is found."""
     key = ("gemm", dtype)
@@ -228,6 +302,8 @@ _SIGNATURES = {
     "lrc_causal_block": (None, [_POINTER, *[_INT64] * 5, _POINTER, *[_INT64] * 4, _POINTER, _INT64, _INT]),
     "lrc_forward": (_INT, [ctypes.c_void_p]),
     "lrc_backward": (_INT, [ctypes.c_void_p]),
+    "lrc_direct_forward": (_INT, [ctypes.c_void_p]),
+    "lrc_direct_backward": (_INT, [ctypes.c_void_p]),
 }
 
 
@@ -248,7 +324,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             for suffix in SUFFIX.values():
                 function = getattr(library, f"{name}_{suffix}")
                 function.restype, function.argtypes = result, arguments
-        library.lrc_sizeof_problem.restype, library.lrc_sizeof_problem.argtypes = _INT64, []
+        for name in _STRUCT_MIRRORS:
+            getattr(library, f"lrc_sizeof_{name}").restype = _INT64
+            getattr(library, f"lrc_sizeof_{name}").argtypes = []
     # Any failure (a missing symbol in a damaged cached .so is an AttributeError) means torch
     # operations instead: this runs inside a user's forward, which must not die of it.
     except Exception as error:  # noqa: BLE001
@@ -260,14 +338,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def check_layout(library) -> None:
-    """NativeLayoutError unless the C side's lrc_problem has the size of its mirror `Problem`."""
-    c_size, mirror_size = library.lrc_sizeof_problem(), ctypes.sizeof(Problem)
-    if c_size != mirror_size:
-        raise NativeLayoutError(
-            f"lrcompile: the C kernels' lrc_problem is {c_size} bytes but its ctypes mirror native.Problem is "
-            f"{mirror_size}: csrc/kernels.c and lrcompile/native.py disagree on its fields; refusing to call "
-            f"the kernels (they would read and write the wrong addresses). Set LRCOMPILE_NATIVE=0 to run "
-            f"without them")
+    """NativeLayoutError unless each C struct has the size of its ctypes mirror (_STRUCT_MIRRORS)."""
+    for name, mirror in _STRUCT_MIRRORS.items():
+        c_size, mirror_size = getattr(library, f"lrc_sizeof_{name}")(), ctypes.sizeof(mirror)
+        if c_size != mirror_size:
+            raise NativeLayoutError(
+                f"lrcompile: the C kernels' lrc_{name} is {c_size} bytes but its ctypes mirror native."
+                f"{mirror.__name__} is {mirror_size}: lrcompile/csrc and lrcompile/native.py disagree on its "
+                f"fields; refusing to call the kernels (they would read and write the wrong addresses). Set "
+                f"LRCOMPILE_NATIVE=0 to run without them")
 
 
 def _cache_dir() -> Path:

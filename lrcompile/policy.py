@@ -163,7 +163,8 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
         decision.rewrite, decision.reason = False, str(error)
         return decision
     if policy.cost_model:
-        kept = _cost_model_keeps(decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads)
+        kept = _cost_model_keeps(decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads,
+                                 polynomial_is_model=policy.on_inaccurate == "allow")
         if kept:
             decision.rewrite, decision.reason = False, kept
             return decision
@@ -182,10 +183,18 @@ def unmatched_patterns(policy: Policy, module_paths) -> list[str]:
             if not any(fnmatch.fnmatchcase(path, pattern) for path in paths)]
 
 
-def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads) -> str:
+def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads,
+                      polynomial_is_model: bool = False) -> str:
     """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster.
+    Records in decision.calibration which calibration decided (or why none applies).
 
-    Records in decision.calibration which calibration decided (or why none applies)."""
+    When the polynomial is the model (on_inaccurate="allow") it keeps nothing (DESIGN section 6):
+    exact softmax at short lengths, or on some devices, and P elsewhere would be two functions.
+    The site is rewritten, and the op computes each call by the cheaper algorithm of the one
+    function, directly when short (lrcompile.direct), factored when long.
+    """
+    if polynomial_is_model:
+        return ""
     device = getattr(site, "device", "") or "unknown"
     found = calibration.lookup(device, calibration.key_implementation(decision.kernel))
     decision.calibration = found.description

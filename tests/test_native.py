@@ -97,14 +97,15 @@ def test_feature_maps_run_in_c_only_where_the_call_runs_the_c_kernels():
     assert FeatureMap(table, None, torch.empty(1)).native is None
 
 
-def test_a_struct_whose_ctypes_mirror_differs_from_the_c_side_is_refused(monkeypatch):
-    class Widened(native.Problem):  # a field added in Python only
+@pytest.mark.parametrize("name, mirror", [("problem", "Problem"), ("direct_problem", "DirectProblem")])
+def test_a_struct_whose_ctypes_mirror_differs_from_the_c_side_is_refused(monkeypatch, name, mirror):
+    class Widened(getattr(native, mirror)):  # a field added in Python only
         _fields_ = [("extra", native.ctypes.c_int64)]
 
     assert native.library() is not None
     monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setattr(native, "Problem", Widened)
-    with pytest.raises(native.NativeLayoutError, match=r"lrc_problem is \d+ bytes but its ctypes mirror native.Problem is"):
+    monkeypatch.setitem(native._STRUCT_MIRRORS, name, Widened)
+    with pytest.raises(native.NativeLayoutError, match=rf"lrc_{name} is \d+ bytes but its ctypes mirror native.Widened is"):
         native.library()
 
 

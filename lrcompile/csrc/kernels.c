@@ -3,7 +3,8 @@
  * Built by lrcompile/native.py on first use and called through ctypes. features.h holds the
  * monomial feature maps, their vector-Jacobian product and the causal in-chunk polynomial;
  * sweeps.h the chunk loops of the forward and backward, with the matrix products done by the
- * BLAS torch itself links (its ?gemm_, passed in by address). Both are written once for a type
+ * BLAS torch itself links (its ?gemm_, passed in by address); direct.h the direct (n x n block)
+ * algorithm of short sequences, lrcompile/direct.py. All are written once for a type
  * `real` and included here for each type. The torch evaluations in lrcompile/features.py and
  * lrcompile/factored.py compute the same values and are the reference in the tests.
  */
@@ -32,6 +33,7 @@ int64_t lrc_sizeof_problem(void) { return (int64_t)sizeof(lrc_problem); }
 #define SUFFIX(name) name##_f32
 #include "features.h"
 #include "sweeps.h"
+#include "direct.h"
 #undef real
 #undef SUFFIX
 
@@ -39,5 +41,6 @@ int64_t lrc_sizeof_problem(void) { return (int64_t)sizeof(lrc_problem); }
 #define SUFFIX(name) name##_f64
 #include "features.h"
 #include "sweeps.h"
+#include "direct.h"
 #undef real
 #undef SUFFIX
