@@ -10,8 +10,9 @@ in the backend that compiles it:
     degree g   torch.compile(model, backend=lrcompile.backend(Policy(degree=g,
                              on_inaccurate="allow", cost_model=False)))
 
-Every run starts from the same weights and sees the same batches, in lockstep: step k of every run
-before step k+1 of any, so that the load of other processes on the machine falls on all runs alike.
+Every run starts from the same weights and sees the same batches (batch k at its step k), in
+lockstep: step k of every run before step k+1 of any (under --time-budget: the run with the fewest
+own seconds steps next), so that the load of other processes on the machine falls on all runs alike.
 A run's wall-clock is the sum of its own step times (forward, backward, optimizer step); the first
 step, which compiles, is reported apart and left out; evaluations are not counted.
 
@@ -242,14 +243,45 @@ def progress_bar(args, total, description):
     return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True)
 
 
+class TrainingBatches:
+    """Batch k of the training stream, the same for every run whenever it asks (drawn in order, kept
+    until every run is past it)."""
+
+    def __init__(self, corpus: Corpus, args):
+        self.corpus, self.args = corpus, args
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.drawn: dict[int, tuple] = {}
+        self.count = 0
+
+    def batch(self, step: int):
+        while self.count <= step:
+            self.drawn[self.count] = random_batch(self.corpus.train, self.args.batch, self.args.block_size,
+                                                  self.generator)
+            self.count += 1
+        return self.drawn[step]
+
+    def forget_before(self, step: int) -> None:
+        for old in [k for k in self.drawn if k < step]:
+            del self.drawn[old]
+
+
 def train_in_lockstep(args, runs: list[Run], corpus: Corpus, batches, write) -> None:
-    """Step k of every run before step k+1 of any; a run stops at --steps or past its time budget."""
-    generator = torch.Generator().manual_seed(args.seed)
+    """Always step the run that is furthest behind, so that the machine's load falls on all alike.
+
+    Behind means fewer steps (quality: step k of every run before step k+1 of any) or, under
+    --time-budget, fewer of its own training seconds: a run whose steps are cheap takes several
+    steps while the other takes one, and both spend their budgets over the same stretch of time.
+    A run stops at --steps or when its own seconds pass --time-budget.
+    """
+    stream = TrainingBatches(corpus, args)
     schedule_steps = None if args.time_budget else args.steps
-    bar = progress_bar(args, None if args.time_budget else args.steps, args.experiment)
+    bar = progress_bar(args, None if args.time_budget else args.steps * len(runs), args.experiment)
 
     def active(run):
         return run.steps < args.steps and (args.time_budget is None or run.train_seconds < args.time_budget)
+
+    def behind(run):
+        return run.train_seconds if args.time_budget else run.steps
 
     def due_for_evaluation(run):
         if args.eval_seconds:  # the curve's first point is at 0 s
@@ -258,19 +290,13 @@ def train_in_lockstep(args, runs: list[Run], corpus: Corpus, batches, write) -> 
 
     for run in runs:
         evaluate(run, batches)
-    step = 0
     while any(active(run) for run in runs):
-        tokens, targets = random_batch(corpus.train, args.batch, args.block_size, generator)
-        lr = learning_rate(args, step, schedule_steps)
-        stepping = [run for run in runs if active(run)]
-        for run in stepping:
-            train_step(run, tokens, targets, lr)
-        step += 1
-        last = not any(active(run) for run in runs)
-        for run in runs:
-            if run in stepping and (due_for_evaluation(run) or not active(run)):
-                evaluate(run, batches)
-        if step % args.eval_every == 0 or last:
+        run = min((run for run in runs if active(run)), key=behind)
+        tokens, targets = stream.batch(run.steps)
+        train_step(run, tokens, targets, learning_rate(args, run.steps, schedule_steps))
+        stream.forget_before(min(run.steps for run in runs))
+        if due_for_evaluation(run) or not active(run):
+            evaluate(run, batches)
             write()
         if bar is not None:
             bar.update(1)
