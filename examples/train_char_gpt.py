@@ -359,7 +359,9 @@ def main(argv=None) -> dict:
     result["site_calls"] = {label: stats.calls for label, stats in lrcompile.stats().items()}
     if args.experiment == "quality":
         result["cross_evaluation"] = cross_evaluate(runs, config, batches)
+    write()  # fills result["runs"] with the final summaries
     result["gaps"] = relative_gaps(runs)
+    result["time_to_exact_final"] = time_to_exact_final(result)
     write()
     print_summary(result)
     if not args.no_plot:
@@ -374,12 +376,27 @@ def relative_gaps(runs: list[Run]) -> dict:
     return {run.name: round((run.curve[-1]["val_bits_per_char"] - exact) / exact, 4) for run in runs[1:]}
 
 
+def seconds_to_reach(curve: list, bits: float) -> float | None:
+    """A run's own training seconds at its first evaluation at or below `bits` (None: never)."""
+    return next((point["seconds"] for point in curve if point["val_bits_per_char"] <= bits), None)
+
+
+def time_to_exact_final(result: dict) -> dict:
+    """Each run's own seconds to reach the validation loss exact ended at: is the rewrite there sooner?"""
+    target = result["runs"]["exact"]["final_val_bits_per_char"]
+    return {"val_bits_per_char": target,
+            "seconds": {name: seconds_to_reach(run["curve"], target) for name, run in result["runs"].items()}}
+
+
 def print_summary(result: dict) -> None:
     print(f"{'run':>10}  {'steps':>6}  {'s/step':>7}  {'compile s':>9}  {'val bits/char':>13}  {'gap to exact':>12}")
     for name, run in result["runs"].items():
         gap = result["gaps"].get(name)
         print(f"{name:>10}  {run['steps']:>6}  {run['seconds_per_step']:>7.3f}  {run['compile_seconds']:>9.1f}  "
               f"{run['final_val_bits_per_char']:>13.3f}  {'' if gap is None else f'{100 * gap:+.1f}%':>12}")
+    reach = result["time_to_exact_final"]
+    print(f"  own seconds to reach exact's final {reach['val_bits_per_char']:.3f} bits/char: "
+          + ", ".join(f"{name} {'never' if t is None else f'{t:.0f} s'}" for name, t in reach["seconds"].items()))
     for name, bits in result.get("cross_evaluation", {}).items():
         print(f"  cross-evaluation: {name}: {bits:.3f} bits/char")
 
