@@ -16,9 +16,12 @@ own seconds steps next), so that the load of other processes on the machine fall
 A run's wall-clock is the sum of its own step times (forward, backward, optimizer step); the first
 step, which compiles, is reported apart and left out; evaluations are not counted.
 
-    python examples/train_char_gpt.py                         # small: a few minutes on one core
-    python examples/train_char_gpt.py --experiment quality --block-size 256 --steps 3000
-    python examples/train_char_gpt.py --experiment long-context --block-size 4096 --time-budget 300
+    python examples/train_char_gpt.py                         # small (n = 128, 300 steps): a few minutes
+    python examples/train_char_gpt.py --experiment quality --block-size 256 --lr 8e-3 --steps 1000
+    python examples/train_char_gpt.py --experiment long-context --block-size 4096 --batch 1 \
+        --steps 100000 --time-budget 300 --eval-seconds 15 --eval-batches 4
+
+(README.md, "Training with the rewrite", has the exact commands and results of the full runs.)
 
 Experiment "quality" trains every run for --steps, then evaluates each final model under the other
 attention (cross-evaluation: exact's weights under degree-2 attention and the reverse). Experiment
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import lrcompile
 from lrcompile.models import ATTENTION, GPT, GPTConfig
@@ -56,13 +60,15 @@ def parse_arguments(argv=None):
     parser.add_argument("--degrees", type=int, nargs="+", default=[2, 4],
                         help="polynomial degrees to train beside exact (long-context uses the first)")
     parser.add_argument("--block-size", type=int, default=128, help="context length n (default %(default)s)")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-head", type=int, default=4, help="head dim d = n_embd / n_head")
     parser.add_argument("--steps", type=int, default=300, help="training steps (quality; long-context: at most)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds of its own steps each run may train (long-context)")
+    parser.add_argument("--learnable-temperature", action="store_true",
+                        help="scale each head's queries by a learned factor (initially 1), in every run")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warm-up")
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every so many steps")
@@ -155,17 +161,51 @@ class Run:
                 "curve": self.curve, "train_losses": [round(x, 4) for x in self.train_losses]}
 
 
+class QueryTemperature(nn.Module):
+    """The fused q, k, v projection, with each head's queries scaled by a learned exp(log_temperature).
+
+    Scores become temperature * q.k / sqrt(d): a network can sharpen (or flatten) a head's attention
+    with one parameter instead of growing the norms of q and k, which the polynomial kernel needs far
+    more of than exp to single out one key among n (the learnable temperature of the linear- and
+    polynomial-attention literature). The site is still the user's matmul + softmax on new queries.
+    """
+
+    def __init__(self, projection: nn.Linear, n_head: int):
+        super().__init__()
+        self.projection, self.n_head = projection, n_head
+        self.log_temperature = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self, x):
+        q, k, v = self.projection(x).split(self.projection.out_features // 3, dim=-1)
+        head_dim = q.shape[-1] // self.n_head
+        temperature = self.log_temperature.exp().repeat_interleave(head_dim)  # (channels,)
+        return torch.cat([q * temperature, k, v], dim=-1)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: GPTConfig
+    learnable_temperature: bool = False
+
+    def build(self) -> GPT:
+        model = GPT(self.config)
+        if self.learnable_temperature:
+            for block in model.h:
+                block.attn.c_attn = QueryTemperature(block.attn.c_attn, self.config.n_head)
+        return model
+
+
 def build_config(args, corpus: Corpus) -> GPTConfig:
     return GPTConfig(block_size=args.block_size, vocab_size=len(corpus.alphabet), n_layer=args.n_layer,
                      n_head=args.n_head, n_embd=args.n_embd, attention=args.attention)
 
 
-def build_runs(args, config: GPTConfig, degrees) -> list[Run]:
+def build_runs(args, spec: ModelSpec, degrees) -> list[Run]:
     torch.manual_seed(args.seed)
-    initial = GPT(config).state_dict()
+    initial = spec.build().state_dict()
     runs = []
     for degree in degrees:
-        model = GPT(config)
+        model = spec.build()
         model.load_state_dict(initial)  # every run starts from the same weights
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
         runs.append(Run(run_name(degree), degree, model, compile_for(model, degree), optimizer))
@@ -212,23 +252,23 @@ def evaluate(run: Run, batches) -> float:
     return bits
 
 
-def cross_evaluate(runs: list[Run], config: GPTConfig, batches) -> dict:
+def cross_evaluate(runs: list[Run], spec: ModelSpec, batches) -> dict:
     """Each run's final weights evaluated under every other run's attention (a fresh model, load_state_dict)."""
     table = {}
     for trained in runs:
         for attention in runs:
             if attention is trained:
                 continue
-            model = GPT(config)
+            model = spec.build()
             model.load_state_dict(trained.model.state_dict())
             bits = validation_bits_per_char(compile_for(model, attention.degree), batches)
             table[f"{trained.name} weights, {attention.name} attention"] = round(bits, 4)
     return table
 
 
-def rewritten_sites(config: GPTConfig, degree: int, example) -> dict:
+def rewritten_sites(spec: ModelSpec, degree: int, example) -> dict:
     """What lrcompile.explain says of the model under degree g: every site should be rewritten."""
-    report = lrcompile.explain(GPT(config), *example, policy=policy_for(degree))
+    report = lrcompile.explain(spec.build(), *example, policy=policy_for(degree))
     return {"sites": len(report.sites), "rewritten": sum(site.rewritten for site in report.sites),
             "feature_dim": [site.feature_dim for site in report.sites],
             "reasons_kept": [site.reason for site in report.sites if not site.rewritten]}
@@ -329,6 +369,7 @@ def main(argv=None) -> dict:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     corpus = load_corpus()
     config = build_config(args, corpus)
+    spec = ModelSpec(config, args.learnable_temperature)
     degrees = [None] + (args.degrees if args.experiment == "quality" else args.degrees[:1])
     head_dim = args.n_embd // args.n_head
     batches = validation_batches(corpus, args)
@@ -341,10 +382,10 @@ def main(argv=None) -> dict:
                          "val_chars": len(corpus.val)},
               "feature_dim": {f"degree {g}": feature_dim(head_dim, g) for g in degrees if g is not None},
               "environment": environment(args),
-              "sites": {f"degree {g}": rewritten_sites(config, g, batches[0]) for g in degrees if g is not None}}
+              "sites": {f"degree {g}": rewritten_sites(spec, g, batches[0]) for g in degrees if g is not None}}
     torch._dynamo.reset()  # explain's compiles are not the runs'
     lrcompile.reset_stats()
-    runs = build_runs(args, config, degrees)
+    runs = build_runs(args, spec, degrees)
     print(f"{args.experiment}: GPT {args.n_layer} layers, {args.n_head} heads of d = {head_dim}, "
           f"n = {args.block_size}, batch {args.batch}, {torch.get_num_threads()} thread(s); runs: "
           + ", ".join(run.name + (f" (r = {feature_dim(head_dim, run.degree)})" if run.degree else "") for run in runs))
@@ -358,7 +399,7 @@ def main(argv=None) -> dict:
     train_in_lockstep(args, runs, corpus, batches, write)
     result["site_calls"] = {label: stats.calls for label, stats in lrcompile.stats().items()}
     if args.experiment == "quality":
-        result["cross_evaluation"] = cross_evaluate(runs, config, batches)
+        result["cross_evaluation"] = cross_evaluate(runs, spec, batches)
     write()  # fills result["runs"] with the final summaries
     result["gaps"] = relative_gaps(runs)
     result["time_to_exact_final"] = time_to_exact_final(result)
