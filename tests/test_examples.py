@@ -176,3 +176,19 @@ def test_train_char_gpt_learns_shakespeare_with_every_site_rewritten_and_cross_e
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["runs"]["exact"]["final_val_bits_per_char"] == result["runs"]["exact"]["final_val_bits_per_char"]
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_train_char_gpt_learnable_temperature_starts_as_the_plain_model_and_keeps_the_site_rewritten():
+    module = example("train_char_gpt")
+    config = GPTConfig(block_size=16, vocab_size=73, n_layer=1, n_embd=32, n_head=2)
+    torch.manual_seed(0)
+    plain = module.ModelSpec(config).build()
+    torch.manual_seed(0)
+    tempered = module.ModelSpec(config, learnable_temperature=True).build()
+    tokens = torch.randint(0, 73, (2, 16))
+    torch.testing.assert_close(tempered(tokens), plain(tokens))  # temperature 1 at the start
+    with torch.no_grad():
+        tempered.h[0].attn.c_attn.log_temperature.fill_(1.0)
+    assert not torch.allclose(tempered(tokens), plain(tokens))
+    sites = module.rewritten_sites(module.ModelSpec(config, learnable_temperature=True), 2, (tokens,))
+    assert (sites["sites"], sites["rewritten"]) == (1, 1)
