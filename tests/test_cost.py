@@ -36,6 +36,7 @@ def test_flop_model_counts_the_products_the_kernels_run(is_causal, groups, monke
     config = ([1.0, 1.0, 0.5], 0.4, is_causal, chunk)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the mode sees this thread only
     monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)  # and torch's products, not C's
+    monkeypatch.setenv("LRCOMPILE_ALGORITHM", "factored")  # n = 96 would be computed directly
     with MatmulFlops() as counted:
         out, denominator, state, exact = factored_attention._init_fn(q, k, v, None, *config, 0.0, "allow", "test")
         factored_attention_backward._init_fn(torch.ones_like(out), q, k, v, None, out, denominator, state, exact,
