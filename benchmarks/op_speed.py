@@ -3,7 +3,9 @@
 CPU (default): runs `lrcompile.bench` twice, d = 64 with degree 2 (r = 2145) and d = 32 with
 degree 3 (r = 6545): heads 4, batch 1, float32, n = 1024 .. 32768, non-causal and causal, forward
 and forward+backward, methods sdpa, math, inductor, lowrank, lowrank_compiled side by side in one
-process.
+process. The low-rank methods run the factored algorithm (LRCOMPILE_ALGORITHM=factored, unless
+set otherwise): the one the cost model's FLOPs and calibration describe; below its switch length
+the op itself would compute a call directly (lrcompile.direct; benchmarks/short_sequences.py).
 
 CUDA (--device cuda): d = 64, degree 2, 16 heads, batch 1, n = 1024 .. 65536, bfloat16 and float32,
 methods sdpa (flash where the dtype has it), inductor (exact attention compiled), lowrank_triton
@@ -168,6 +170,7 @@ def main(argv=None):
     if args.calibrate_from:
         write_calibration(json.loads(args.calibrate_from.read_text()), args.calibration_path)
         return
+    os.environ.setdefault("LRCOMPILE_ALGORITHM", "factored")  # see the module docstring
     results = [bench.run(run_args) for run_args in runs]
     args.json.write_text(json.dumps(results, indent=1))
     plot_times(results, str(args.plot))

@@ -40,6 +40,7 @@ shapes alone, so forward and backward choose alike. LRCOMPILE_ALGORITHM=direct|f
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -71,6 +72,23 @@ def forced_algorithm() -> str:
     if value not in ALGORITHMS:
         raise ValueError(f"LRCOMPILE_ALGORITHM must be one of {ALGORITHMS}, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def algorithm_forced(algorithm: str):
+    """LRCOMPILE_ALGORITHM=algorithm for the duration (read at every call). The cost model's
+    calibration measures the factored algorithm, whose FLOPs it models, under this."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    saved = os.environ.get("LRCOMPILE_ALGORITHM")
+    os.environ["LRCOMPILE_ALGORITHM"] = algorithm
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LRCOMPILE_ALGORITHM", None)
+        else:
+            os.environ["LRCOMPILE_ALGORITHM"] = saved
 
 
 def uses_direct(n_q: int, n_k: int, head_dim: int, value_dim: int, groups: int, degree: int, causal: bool,

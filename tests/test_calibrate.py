@@ -92,3 +92,31 @@ def test_the_shipped_reference_calibration_is_what_its_saved_run_implies():
     assert entry["key"]["name"] == reference["key"]["name"] and entry["batch_heads"] == reference["batch_heads"]
     for field in ("non_causal", "causal", "shortest_crossover"):
         assert entry[field] == pytest.approx(reference[field], rel=1e-12)
+
+
+def test_calibration_times_the_factored_algorithm_whose_flops_the_cost_model_counts(monkeypatch):
+    from lrcompile import direct
+
+    chosen = []
+    uses_direct = direct.uses_direct
+    monkeypatch.setattr(direct, "uses_direct", lambda *args: chosen.append(uses_direct(*args)) or chosen[-1])
+    assert uses_direct(128, 128, 64, 64, 1, 2, False, 512, "cpu")  # left alone, the op would go direct
+    calibrate.measure(sizes=(128,), repeats=1, heads=1, progress_factory=lambda **kwargs: _Silent())
+    assert chosen and not any(chosen)
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *args, **kwargs):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
