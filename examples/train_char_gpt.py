@@ -68,7 +68,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds of its own steps each run may train (long-context)")
     parser.add_argument("--learnable-temperature", action="store_true",
-                        help="scale each head's queries by a learned factor (initially 1), in every run")
+                        help="scale each head's queries by a learned factor (initially --initial-temperature), in every run")
+    parser.add_argument("--initial-temperature", type=float, default=1.0,
+                        help="with --learnable-temperature: the temperature every head starts from")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warm-up")
     parser.add_argument("--eval-every", type=int, default=50, help="evaluate every so many steps")
@@ -170,10 +172,10 @@ class QueryTemperature(nn.Module):
     polynomial-attention literature). The site is still the user's matmul + softmax on new queries.
     """
 
-    def __init__(self, projection: nn.Linear, n_head: int):
+    def __init__(self, projection: nn.Linear, n_head: int, initial: float = 1.0):
         super().__init__()
         self.projection, self.n_head = projection, n_head
-        self.log_temperature = nn.Parameter(torch.zeros(n_head))
+        self.log_temperature = nn.Parameter(torch.full((n_head,), math.log(initial)))
 
     def forward(self, x):
         q, k, v = self.projection(x).split(self.projection.out_features // 3, dim=-1)
@@ -186,12 +188,13 @@ class QueryTemperature(nn.Module):
 class ModelSpec:
     config: GPTConfig
     learnable_temperature: bool = False
+    initial_temperature: float = 1.0
 
     def build(self) -> GPT:
         model = GPT(self.config)
         if self.learnable_temperature:
             for block in model.h:
-                block.attn.c_attn = QueryTemperature(block.attn.c_attn, self.config.n_head)
+                block.attn.c_attn = QueryTemperature(block.attn.c_attn, self.config.n_head, self.initial_temperature)
         return model
 
 
@@ -369,7 +372,7 @@ def main(argv=None) -> dict:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     corpus = load_corpus()
     config = build_config(args, corpus)
-    spec = ModelSpec(config, args.learnable_temperature)
+    spec = ModelSpec(config, args.learnable_temperature, args.initial_temperature)
     degrees = [None] + (args.degrees if args.experiment == "quality" else args.degrees[:1])
     head_dim = args.n_embd // args.n_head
     batches = validation_batches(corpus, args)

@@ -192,3 +192,12 @@ def test_train_char_gpt_learnable_temperature_starts_as_the_plain_model_and_keep
     assert not torch.allclose(tempered(tokens), plain(tokens))
     sites = module.rewritten_sites(module.ModelSpec(config, learnable_temperature=True), 2, (tokens,))
     assert (sites["sites"], sites["rewritten"]) == (1, 1)
+
+
+def test_train_char_gpt_initial_temperature_scales_the_queries_from_the_start():
+    module = example("train_char_gpt")
+    projection = torch.nn.Linear(8, 24)
+    x = torch.randn(2, 5, 8)
+    q, k, v = projection(x).split(8, dim=-1)
+    tempered = module.QueryTemperature(projection, n_head=2, initial=4.0)(x)
+    torch.testing.assert_close(tempered, torch.cat([4.0 * q, k, v], dim=-1))
