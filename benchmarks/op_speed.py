@@ -46,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from lrcompile import bench, calibrate, calibration  # noqa: E402
+from lrcompile import bench, calibrate, calibration, direct  # noqa: E402
 from lrcompile.bench_report import format_report, mask_name  # noqa: E402
 from lrcompile.machine import describe_key  # noqa: E402
 from lrcompile.plots import memory_plot_path, plot_memory, plot_times  # noqa: E402
@@ -170,8 +170,10 @@ def main(argv=None):
     if args.calibrate_from:
         write_calibration(json.loads(args.calibrate_from.read_text()), args.calibration_path)
         return
-    os.environ.setdefault("LRCOMPILE_ALGORITHM", "factored")  # see the module docstring
-    results = [bench.run(run_args) for run_args in runs]
+    # the factored algorithm unless the caller set one (module docstring); for these runs only, as
+    # main() also runs inside other processes (the tests)
+    with direct.algorithm_forced(os.environ.get("LRCOMPILE_ALGORITHM") or "factored"):
+        results = [bench.run(run_args) for run_args in runs]
     args.json.write_text(json.dumps(results, indent=1))
     plot_times(results, str(args.plot))
     if results[0]["settings"]["memory"]:

@@ -35,7 +35,9 @@ times the factored rate on the CPU (measured by benchmarks/short_sequences.py --
 is chosen iff direct_flops < DIRECT_RATE_RATIO * lowrank_flops; on device types without a measured
 ratio the factored algorithm runs. The rule is a function of the
 shapes alone, so forward and backward choose alike. LRCOMPILE_ALGORITHM=direct|factored forces one
-(benchmarks, tests); it must not change between a forward and its backward.
+(benchmarks, tests); it must not change between a forward and its backward, nor between compiling
+a model and running it (the compiled graph's state output has the shape the algorithm chosen at
+compile time gives, and Inductor checks it).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def op_speed():
 def test_the_gpu_methods_run_at_tiny_sizes_on_the_cpu_and_triton_is_skipped_with_its_reason(
         op_speed, tmp_path, monkeypatch, fresh_dynamo):
     monkeypatch.setenv("LRCOMPILE_CALIBRATION", str(tmp_path / "calibration.json"))
+    monkeypatch.delenv("LRCOMPILE_ALGORITHM", raising=False)
     paths = {name: tmp_path / name for name in ("R.md", "op.png", "op.json")}
     op_speed.main(["--device", "cpu", "--n", "64", "128", "--repeats", "1", "--dtypes", "float32",
                    "--configurations", "64:2", "--methods", "sdpa", "lowrank_triton", "lowrank_torch", "--calibrate",
@@ -40,6 +42,8 @@ def test_the_gpu_methods_run_at_tiny_sizes_on_the_cpu_and_triton_is_skipped_with
     found = calibration.lookup("cpu", "torch")
     assert found.calibration is not None and found.description.startswith("this machine's calibration")
     assert "not measured" in "\n".join(op_speed.target_lines([result]))
+    # the factored algorithm was forced for the run only: later calls in this process choose again
+    assert "LRCOMPILE_ALGORITHM" not in os.environ
 
 
 def test_targets_are_the_speed_ups_over_sdpa_in_the_same_run(op_speed):
