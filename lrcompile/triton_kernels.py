@@ -216,6 +216,18 @@ def _store_slice(state_ptr, p, n_slices, d, d_v, slice_v, slice_1, constant_v, c
 
 
 @triton.jit
+def _add_rows_to_slice(x, x_a, x_b, y_v, y_1, slice_v, slice_1, constant_v, constant_1, DOT_PRECISION: tl.constexpr):
+    """Adds rows (x, [y_v | y_1]) to slice p's share of the state: its features are the rows x scaled
+    by x_a x_b (BLOCK_N, D), formed here and never stored; the constant feature's share rides along."""
+    features = (x_a * x_b)[:, None] * x
+    slice_v += tl.dot(tl.trans(features), y_v, input_precision=DOT_PRECISION)
+    slice_1 += tl.sum(features * y_1[:, None], axis=0)
+    constant_v += tl.sum(y_v, axis=0)
+    constant_1 += tl.sum(y_1, axis=0)
+    return slice_v, slice_1, constant_v, constant_1
+
+
+@triton.jit
 def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices,
                   stride_x_head, stride_x_row, stride_y_head, stride_y_row, stride_state_head,
                   BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr,
@@ -242,11 +254,8 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices,
         x_a, x_b = _load_multipliers(x_ptr + rows * stride_x_row, rows, row_mask, a, b, d)
         y_v = _load_rows(y_ptr + rows[:, None] * stride_y_row, rows, row_mask, d_v, DV)
         y_1 = tl.load(y_ptr + rows * stride_y_row + d_v, mask=row_mask, other=0.0).to(tl.float32)
-        features = (x_a * x_b)[:, None] * x  # (BLOCK_N, D): slice p's features of these rows
-        slice_v += tl.dot(tl.trans(features), y_v, input_precision=DOT_PRECISION)
-        slice_1 += tl.sum(features * y_1[:, None], axis=0)
-        constant_v += tl.sum(y_v, axis=0)
-        constant_1 += tl.sum(y_1, axis=0)
+        slice_v, slice_1, constant_v, constant_1 = _add_rows_to_slice(
+            x, x_a, x_b, y_v, y_1, slice_v, slice_1, constant_v, constant_1, DOT_PRECISION)
     _store_slice(state_ptr + head * stride_state_head, p, n_slices, d, d_v, slice_v, slice_1, constant_v, constant_1,
                  D, DV)
 
@@ -428,11 +437,8 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
             k_a, k_b = _load_multipliers(k_ptr + keys * stride_k_row, keys, key_mask, a, b, d)
             w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
             w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
-            features = (k_a * k_b)[:, None] * k
-            slice_v += tl.dot(tl.trans(features), w_v, input_precision=DOT_PRECISION)
-            slice_1 += tl.sum(features * w_1[:, None], axis=0)
-            constant_v += tl.sum(w_v, axis=0)
-            constant_1 += tl.sum(w_1, axis=0)
+            slice_v, slice_1, constant_v, constant_1 = _add_rows_to_slice(
+                k, k_a, k_b, w_v, w_1, slice_v, slice_1, constant_v, constant_1, DOT_PRECISION)
     _store_slice(state_ptr + head * stride_state_head, p, n_slices, d, d_v, slice_v, slice_1, constant_v, constant_1,
                  D, DV)
 
