@@ -418,10 +418,14 @@ class _Sweeps:
                 state.baddbmm_(self.psi(keys[:, ka:kb], psi[..., :kb - ka]), weighted[:, ka:kb])
         return out_hat, state
 
-    def causal_backward(self, rows, keys, weighted, g_rows, state, groups):
+    def causal_backward(self, rows, keys, weighted, g_rows, state, groups, later_query_state=None):
+        """later_query_state: R of queries after the last chunk (context parallelism: the later
+        ranks'), which every key here receives; None is zero."""
         n_q, n_k = rows.shape[1] // groups, keys.shape[1]
         state = self.new_state(keys, weighted.shape[-1]).copy_(state)  # all keys; peeled to S_<c
         query_state = self.new_state(rows, weighted.shape[-1])  # R_>c, grown chunk by chunk
+        if later_query_state is not None:
+            query_state.copy_(later_query_state)
         dq = torch.empty_like(rows)
         dk = torch.zeros_like(keys)  # keys past the last query stay zero: nothing sees them
         key_grads = self.new_rows(keys, n_k, weighted.shape[-1], zero=True)

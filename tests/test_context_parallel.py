@@ -1,0 +1,191 @@
+"""Context parallelism (lrcompile.context_parallel): a sequence sharded over 2 and 4 gloo ranks gives the
+outputs and every gradient of one process running lowrank_attention on the whole sequence.
+
+Inputs are fresh random float64 tensors with scores in about [-3, 3] (entries of q, k ~ N(0, 1),
+d = 8, scale 1/sqrt(d)); everything is float64, so the only difference from one process is the
+order of summation: agreement to 1e-5 relative to each tensor's largest entry is required (seen:
+about 1e-15). Every rank group runs with a process-group timeout of RANK_TIMEOUT_S and the parent
+kills ranks still running after JOIN_TIMEOUT_S, so a hang fails a test instead of holding CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+import warnings
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lrcompile
+from lrcompile.context_parallel import (ContextParallelError, collectives, context_parallel_attention,
+                                        counting_payloads)
+
+TOLERANCE = 1e-5
+RANK_TIMEOUT_S = 20     # the process group's timeout: a collective waiting on a dead rank fails after it
+JOIN_TIMEOUT_S = 240    # the parent's limit on a whole group of ranks
+B, H, D, N_PER_RANK, CHUNK = 2, 4, 8, 6, 4
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+# ---- running ranks ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, out_dir, task, args):
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
+    try:
+        result = task(rank, world_size, *args)
+    except BaseException as error:  # noqa: BLE001 - reported to the parent as data
+        result = {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__,
+                  "traceback": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Leave without destructors: a process group whose peer died can block in them (results are on disk).
+    os._exit(0)
+
+
+def run_ranks(task, world_size, tmp_path, *args) -> list[dict]:
+    """task(rank, world_size, *args) -> dict on each of world_size gloo ranks; their results."""
+    context = mp.start_processes(_rank_main, args=(world_size, _free_port(), str(tmp_path), task, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world_size} ranks did not finish within {JOIN_TIMEOUT_S} s")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+def _no_errors(results):
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result.get('traceback', result.get('error'))}"
+
+
+# ---- the cases --------------------------------------------------------------------------------
+# Each case builds the whole sequence's inputs from a seed (the same on every rank and in the parent)
+# and says how a rank slices them: ranks hold contiguous slices of the sequence axis.
+
+CASES = {
+    # name: (causal, query heads, key/value heads, mask kind, queries per rank (None: same as keys))
+    "non_causal": (False, H, H, None, None),
+    "causal": (True, H, H, None, None),
+    "non_causal_key_padding": (False, H, H, "bool", None),
+    "causal_float_key_padding": (True, H, H, "float", None),
+    "non_causal_gqa": (False, H, 2, None, None),
+    "causal_gqa_key_padding": (True, H, 2, "bool", None),
+    "cross_attention": (False, H, H, "bool", 5),
+}
+
+
+def case_inputs(name, world_size):
+    causal, q_heads, kv_heads, mask_kind, q_per_rank = CASES[name]
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) + world_size)
+    n_k = N_PER_RANK * world_size
+    n_q = (q_per_rank or N_PER_RANK) * world_size
+    randn = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator)  # noqa: E731
+    inputs = {"q": randn(B, q_heads, n_q, D), "k": randn(B, kv_heads, n_k, D), "v": randn(B, kv_heads, n_k, D),
+              "weights": randn(B, q_heads, n_q, D)}  # the loss is sum(out * weights)
+    if mask_kind is not None:
+        keep = torch.rand(B, 1, 1, n_k, generator=generator) > 0.3
+        keep[0, ..., :N_PER_RANK + 2] = False  # batch 0: rank 0 holds no valid key at all
+        keep[..., -1] = True
+        inputs["mask"] = keep if mask_kind == "bool" else torch.where(keep, randn(B, 1, 1, n_k), float("-inf"))
+    return inputs
+
+
+def _slice(t, rank, world_size):
+    size = t.shape[-2] // world_size
+    return t[..., rank * size:(rank + 1) * size, :]
+
+
+def _mask_slice(mask, rank, world_size):
+    size = mask.shape[-1] // world_size
+    return mask[..., rank * size:(rank + 1) * size]
+
+
+def _attention_and_grads(attention, inputs, causal, gqa):
+    leaves = {name: inputs[name].clone().requires_grad_(True) for name in ("q", "k", "v")}
+    mask = inputs.get("mask")
+    if mask is not None and mask.is_floating_point():
+        leaves["mask"] = mask.clone().requires_grad_(True)
+        mask = leaves["mask"]
+    out = attention(leaves["q"], leaves["k"], leaves["v"], attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                    chunk_size=CHUNK)
+    (out * inputs["weights"]).sum().backward()
+    return {"out": out.detach(), **{f"d{name}": t.grad for name, t in leaves.items()}}
+
+
+def numeric_cases(rank, world_size):
+    group = dist.group.WORLD
+    results = {}
+    for name, (causal, q_heads, kv_heads, _, _) in CASES.items():
+        full = case_inputs(name, world_size)
+        mine = {key: (_mask_slice(t, rank, world_size) if key == "mask" else _slice(t, rank, world_size))
+                for key, t in full.items()}
+        attention = lambda *a, **kw: context_parallel_attention(*a, group=group, **kw)  # noqa: E731
+        with counting_payloads() as payloads:
+            results[name] = _attention_and_grads(attention, mine, causal, q_heads != kv_heads)
+        results[name]["payloads"] = list(payloads)
+    return results
+
+
+def assert_close(actual, expected, what):
+    scale = max(1.0, expected.abs().max().item())
+    error = (actual - expected).abs().max().item()
+    assert error <= TOLERANCE * scale, f"{what}: max error {error:.3g}"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_attention_and_its_gradients_equal_one_process_on_the_whole_sequence(world_size, tmp_path):
+    results = run_ranks(numeric_cases, world_size, tmp_path)
+    _no_errors(results)
+    for name, (causal, q_heads, kv_heads, _, _) in CASES.items():
+        full = case_inputs(name, world_size)
+        expected = _attention_and_grads(lrcompile.lowrank_attention, full, causal, q_heads != kv_heads)
+        for key, tensor in expected.items():
+            pieces = [result[name][key] for result in results]
+            cut = -1 if key == "dmask" else -2
+            whole = torch.cat(pieces, dim=cut)
+            assert whole.shape == tensor.shape, f"{name} {key}: {whole.shape} vs {tensor.shape}"
+            assert_close(whole, tensor, f"{name}, {world_size} ranks, {key}")
+
+
+def test_exchanged_state_does_not_grow_with_the_sequence(tmp_path):
+    """The collectives' payloads are the states listed by `collectives`, whatever n (2 ranks)."""
+    results = run_ranks(_payloads_at_lengths, 2, tmp_path, (8, 32))
+    _no_errors(results)
+    short, long = results[0]["payloads"]
+    assert short == long
+    for causal, payloads in ((False, short[0]), (True, short[1])):
+        listed = collectives(causal, B * H, D, D, 2, 2)
+        assert [op for op, _ in payloads] == [c.op for c in listed]
+        assert [size for _, size in payloads] == [c.elements * 8 for c in listed]
+
+
+def _payloads_at_lengths(rank, world_size, lengths):
+    out = []
+    for n in lengths:
+        per_length = []
+        for causal in (False, True):
+            q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+            with counting_payloads() as payloads:
+                context_parallel_attention(q, k, v, is_causal=causal, group=dist.group.WORLD).sum().backward()
+            per_length.append(list(payloads))
+        out.append(per_length)
+    return {"payloads": out}
