@@ -30,6 +30,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
 from lrcompile.attention import lowrank_attention, measured_score_range
+from lrcompile.context_parallel import check_context_parallel_sites, context_parallel_attention
 from lrcompile.policy import Decision, Policy, decide, unmatched_patterns
 from passes import AttentionSite, find_attention_sites, higher_order, replace_attention_site
 from passes.graph_walk import module_paths
@@ -127,11 +128,16 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
 
         if config_patches:
             inner = functools.partial(inner, config_patches=config_patches)
+    # Under context parallelism the original graph is no fallback: its attention would see only
+    # this rank's slice of the sequence, a different function. Failures propagate instead.
+    sharded = policy.context_parallel is not None
     try:
         result = rewrite_graph(gm, example_inputs, policy)
     except _MUST_PROPAGATE:
         raise
     except Exception as error:  # noqa: BLE001 - any failure of ours falls back to the original graph
+        if sharded:
+            raise
         warnings.warn(f"lrcompile: rewriting failed ({type(error).__name__}: {error}); compiling the graph of "
                       f"{_modules_of(gm)} unchanged: its attention stays exact", stacklevel=2)
         return inner(gm, example_inputs)
@@ -144,6 +150,8 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
     except _MUST_PROPAGATE:
         raise
     except Exception as error:  # noqa: BLE001
+        if sharded:
+            raise
         names = ", ".join(f"{site.name} ({site.module_path or 'root'})" for site in result.rewritten)
         warnings.warn(f"lrcompile: compiling the rewritten graph failed ({type(error).__name__}: {error}); "
                       f"sites {names} stay exact attention", stacklevel=2)
@@ -179,10 +187,13 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, meas
         result.decisions.append((site, decision))
         if not decision.rewrite and not site.supported:
             _on_unsupported(site, policy)
+    if policy.context_parallel is not None:
+        check_context_parallel_sites(result.decisions)
     for site, decision in result.decisions:
         if decision.rewrite:
+            attention = context_parallel_attention if decision.context_parallel is not None else lowrank_attention
             try:
-                replace_attention_site(working, site, lowrank_attention, **decision.lowrank_kwargs)
+                replace_attention_site(working, site, attention, **decision.lowrank_kwargs)
             except Exception as error:
                 raise RuntimeError(f"replacing site {site.name} ({site.module_path or 'root'}) failed: {error}") from error
     result.code_after = higher_order.code_with_bodies(working)

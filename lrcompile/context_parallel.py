@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import zlib
 from typing import NamedTuple
 
 import torch
@@ -352,7 +353,7 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def check_agreement(where: ContextGroup, values: list[int]):
+def check_agreement(where: ContextGroup, values: list[int], fields=SIGNATURE_FIELDS):
     """ValueError on every rank unless all ranks of the group hand in the same values (plain
     torch.distributed, outside any compiled graph)."""
     from torch.distributed.distributed_c10d import _resolve_process_group
@@ -367,14 +368,45 @@ def check_agreement(where: ContextGroup, values: list[int]):
             f"context-parallel attention, rank {where.rank} of {where.size}: the shape check did not complete: a "
             f"rank failed, or did not reach it within the process group's timeout ({type(error).__name__}: "
             f"{error})") from error
-    differing = [name for column, name in enumerate(SIGNATURE_FIELDS[:len(values)])
+    differing = [name for column, name in enumerate(fields[:len(values)])
                  if not bool((everyone[:, column] == everyone[0, column]).all())]
     if differing:
-        rows = "; ".join(f"rank {rank}: {dict(zip(SIGNATURE_FIELDS, everyone[rank].tolist()))}"
+        rows = "; ".join(f"rank {rank}: {dict(zip(fields, everyone[rank].tolist()))}"
                          for rank in range(where.size) if rank in (0, where.rank) or bool(
                              (everyone[rank] != everyone[0]).any()))
         raise ValueError(f"context-parallel attention: the ranks of group {where.name!r} disagree on "
                          f"{', '.join(differing)}; only the sequence axis may differ between ranks ({rows})")
+
+
+def check_context_parallel_sites(decisions):
+    """The backend's check, at compile time, for a graph rewritten under Policy(context_parallel=...).
+
+    A site kept exact would attend only to this rank's slice: ValueError unless the policy's
+    include/exclude patterns chose to keep it. Then every rank must have rewritten the same sites
+    (kind, degree, sizes): checked by one all-gather, outside the compiled graph.
+    """
+    kept = [(site, decision) for site, decision in decisions if not decision.rewrite and not decision.chosen_by_user]
+    if kept:
+        site, decision = kept[0]
+        raise ValueError(f"under context parallelism attention site {site.name} ({site.module_path or 'root'}) cannot "
+                         f"be kept exact: it would attend only to this rank's slice of the sequence; it was kept "
+                         f"because {decision.reason}. Exclude it by pattern if its inputs are not sharded")
+    rewritten = [(site, decision) for site, decision in decisions if decision.rewrite]
+    if not rewritten:
+        return
+    where = rewritten[0][1].context_parallel
+    described = repr([(site.is_causal, decision.degree, [_size(x) for x in site.query_shape[:-2]],
+                       _size(site.query_shape[-1]), _size(site.value_shape[-1])) for site, decision in rewritten])
+    check_agreement(where, [len(rewritten), zlib.crc32(described.encode())], fields=(
+        "number of rewritten attention sites", "the sites' causality, degree, heads and dimensions"))
+
+
+def _size(x) -> int:
+    """An int size, or a symbolic one's value on the example inputs (no guard installed)."""
+    if isinstance(x, int):
+        return x
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    return int(hint) if hint is not None else -1
 
 
 # ---- the sweeps, as custom ops ----------------------------------------------------------------

@@ -46,6 +46,9 @@ class Policy:
     max_error: float = 0.01  # largest estimated output error a call may have (lrcompile.guard)
     on_inaccurate: str = "exact"  # "exact" | "warn" | "error" | "allow": what a call above max_error does
     memory_budget: int | None = None  # bytes a site's feature states may take; None: DEFAULT_MEMORY_BUDGET
+    # A ProcessGroup, 1-D DeviceMesh or group name the sequence is sharded over (lrcompile.context_parallel):
+    # rewritten sites exchange states with the other ranks. None: every rank attends to its own tensors.
+    context_parallel: object = None
 
     def __post_init__(self):
         for name in ("include", "exclude"):
@@ -87,12 +90,27 @@ class Policy:
             raise ValueError(f"causal_chunk must be a positive int or None, got {self.causal_chunk!r}")
         if self.on_unsupported not in ON_UNSUPPORTED:
             raise ValueError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {self.on_unsupported!r}")
+        if self.context_parallel is not None:
+            _check_context_parallel(self)
 
     @property
     def needs_score_range(self) -> bool:
         """Whether decisions depend on the sites' score ranges (measured when bound is None)."""
         return (self.degree == "auto" or self.tolerance is not None
                 or needs_bound(self.degree, self.approximation))
+
+
+def _check_context_parallel(policy: Policy):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = policy.context_parallel
+    if not isinstance(group, (torch.distributed.ProcessGroup, DeviceMesh, str)):
+        raise TypeError(f"context_parallel must be a ProcessGroup, a one-dimensional DeviceMesh or a group name, "
+                        f"got {type(group).__name__}")
+    if policy.on_inaccurate != "allow":
+        raise ValueError(f"context_parallel needs on_inaccurate='allow' (got {policy.on_inaccurate!r}): the accuracy "
+                         f"guard's exact fallback needs every key on one rank, so under context parallelism the "
+                         f"polynomial is the model")
 
 
 def _check_type(name, value, types, accepted):
@@ -115,6 +133,8 @@ class Decision:
     flops_lowrank: float | None = None
     kernel: kernels.Choice | None = None  # the implementation (and sweep) the site's calls run
     config: KernelConfig | None = None  # what the kernel runs with, when rewritten
+    context_parallel: object = None  # lrcompile.context_parallel.ContextGroup, when the site's calls exchange states
+    chosen_by_user: bool = False  # kept by the policy's include/exclude patterns
     lowrank_kwargs: dict = field(default_factory=dict)  # passed to lowrank_attention: config, memory_budget
     calibration: str = ""  # which cost-model calibration decided, or why none applies ("" : cost model off)
 
@@ -123,10 +143,10 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     """The decision for one `passes.AttentionSite` under `policy`."""
     path = site.module_path or "<root>"
     if policy.include and not any(fnmatch.fnmatchcase(path, p) for p in policy.include):
-        return Decision(False, f"module {path} matches no include pattern {list(policy.include)}")
+        return Decision(False, f"module {path} matches no include pattern {list(policy.include)}", chosen_by_user=True)
     matched = [p for p in policy.exclude if fnmatch.fnmatchcase(path, p)]
     if matched:
-        return Decision(False, f"module {path} excluded by pattern {matched[0]!r}")
+        return Decision(False, f"module {path} excluded by pattern {matched[0]!r}", chosen_by_user=True)
     if not site.supported:
         return Decision(False, site.reason)
 
@@ -172,6 +192,12 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     decision.config = KernelConfig(decision.kernel.implementation, tuple(polynomial.coefficients), int(chunk),
                                    float(policy.max_error), policy.on_inaccurate, site_label(site))
     decision.lowrank_kwargs = dict(config=decision.config, memory_budget=policy.memory_budget)
+    if policy.context_parallel is not None:
+        from lrcompile.context_parallel import resolve_group
+
+        decision.context_parallel = resolve_group(policy.context_parallel)
+        # the group by name: a string is what an FX graph (and a functional collective) can hold
+        decision.lowrank_kwargs["group"] = decision.context_parallel.name
     return decision
 
 

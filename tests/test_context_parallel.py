@@ -189,3 +189,99 @@ def _payloads_at_lengths(rank, world_size, lengths):
             per_length.append(list(payloads))
         out.append(per_length)
     return {"payloads": out}
+
+
+# ---- a compiled GPT, trained with the sequence sharded ----------------------------------------
+
+GPT_BATCH, GPT_SEQ, GPT_STEPS, GPT_LR = 2, 16, 3, 0.5
+
+
+def gpt_policy(group=None):
+    return lrcompile.Policy(degree=2, cost_model=False, on_inaccurate="allow", causal_chunk=4, context_parallel=group)
+
+
+def make_gpt():
+    from lrcompile.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=GPT_SEQ, vocab_size=32, n_layer=2, n_head=2, n_embd=16)).double()
+
+
+def gpt_data():
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 32, (GPT_BATCH, GPT_SEQ + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_gpt(model, step_loss, all_reduce_grads=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=GPT_LR)
+    for _ in range(GPT_STEPS):
+        optimizer.zero_grad()
+        step_loss().backward()
+        if all_reduce_grads is not None:
+            all_reduce_grads()
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def gpt_training(rank, world_size, data_parallel):
+    """Ranks (dp, cp) of a data_parallel x (world_size / data_parallel) mesh: each dp replica a
+    share of the batch, each cp rank a contiguous slice of its sequence. Every shard has as many
+    tokens, so the mean of the ranks' mean losses is the mean loss over the whole batch."""
+    import lrcompile.compiler
+
+    context = world_size // data_parallel
+    if data_parallel > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.nn.parallel import DistributedDataParallel
+
+        mesh = init_device_mesh("cpu", (data_parallel, context), mesh_dim_names=("dp", "cp"))
+        group, dp_rank, cp_rank = mesh["cp"], mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
+    else:
+        group, dp_rank, cp_rank = dist.group.WORLD, 0, rank
+    sharded_sites = []
+    original = lrcompile.compiler.rewrite_graph
+
+    def counting(*args, **kwargs):
+        result = original(*args, **kwargs)
+        sharded_sites.extend(d.context_parallel for _, d in result.decisions if d.context_parallel is not None)
+        return result
+
+    lrcompile.compiler.rewrite_graph = counting  # this child process only
+    model = make_gpt()
+    wrapped = DistributedDataParallel(model) if data_parallel > 1 else model
+    compiled = torch.compile(wrapped, backend=lrcompile.backend(gpt_policy(group)))
+    idx, targets = gpt_data()
+    rows = GPT_BATCH // data_parallel
+    n = GPT_SEQ // context
+    mine = lambda t: t[dp_rank * rows:(dp_rank + 1) * rows, cp_rank * n:(cp_rank + 1) * n]  # noqa: E731
+
+    def all_reduce_grads():  # DDP does this when data_parallel > 1
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+
+    parameters = train_gpt(model, lambda: compiled(mine(idx), mine(targets), position_offset=cp_rank * n)[1],
+                           None if data_parallel > 1 else all_reduce_grads)
+    return {"parameters": parameters, "sharded_sites": len(sharded_sites)}
+
+
+def _one_process_gpt():
+    torch._dynamo.reset()
+    model = make_gpt()
+    compiled = torch.compile(model, backend=lrcompile.backend(gpt_policy()))
+    idx, targets = gpt_data()
+    parameters = train_gpt(model, lambda: compiled(idx, targets)[1])
+    torch._dynamo.reset()
+    return parameters
+
+
+@pytest.mark.parametrize("world_size, data_parallel", [(2, 1), (4, 2)], ids=["cp2", "ddp2xcp2"])
+def test_compiled_gpt_trained_with_the_sequence_sharded_ends_as_one_process(world_size, data_parallel, tmp_path):
+    results = run_ranks(gpt_training, world_size, tmp_path, data_parallel)
+    _no_errors(results)
+    expected = _one_process_gpt()
+    for rank, result in enumerate(results):
+        assert result["sharded_sites"] >= 2, f"rank {rank}: the two attention sites were not rewritten sharded"
+        for name, p in expected.items():
+            assert_close(result["parameters"][name], p, f"rank {rank}, {name} after {GPT_STEPS} steps")
