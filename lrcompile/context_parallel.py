@@ -138,6 +138,26 @@ def collectives(causal: bool, batch_heads: int, head_dim: int, value_dim: int, d
                    Collective("backward", "all_reduce", "gradient of the key sum", stats)]
 
 
+def describe(decision, site) -> str:
+    """The context-parallel part of a rewritten site, for lrcompile.explain."""
+    where = decision.context_parallel
+    batch_heads = 1
+    for size in site.key_shape[:-2]:
+        batch_heads *= max(_size(size), 1)
+    listed = collectives(site.is_causal, batch_heads, _size(site.query_shape[-1]), _size(site.value_shape[-1]),
+                         decision.degree, where.size)
+    from lrcompile.policy import _dtype
+
+    element_bytes = kernels.compute_dtype(_dtype(site)).itemsize
+    parts = [f"{c.phase} {c.op} of {c.what} ({c.elements} numbers, {_kib(c.bytes_sent(where.size, element_bytes))} "
+             f"sent per rank)" for c in listed]
+    return f"rank {where.rank} of {where.size} (group {where.name!r}): " + "; ".join(parts)
+
+
+def _kib(size: float) -> str:
+    return f"{size / 1024:.3g} KiB"
+
+
 _PAYLOADS: list[tuple[str, int]] | None = None
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lrcompile.compiler import Rewrite, rewrite_graph
+from lrcompile.context_parallel import describe
 from lrcompile import guard
 from lrcompile.policy import Policy, site_label, unmatched_patterns
 
@@ -49,6 +50,8 @@ class Site:
     implementation: str = ""              # what runs a rewritten site's calls (lrcompile.kernels): "c",
                                           # "triton", "torch" or "c features, torch sweep"; "" when kept
     calibration: str = ""                 # which cost-model calibration decided, or why none applies
+    context_parallel: str = ""            # the collectives a sharded site runs (lrcompile.context_parallel); ""
+                                          # when the policy has no context_parallel group
 
 
 @dataclass
@@ -138,6 +141,7 @@ def _sites_of(rewrite: Rewrite) -> list[Site]:
             label=site_label(site),
             implementation=decision.kernel.label if decision.rewrite and decision.kernel is not None else "",
             calibration=decision.calibration,
+            context_parallel=describe(decision, site) if decision.rewrite and decision.context_parallel else "",
         ))
     return sites
 
@@ -194,6 +198,14 @@ def format_report(report: Report) -> str:
     if calibrations:
         out.append("")
         out += [f"cost model: {description}" for description in calibrations]
+    sharded = [(s.module, s.context_parallel) for s in report.sites if s.context_parallel]
+    if sharded:
+        out.append("")
+        out.append("context parallelism (the sequence sharded over the group; these collectives are functional "
+                   "collectives in the compiled forward and backward graphs):")
+        out += [f"  {module}: {collectives}" for module, collectives in sharded]
+        out.append("  outside the compiled graphs: the check that every rank rewrote the same sites, one all-gather "
+                   "per graph at compile time")
     notes = [(s.module, s.notes) for s in report.sites if s.notes]
     if notes:
         out.append("")

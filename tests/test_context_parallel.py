@@ -276,7 +276,10 @@ def _one_process_gpt():
     return parameters
 
 
-@pytest.mark.parametrize("world_size, data_parallel", [(2, 1), (4, 2)], ids=["cp2", "ddp2xcp2"])
+@pytest.mark.parametrize("world_size, data_parallel", [
+    (2, 1),
+    pytest.param(4, 2, marks=pytest.mark.slow),  # four processes compiling on two cores: about two minutes
+], ids=["cp2", "ddp2xcp2"])
 def test_compiled_gpt_trained_with_the_sequence_sharded_ends_as_one_process(world_size, data_parallel, tmp_path):
     results = run_ranks(gpt_training, world_size, tmp_path, data_parallel)
     _no_errors(results)
@@ -285,3 +288,66 @@ def test_compiled_gpt_trained_with_the_sequence_sharded_ends_as_one_process(worl
         assert result["sharded_sites"] >= 2, f"rank {rank}: the two attention sites were not rewritten sharded"
         for name, p in expected.items():
             assert_close(result["parameters"][name], p, f"rank {rank}, {name} after {GPT_STEPS} steps")
+
+
+def explain_sharded(rank, world_size):
+    """lrcompile.explain of the GPT under Policy(context_parallel=...), on every rank."""
+    model = make_gpt()
+    idx, _ = gpt_data()
+    n = GPT_SEQ // world_size
+    report = lrcompile.explain(model, idx[:, rank * n:(rank + 1) * n], policy=gpt_policy(dist.group.WORLD),
+                               position_offset=rank * n)
+    return {"text": str(report), "sites": [s.context_parallel for s in report.sites],
+            "forward": "\n".join(report.graphs["aot_forward"]), "backward": "\n".join(report.graphs["aot_backward"])}
+
+
+def test_explain_shows_the_sharded_sites_and_their_collectives_in_the_graphs(tmp_path):
+    results = run_ranks(explain_sharded, 2, tmp_path)
+    _no_errors(results)
+    for rank, result in enumerate(results):
+        assert len(result["sites"]) == 2 and all(f"rank {rank} of 2" in s for s in result["sites"]), result["text"]
+        assert "forward all_gather of key states" in result["sites"][0]
+        assert "backward reduce_scatter of query states" in result["sites"][0]
+        assert "context parallelism" in result["text"] and "outside the compiled graphs" in result["text"]
+        # the collectives are functional collectives inside AOTAutograd's graphs, beside the sweeps
+        assert "_c10d_functional.all_gather_into_tensor" in result["forward"]
+        assert "lrcompile.context_causal_local" in result["forward"]
+        assert "_c10d_functional.reduce_scatter_tensor" in result["backward"]
+        assert "lrcompile.context_causal_local_backward" in result["backward"]
+
+
+# ---- failures ---------------------------------------------------------------------------------
+
+def mismatch_then_rank_failure(rank, world_size):
+    """First the ranks disagree on the heads; then rank 1 dies and rank 0 calls again."""
+    group = dist.group.WORLD
+    heads = H if rank == 0 else H // 2
+    q, k, v = (torch.randn(B, heads, N_PER_RANK, D, dtype=torch.float64) for _ in range(3))
+    result = {}
+    try:
+        context_parallel_attention(q, k, v, group=group)
+    except ValueError as error:
+        result["mismatch"] = str(error)
+    if rank == 1:
+        os._exit(0)  # dies without a word: rank 0's next collective has no partner
+    q, k, v = (torch.randn(B, H, N_PER_RANK, D, dtype=torch.float64) for _ in range(3))
+    try:
+        context_parallel_attention(q, k, v, is_causal=True, group=group)
+    except ContextParallelError as error:
+        result["failure"] = str(error)
+    return result
+
+
+def test_mismatched_shapes_and_a_dead_rank_raise_clear_errors_within_the_timeout(tmp_path):
+    context = mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path), mismatch_then_rank_failure, ()),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"rank 0 still waited on its dead peer after {JOIN_TIMEOUT_S} s")
+    result = torch.load(tmp_path / "rank0.pt")
+    assert "error" not in result, result.get("traceback")
+    assert "disagree on batch x key/value heads" in result["mismatch"]
+    assert "rank failed" in result["failure"] and "rank 0 of 2" in result["failure"]
