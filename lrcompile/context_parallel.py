@@ -540,7 +540,8 @@ def context_causal_local(rows: torch.Tensor, keys: torch.Tensor, weighted: torch
 @context_causal_local.register_fake
 def _(rows, keys, weighted, coefficients, chunk_size, implementation):
     r = feature_dim(keys.shape[-1], len(coefficients) - 1)
-    return rows.new_empty(rows.shape[:-1] + (weighted.shape[-1],)), keys.new_empty(keys.shape[:2] + (r, weighted.shape[-1]))
+    out_hat = rows.new_empty(rows.shape[:-1] + (weighted.shape[-1],))
+    return out_hat, keys.new_empty(keys.shape[:2] + (r, weighted.shape[-1]))
 
 
 @torch.library.custom_op("lrcompile::context_causal_local_backward", mutates_args=())
@@ -580,11 +581,6 @@ def _causal_local_autograd(ctx, grad_out, grad_state):
 
 
 context_causal_local.register_autograd(_causal_local_autograd, setup_context=_causal_local_setup)
-
-
-def payload_elements(causal: bool, batch_heads: int, head_dim: int, value_dim: int, degree: int) -> int:
-    """Numbers per rank in the largest collective of a call (the state), independent of n."""
-    return batch_heads * feature_dim(head_dim, degree) * (value_dim + 1)
 
 
 def ring_attention_bytes(n: int, world_size: int, head_dim: int, value_dim: int, element_bytes: int,

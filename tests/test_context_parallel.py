@@ -170,7 +170,7 @@ def test_exchanged_state_does_not_grow_with_the_sequence(tmp_path):
     """The collectives' payloads are the states listed by `collectives`, whatever n (2 ranks)."""
     results = run_ranks(_payloads_at_lengths, 2, tmp_path, (8, 32))
     _no_errors(results)
-    short, long = results[0]["payloads"]
+    short, long = results[0]["payloads_by_length"]
     assert short == long
     for causal, payloads in ((False, short[0]), (True, short[1])):
         listed = collectives(causal, B * H, D, D, 2, 2)
@@ -188,7 +188,7 @@ def _payloads_at_lengths(rank, world_size, lengths):
                 context_parallel_attention(q, k, v, is_causal=causal, group=dist.group.WORLD).sum().backward()
             per_length.append(list(payloads))
         out.append(per_length)
-    return {"payloads": out}
+    return {"payloads_by_length": out}
 
 
 # ---- a compiled GPT, trained with the sequence sharded ----------------------------------------
