@@ -72,6 +72,27 @@ def run_ranks(task, world_size, tmp_path, *args) -> list[dict]:
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
 
 
+def several(rank, world_size, tasks):
+    """Several tasks on one set of ranks, since starting ranks costs seconds: {name: result}."""
+    results = {}
+    for name, (task, args) in tasks.items():
+        try:
+            results[name] = task(rank, world_size, *args)
+        except Exception as error:  # noqa: BLE001 - reported to the test of that task
+            results[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every test's work for two ranks, run once: {task name: [result of each rank]}."""
+    tasks = {"numeric": (numeric_cases, ()), "payloads": (_payloads_at_lengths, ((8, 32),)),
+             "gpt": (gpt_training, (1,)), "explain": (explain_sharded, ())}
+    results = run_ranks(several, 2, tmp_path_factory.mktemp("two_ranks"), tasks)
+    _no_errors(results)
+    return {name: [result[name] for result in results] for name in tasks}
+
+
 def _no_errors(results):
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('traceback', result.get('error'))}"
@@ -152,8 +173,11 @@ def assert_close(actual, expected, what):
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_sharded_attention_and_its_gradients_equal_one_process_on_the_whole_sequence(world_size, tmp_path):
-    results = run_ranks(numeric_cases, world_size, tmp_path)
+def test_sharded_attention_and_its_gradients_equal_one_process_on_the_whole_sequence(world_size, request):
+    if world_size == 2:
+        results = request.getfixturevalue("two_ranks")["numeric"]
+    else:
+        results = run_ranks(numeric_cases, world_size, request.getfixturevalue("tmp_path"))
     _no_errors(results)
     for name, (causal, q_heads, kv_heads, _, _) in CASES.items():
         full = case_inputs(name, world_size)
@@ -166,9 +190,9 @@ def test_sharded_attention_and_its_gradients_equal_one_process_on_the_whole_sequ
             assert_close(whole, tensor, f"{name}, {world_size} ranks, {key}")
 
 
-def test_exchanged_state_does_not_grow_with_the_sequence(tmp_path):
+def test_exchanged_state_does_not_grow_with_the_sequence(two_ranks):
     """The collectives' payloads are the states listed by `collectives`, whatever n (2 ranks)."""
-    results = run_ranks(_payloads_at_lengths, 2, tmp_path, (8, 32))
+    results = two_ranks["payloads"]
     _no_errors(results)
     short, long = results[0]["payloads_by_length"]
     assert short == long
@@ -261,8 +285,11 @@ def gpt_training(rank, world_size, data_parallel):
             dist.all_reduce(p.grad)
             p.grad /= world_size
 
-    parameters = train_gpt(model, lambda: compiled(mine(idx), mine(targets), position_offset=cp_rank * n)[1],
-                           None if data_parallel > 1 else all_reduce_grads)
+    try:
+        parameters = train_gpt(model, lambda: compiled(mine(idx), mine(targets), position_offset=cp_rank * n)[1],
+                               None if data_parallel > 1 else all_reduce_grads)
+    finally:
+        lrcompile.compiler.rewrite_graph = original
     return {"parameters": parameters, "sharded_sites": len(sharded_sites)}
 
 
@@ -280,8 +307,11 @@ def _one_process_gpt():
     (2, 1),
     pytest.param(4, 2, marks=pytest.mark.slow),  # four processes compiling on two cores: about two minutes
 ], ids=["cp2", "ddp2xcp2"])
-def test_compiled_gpt_trained_with_the_sequence_sharded_ends_as_one_process(world_size, data_parallel, tmp_path):
-    results = run_ranks(gpt_training, world_size, tmp_path, data_parallel)
+def test_compiled_gpt_trained_with_the_sequence_sharded_ends_as_one_process(world_size, data_parallel, request):
+    if world_size == 2:
+        results = request.getfixturevalue("two_ranks")["gpt"]
+    else:
+        results = run_ranks(gpt_training, world_size, request.getfixturevalue("tmp_path"), data_parallel)
     _no_errors(results)
     expected = _one_process_gpt()
     for rank, result in enumerate(results):
@@ -292,6 +322,7 @@ def test_compiled_gpt_trained_with_the_sequence_sharded_ends_as_one_process(worl
 
 def explain_sharded(rank, world_size):
     """lrcompile.explain of the GPT under Policy(context_parallel=...), on every rank."""
+    torch._dynamo.reset()
     model = make_gpt()
     idx, _ = gpt_data()
     n = GPT_SEQ // world_size
@@ -301,8 +332,8 @@ def explain_sharded(rank, world_size):
             "forward": "\n".join(report.graphs["aot_forward"]), "backward": "\n".join(report.graphs["aot_backward"])}
 
 
-def test_explain_shows_the_sharded_sites_and_their_collectives_in_the_graphs(tmp_path):
-    results = run_ranks(explain_sharded, 2, tmp_path)
+def test_explain_shows_the_sharded_sites_and_their_collectives_in_the_graphs(two_ranks):
+    results = two_ranks["explain"]
     _no_errors(results)
     for rank, result in enumerate(results):
         assert len(result["sites"]) == 2 and all(f"rank {rank} of 2" in s for s in result["sites"]), result["text"]
