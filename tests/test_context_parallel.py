@@ -382,3 +382,23 @@ def test_mismatched_shapes_and_a_dead_rank_raise_clear_errors_within_the_timeout
     assert "error" not in result, result.get("traceback")
     assert "disagree on batch x key/value heads" in result["mismatch"]
     assert "rank failed" in result["failure"] and "rank 0 of 2" in result["failure"]
+
+
+def test_policy_takes_a_group_only_where_the_polynomial_is_the_model():
+    with pytest.raises(TypeError, match="ProcessGroup, a one-dimensional DeviceMesh or a group name"):
+        lrcompile.Policy(context_parallel=object(), on_inaccurate="allow")
+    with pytest.raises(ValueError, match="needs on_inaccurate='allow'"):
+        lrcompile.Policy(context_parallel="some-group")
+    assert lrcompile.Policy(context_parallel="some-group", on_inaccurate="allow").context_parallel == "some-group"
+
+
+def test_a_site_kept_exact_under_context_parallelism_is_an_error_unless_excluded_by_pattern():
+    from types import SimpleNamespace
+
+    from lrcompile.context_parallel import check_context_parallel_sites
+    from lrcompile.policy import Decision
+
+    site = SimpleNamespace(name="softmax", module_path="h.0.attn")
+    with pytest.raises(ValueError, match="would attend only to this rank's slice"):
+        check_context_parallel_sites([(site, Decision(False, "attn_mask varies along the query axis"))])
+    check_context_parallel_sites([(site, Decision(False, "excluded by pattern", chosen_by_user=True))])  # no error
