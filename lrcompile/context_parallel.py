@@ -33,12 +33,13 @@ So per layer and head a rank exchanges r (d_v + 1) numbers (plus d + 1) twice no
 P r (d_v + 1) causally (the all-gather); `collectives` lists them and
 benchmarks/context_parallel.py compares their bytes with ring attention's.
 
-The arithmetic is lrcompile.factored's torch sweeps, as three custom ops (forward and backward
-each), so that under torch.compile the forward and backward graphs hold one op per sweep and the
-collectives between them as functional collectives (_c10d_functional.all_reduce / all_gather /
+The arithmetic is lrcompile.factored's sweeps (the fused C sweep for a rank's causal slice where
+lrcompile.kernels runs it, the torch sweeps over the C or torch feature maps otherwise), as three
+custom ops (forward and backward each), so that under torch.compile the forward and backward
+graphs hold one op per sweep and the collectives between them as functional collectives (_c10d_functional.all_reduce / all_gather /
 reduce_scatter, each followed by its wait_tensor), which Inductor can schedule around compute.
 Outside the graph, in plain torch.distributed: the check that all ranks agree on shapes and
-polynomial (`check_agreement`: per call in eager mode, once per compiled site at compile time).
+polynomial (`check_agreement`: per call in eager mode, once per compiled graph at compile time).
 The accuracy guard's exact fallback needs every key on one rank: under context parallelism the
 polynomial is the model (on_inaccurate="allow").
 """
@@ -531,8 +532,14 @@ def context_causal_local(rows: torch.Tensor, keys: torch.Tensor, weighted: torch
                          chunk_size: int, implementation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's causal sweep from a zero state: (O^ of its own keys (B, H, G, n, e), S_p (B, H, r, e))."""
     sweeps = _sweeps(rows, coefficients, True, chunk_size, implementation)
-    out_hat, state = sweeps.causal_forward(sweeps.query_rows(rows), keys.flatten(0, 1).contiguous(),
-                                           weighted.flatten(0, 1).contiguous(), groups=rows.shape[2])
+    q_rows, k_rows = sweeps.query_rows(rows), keys.flatten(0, 1).contiguous()
+    w_rows = weighted.flatten(0, 1).contiguous()
+    in_c = sweeps.native_sweep(q_rows)  # the fused C sweep, where lrcompile.kernels says it runs
+    if in_c is not None:
+        out_t, state_t = in_c.forward(q_rows, k_rows, w_rows, rows.shape[2])
+        out_hat, state = out_t.mT, state_t.mT
+    else:
+        out_hat, state = sweeps.causal_forward(q_rows, k_rows, w_rows, groups=rows.shape[2])
     return (sweeps.from_query_rows(out_hat, rows.shape).contiguous(),
             state.unflatten(0, keys.shape[:2]).contiguous())
 
@@ -552,9 +559,20 @@ def context_causal_local_backward(rows: torch.Tensor, keys: torch.Tensor, weight
     """(dq', dk', dW^): the reverse sweep, starting from R_>p = grad_state (the later ranks' queries)."""
     sweeps = _sweeps(rows, coefficients, True, chunk_size, implementation)
     groups = rows.shape[2]
-    dq, dk, d_weighted = sweeps.causal_backward(
-        sweeps.query_rows(rows), keys.flatten(0, 1).contiguous(), weighted.flatten(0, 1).contiguous(),
-        sweeps.query_rows(grad_out), state.flatten(0, 1), groups, later_query_state=grad_state.flatten(0, 1))
+    q_rows, k_rows = sweeps.query_rows(rows), keys.flatten(0, 1).contiguous()
+    w_rows = weighted.flatten(0, 1).contiguous()
+    g_rows, later = sweeps.query_rows(grad_out), grad_state.flatten(0, 1)
+    in_c = sweeps.native_sweep(q_rows)
+    if in_c is not None:
+        # The C sweep starts from R = 0; the later ranks' R_>p reaches every key linearly, so its
+        # share is added by one more pass over the keys (dpsi = R_>p W^, dW^ = psi R_>p).
+        dq, dk, d_weighted_t = in_c.backward(q_rows, k_rows, w_rows, g_rows, state.flatten(0, 1).mT.contiguous(),
+                                             groups)
+        dk_later, d_weighted_later = sweeps.key_gradients(k_rows, w_rows, later)
+        dk, d_weighted = dk + dk_later, d_weighted_t.mT + d_weighted_later
+    else:
+        dq, dk, d_weighted = sweeps.causal_backward(q_rows, k_rows, w_rows, g_rows, state.flatten(0, 1), groups,
+                                                    later_query_state=later)
     return (sweeps.from_query_rows(dq, rows.shape).contiguous(), dk.unflatten(0, keys.shape[:2]).contiguous(),
             d_weighted.unflatten(0, keys.shape[:2]).contiguous())
 

@@ -111,6 +111,7 @@ CASES = {
     "non_causal_gqa": (False, H, 2, None, None),
     "causal_gqa_key_padding": (True, H, 2, "bool", None),
     "cross_attention": (False, H, H, "bool", 5),
+    "causal_gqa_key_padding_torch_sweep": (True, H, 2, "float", None),
 }
 
 
@@ -156,6 +157,10 @@ def numeric_cases(rank, world_size):
     group = dist.group.WORLD
     results = {}
     for name, (causal, q_heads, kv_heads, _, _) in CASES.items():
+        # "torch_sweep" cases run the torch sweeps everywhere; the others the C sweep where it runs
+        os.environ.pop("LRCOMPILE_KERNELS", None)
+        if name.endswith("torch_sweep"):
+            os.environ["LRCOMPILE_KERNELS"] = "torch"
         full = case_inputs(name, world_size)
         mine = {key: (_mask_slice(t, rank, world_size) if key == "mask" else _slice(t, rank, world_size))
                 for key, t in full.items()}
