@@ -220,9 +220,12 @@ def markdown(args, measured, timed) -> str:
     lines += ["", f"Step time: one forward + backward, {args.heads} heads, n = {args.time_n} in all, d = {d}, degree "
               f"{degree}, float32, one torch thread per process, median of {args.repeats} (a step of P ranks is its "
               f"slowest rank's); on this machine's cores, shared by the ranks.", "",
-              "Speed-ups are against one rank of the same op (the same sweeps, collectives of one). "
-              "lowrank_attention on one process runs the fused C sweeps, which the context-parallel ops do not "
-              "use yet (they run the torch sweeps over the C feature maps).", "",
+              "Speed-ups are against one rank of the same op (the same sweeps, collectives of one). Non-causal, "
+              "the context-parallel ops run the torch sweeps over the C feature maps (key state, then query "
+              "outputs); causal, a rank's slice runs lowrank_attention's fused C sweep plus one more pass of the "
+              "feature maps for the prefix S_<p (queries, forward and backward) and for R_>p (keys, backward). "
+              f"P ranks share this machine's {os.cpu_count()} cores (and other jobs' load): these times show "
+              "the overheads, not scaling.", "",
               "| run | non-causal ms | causal ms | non-causal speed-up | causal speed-up |", "|---|---|---|---|---|"]
     for world_size, times in timed.items():
         medians = [_median(times[causal]) for causal in (False, True)]
