@@ -260,7 +260,10 @@ def context_parallel_attention(
 
     Every rank of the group must call it, with the same arguments but the slice. The result, and
     every gradient, equals one process running lowrank_attention on the whole sequence (up to
-    summation order).
+    summation order), except in two corners of float masks that lowrank_attention treats apart: a
+    sequence whose every key is masked by a value so negative that it absorbs the scores
+    (finfo.min), and a causal row whose visible keys all have weight e^{m_j - peak} = 0 under a
+    finite mask (lowrank_attention averages their values, as the eager spelling does).
     """
     where = resolve_group(group)
     q, k, v = query, key, value
