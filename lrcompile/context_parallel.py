@@ -36,8 +36,9 @@ benchmarks/context_parallel.py compares their bytes with ring attention's.
 The arithmetic is lrcompile.factored's sweeps (the fused C sweep for a rank's causal slice where
 lrcompile.kernels runs it, the torch sweeps over the C or torch feature maps otherwise), as three
 custom ops (forward and backward each), so that under torch.compile the forward and backward
-graphs hold one op per sweep and the collectives between them as functional collectives (_c10d_functional.all_reduce / all_gather /
-reduce_scatter, each followed by its wait_tensor), which Inductor can schedule around compute.
+graphs hold one op per sweep and the collectives between them as functional collectives
+(_c10d_functional.all_reduce / all_gather / reduce_scatter, each followed by its wait_tensor),
+which Inductor can schedule around compute.
 Outside the graph, in plain torch.distributed: the check that all ranks agree on shapes and
 polynomial (`check_agreement`: per call in eager mode, once per compiled graph at compile time).
 The accuracy guard's exact fallback needs every key on one rank: under context parallelism the
@@ -235,7 +236,7 @@ def context_parallel_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
-    group,
+    group=None,
     degree: int = 2,
     approximation: str = "taylor",
     bound: float | None = None,
@@ -250,7 +251,11 @@ def context_parallel_attention(
         holding this rank's slice of the sequence axis (-2): the same slice of queries and keys
         when causal (contiguous, in rank order); any queries and any keys otherwise. attn_mask is
         a key-padding mask over this rank's keys.
-    group: a ProcessGroup, a one-dimensional DeviceMesh, or a group name.
+    group: a ProcessGroup, a one-dimensional DeviceMesh, or a group name. Or, instead, query, key
+        and value as DTensors sharded along the sequence axis (placement Shard(ndim - 2)) on one
+        one-dimensional mesh, the way torch shards a sequence: the group is their mesh, attn_mask
+        a DTensor sharded along its last axis or this rank's slice, and the output a DTensor
+        sharded like query.
     degree, approximation, bound, chunk_size, memory_budget, config: as lowrank_attention. A
         polynomial that needs a score range needs an explicit bound= (every rank must use one
         polynomial, and a range measured on one slice would differ from rank to rank).
@@ -265,6 +270,13 @@ def context_parallel_attention(
     (finfo.min), and a causal row whose visible keys all have weight e^{m_j - peak} = 0 under a
     finite mask (lowrank_attention averages their values, as the eager spelling does).
     """
+    if any(_is_dtensor(t) for t in (query, key, value, attn_mask)):
+        return _on_dtensors(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, group,
+                            dict(degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
+                                 memory_budget=memory_budget, config=config, check_shapes=check_shapes))
+    if group is None:
+        raise TypeError("context_parallel_attention needs group= (a ProcessGroup, a one-dimensional DeviceMesh or a "
+                        "group name), or query, key and value as DTensors sharded along the sequence axis")
     where = resolve_group(group)
     q, k, v = query, key, value
     _check_tensors(q, k, v, enable_gqa)
@@ -316,6 +328,41 @@ def context_parallel_attention(
     # D = 0 only where a row sees no key of weight > 0: 0, as SDPA; and no gradient, as lrcompile.factored.
     out = torch.where(denominator == 0, 0.0, out_hat[..., :-1] / _safe(denominator))
     return layout.restore(out).to(q.dtype)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _on_dtensors(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, group, options):
+    """context_parallel_attention of sequence-sharded DTensors: on their local shards, over their mesh."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    tensors = {"query": query, "key": key, "value": value}
+    for name, t in tensors.items():
+        placements = tuple(t.placements) if isinstance(t, DTensor) else None
+        if placements is None or len(placements) != 1 or placements[0] != Shard(t.dim() - 2):
+            raise ValueError(f"context_parallel_attention takes query, key and value all as DTensors sharded along "
+                             f"the sequence axis on a one-dimensional mesh (placements (Shard({t.dim() - 2}),)), "
+                             f"got {name} with placements {placements}")
+    mesh = query.device_mesh
+    if any(t.device_mesh != mesh for t in tensors.values()):
+        raise ValueError("query, key and value must be DTensors on the same mesh")
+    if group is not None and resolve_group(group).name != resolve_group(mesh).name:
+        raise ValueError("group= names another group than the DTensors' mesh; pass one or the other")
+    if isinstance(attn_mask, DTensor):
+        if tuple(attn_mask.placements) != (Shard(attn_mask.dim() - 1),):
+            raise ValueError(f"a DTensor attn_mask must be sharded along its key axis (Shard({attn_mask.dim() - 1})), "
+                             f"got placements {tuple(attn_mask.placements)}")
+        attn_mask = attn_mask.to_local()
+    out = context_parallel_attention(query.to_local(), key.to_local(), value.to_local(), attn_mask, dropout_p,
+                                     is_causal, scale, enable_gqa, group=mesh, **options)
+    # the global shape: SDPA's output over the whole sequence, as query's layout
+    shape = tuple(out.shape[:-2]) + (query.shape[-2], out.shape[-1])
+    stride = tuple(torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(out, mesh, [Shard(out.dim() - 2)], shape=torch.Size(shape), stride=stride)
 
 
 def _key_weights(mask3, dtype, where: ContextGroup):

@@ -112,6 +112,9 @@ CASES = {
     "causal_gqa_key_padding": (True, H, 2, "bool", None),
     "cross_attention": (False, H, H, "bool", 5),
     "causal_gqa_key_padding_torch_sweep": (True, H, 2, "float", None),
+    # query, key, value (and mask) as DTensors sharded along the sequence, the group their mesh
+    "causal_key_padding_dtensor": (True, H, H, "bool", None),
+    "non_causal_gqa_dtensor": (False, H, 2, None, None),
 }
 
 
@@ -165,10 +168,27 @@ def numeric_cases(rank, world_size):
         mine = {key: (_mask_slice(t, rank, world_size) if key == "mask" else _slice(t, rank, world_size))
                 for key, t in full.items()}
         attention = lambda *a, **kw: context_parallel_attention(*a, group=group, **kw)  # noqa: E731
+        if name.endswith("dtensor"):
+            attention = _on_dtensors
         with counting_payloads() as payloads:
             results[name] = _attention_and_grads(attention, mine, causal, q_heads != kv_heads)
         results[name]["payloads"] = list(payloads)
     return results
+
+
+def _on_dtensors(q, k, v, attn_mask=None, **kwargs):
+    """context_parallel_attention called as torch shards a sequence: DTensors with Shard(seq) on a mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded = [DTensor.from_local(t, mesh, [Shard(t.dim() - 2)]) for t in (q, k, v)]
+    if attn_mask is not None:
+        attn_mask = DTensor.from_local(attn_mask, mesh, [Shard(attn_mask.dim() - 1)])
+    out = context_parallel_attention(*sharded, attn_mask=attn_mask, **kwargs)
+    assert isinstance(out, DTensor) and tuple(out.placements) == (Shard(q.dim() - 2),)
+    assert out.shape[-2] == q.shape[-2] * dist.get_world_size()
+    return out.to_local()
 
 
 def assert_close(actual, expected, what):
