@@ -406,7 +406,8 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
     in_use = calibration.lookup(settings.device, calibration.implementation_for(settings.device, batch_heads))
     ratio = {causal: None if in_use.calibration is None else in_use.calibration.rate_ratio(causal, batch_heads)
              for causal in settings.causal}
-    shortest = 0 if in_use.calibration is None else in_use.calibration.shortest_crossover
+    shortest = {causal: 0 if in_use.calibration is None else in_use.calibration.shortest_crossover_for(causal)
+                for causal in settings.causal}
     return {
         "settings": {**asdict(settings), "describe": settings.describe()},
         "machine": machine_info(settings.device),
@@ -427,7 +428,7 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
         "predicted_crossovers": [
             {"causal": causal, "rate_ratio": ratio[causal],
              "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal],
-                                        ratio=ratio[causal], shortest_crossover=shortest)}
+                                        ratio=ratio[causal], shortest_crossover=shortest[causal])}
             for causal in settings.causal],
     }
 

@@ -103,7 +103,7 @@ def model_length(requested: int, found: calibration.Lookup) -> int | None:
     chunk = default_chunk_size(MODEL_HEAD_DIM, 2, True)
     crossover = cost.crossover_length(MODEL_HEAD_DIM, MODEL_HEAD_DIM, True, 2, chunk,
                                       ratio=found.calibration.rate_ratio(True, MODEL_HEADS),
-                                      shortest_crossover=found.calibration.shortest_crossover)
+                                      shortest_crossover=found.calibration.shortest_crossover_for(True))
     if crossover is None or crossover > LONGEST_MODEL_N:
         return None
     return max(requested, 2 ** math.ceil(math.log2(crossover)))
