@@ -306,7 +306,7 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
     leaves = [leaf for term in terms for leaf in _split(term, folder)]
     # the terms as the scores read them, and what they split into: either may be written in place
     for leaf in [*terms, *leaves]:
-        mutated = mutation_reason(leaf.node) if isinstance(leaf.node, torch.fx.Node) else ""
+        mutated = _mutation_across_bodies(leaf.node, folder) if isinstance(leaf.node, torch.fx.Node) else ""
         if mutated:
             return MaskClassification("general", False, (), f"mask is general: {mutated}")
     constant = [leaf for leaf in leaves if folder.is_constant(leaf.node)]
@@ -360,6 +360,27 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
     else:
         kind = "causal" if causal else "none"
     return MaskClassification(kind, causal, tuple(key_padding))
+
+
+def _mutation_across_bodies(node: torch.fx.Node, folder: ConstantFolder) -> str:
+    """mutation_reason for `node`, and for what the enclosing graph passes to the body placeholders it
+    is computed from (a checkpointed layer gets its mask built, and changed, outside it)."""
+    reason = mutation_reason(node)
+    if reason or folder.enclosing is None:
+        return reason
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for passed in folder.bindings.get(current, ()):
+            if isinstance(passed, torch.fx.Node):
+                reason = _mutation_across_bodies(passed, folder.enclosing)
+                if reason:
+                    return reason
+        pending.extend(current.all_input_nodes)
+    return ""
 
 
 def _is_bias(leaf: MaskTerm, folder: ConstantFolder) -> bool:

@@ -63,3 +63,29 @@ def test_out_of_place_operators_spelled_with_an_underscore_are_not_mutations():
     from test_passes_masks import WindowOfEight, only_site, x
 
     assert only_site(WindowOfEight(), x(8)).mask == "causal"
+
+
+class CheckpointedLayerWithAMaskChangedOutside(torch.nn.Module):
+    """The mask is built and changed in place in the model, then passed into a checkpointed layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = PaddingWrittenIntoACausalMask()
+
+    def forward(self, x, keep):
+        b, n = keep.shape
+        low = torch.finfo(x.dtype).min
+        mask = torch.full((n, n), low, dtype=x.dtype).triu(1)[None, None].expand(b, 1, n, n).clone()
+        mask[:, :, :, :n] = mask[:, :, :, :n].masked_fill(keep[:, None, None, :] == 0, low)
+        return torch.utils.checkpoint.checkpoint(self._attend, x, mask, use_reentrant=False)
+
+    def _attend(self, x, mask):
+        q, k, v = self.layer.split(x)
+        scores = q @ k.transpose(-2, -1) * HEAD_DIM ** -0.5 + mask
+        return scores.softmax(-1) @ v
+
+
+def test_a_mask_changed_in_place_outside_a_checkpointed_layer_is_general_inside_it():
+    module = CheckpointedLayerWithAMaskChangedOutside().double().eval()
+    (site,) = capture_one_graph(module, inputs()).sites
+    assert site.mask == "general" and "changed in place" in site.reason
