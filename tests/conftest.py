@@ -37,8 +37,8 @@ def _this_machine_has_the_reference_calibration(_deterministic_threads, tmp_path
     this machine's C path, as this machine's (via LRCOMPILE_CALIBRATION, which child processes
     inherit). Tests about calibrations themselves point LRCOMPILE_CALIBRATION elsewhere.
     """
-    from lrcompile import calibration
-    from lrcompile.machine import machine_key
+    from lrcompile.compile import calibration
+    from lrcompile.compile.machine import machine_key
 
     key = machine_key("cpu", "c")
     path = tmp_path_factory.getbasetemp() / f"calibration-{key['threads']}-threads.json"

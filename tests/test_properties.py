@@ -35,7 +35,7 @@ from torch import nn
 
 import lrcompile
 from attention_corpus import CASES, repeat_kv
-from lrcompile.compiler import compile_graph
+from lrcompile.compile.backend import compile_graph
 from lrcompile.reference import polynomial_attention
 
 LONGEST = 320  # causal buffers are sliced from this size, as nanoGPT's are

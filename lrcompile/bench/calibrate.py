@@ -32,12 +32,15 @@ import time
 
 import torch
 
-from lrcompile import bench, calibration, cost, direct
-from lrcompile.attention import default_chunk_size
-from lrcompile.bench_report import mask_name
-from lrcompile.machine import describe_key
-from lrcompile.scaling import crossover
-from lrcompile.timing import progress_bar
+from lrcompile.bench import command
+from lrcompile.bench.methods import FORCED_KERNELS, LOWRANK_METHODS
+from lrcompile.bench.report import mask_name
+from lrcompile.bench.scaling import crossover
+from lrcompile.bench.timing import progress_bar
+from lrcompile.compile import calibration, cost_model
+from lrcompile.compile.machine import describe_key
+from lrcompile.ops import algorithm
+from lrcompile.ops.attention import default_chunk_size
 
 HEAD_DIM, DEGREE = 64, 2
 SIZES = {"cpu": (1024, 2048, 4096, 8192, 16384), "cuda": (1024, 2048, 4096, 8192, 16384, 32768, 65536)}
@@ -48,8 +51,8 @@ TIME_BUDGET_S = 45.0
 def implementation_of(method: str, settings: dict) -> str:
     """The kernel implementation a low-rank method of a bench run ran (the key of its calibration),
     for saved runs from before bench recorded it ("implementations")."""
-    if method in bench.FORCED_KERNELS:
-        return bench.FORCED_KERNELS[method]
+    if method in FORCED_KERNELS:
+        return FORCED_KERNELS[method]
     return calibration.implementation_for(settings.get("device", "cpu"), settings["batch"] * settings["heads"])
 
 
@@ -68,7 +71,7 @@ def calibration_from(results: list[dict]) -> list[dict]:
     for result in results:
         settings = result["settings"]
         measured = {(r["method"], r["n"], r["causal"]): r for r in result["rows"] if r["total_s"] is not None}
-        for method in bench.LOWRANK_METHODS:
+        for method in LOWRANK_METHODS:
             implementation = result.get("implementations", {}).get(method) or implementation_of(method, settings)
             for causal in settings["causal"]:
                 common = [n for n in settings["n"] if (method, n, causal) in measured and ("sdpa", n, causal) in measured]
@@ -79,14 +82,14 @@ def calibration_from(results: list[dict]) -> list[dict]:
                 chunk = default_chunk_size(settings["head_dim"], settings["degree"], causal)
                 found = crossover(ratios)
                 if found["n"] is None and ratios[0][1] <= 1:
-                    n, ratio = ratios[0][0], cost.ratio_for_crossover(ratios[0][0], settings["head_dim"],
+                    n, ratio = ratios[0][0], cost_model.ratio_for_crossover(ratios[0][0], settings["head_dim"],
                                                                       settings["head_dim"], causal, settings["degree"],
                                                                       chunk)
                 elif found["n"] is None:
                     low, exact = measured[method, common[-1], causal], measured["sdpa", common[-1], causal]
                     n, ratio = common[-1], (low["flops"] / low["total_s"]) / (exact["flops"] / exact["total_s"])
                 else:
-                    n, ratio = found["n"], cost.ratio_for_crossover(found["n"], settings["head_dim"],
+                    n, ratio = found["n"], cost_model.ratio_for_crossover(found["n"], settings["head_dim"],
                                                                     settings["head_dim"], causal, settings["degree"],
                                                                     chunk)
                 key = _key(result, implementation)
@@ -121,7 +124,7 @@ def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes
     both, or the next length would overrun the time budget: a result for `calibration_from`."""
     heads = heads or HEADS.get(device) or torch.get_num_threads()
     sizes = sizes or SIZES[device]
-    settings = bench.Settings(n=tuple(sizes), batch=batch, heads=heads, head_dim=HEAD_DIM, degree=DEGREE,
+    settings = command.Settings(n=tuple(sizes), batch=batch, heads=heads, head_dim=HEAD_DIM, degree=DEGREE,
                               score_range=1.0, repeats=repeats, warmup=1, methods=("sdpa", "lowrank"),
                               causal=(False, True), memory=False, memory_budget_bytes=math.inf,
                               compiled_max_n=max(sizes), device=device,
@@ -131,11 +134,11 @@ def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes
     # the factored algorithm, whose FLOPs the cost model counts: the op would compute the shorter
     # lengths directly (lrcompile.direct), a different algorithm at a different rate
     with progress_factory(total=len(sizes) * 2 * 2 * (repeats + 1), desc="calibrating", unit="run") as progress, \
-            direct.algorithm_forced("factored"):
+            algorithm.algorithm_forced("factored"):
         for n in sizes:
             started = time.perf_counter()
             configuration = [row for causal in settings.causal
-                             for row in bench.time_configuration(settings, n, causal, {}, progress)]
+                             for row in command.time_configuration(settings, n, causal, {}, progress)]
             # doubling n quadruples exact attention's time and doubles low-rank's: about 3x in all
             next_length_s = 3 * (time.perf_counter() - started)
             rows += configuration
@@ -146,7 +149,7 @@ def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes
             if _faster_in_both_masks(configuration) or time.perf_counter() - start + next_length_s > time_budget_s:
                 break
     settings = dataclasses.replace(settings, n=tuple(measured_n))
-    result = bench.summarise(settings, rows, matmul=None, fused={})
+    result = command.summarise(settings, rows, matmul=None, fused={})
     result["seconds"] = time.perf_counter() - start
     return result
 

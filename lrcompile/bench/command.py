@@ -43,19 +43,20 @@ from pathlib import Path
 
 import torch
 
-from lrcompile import calibration, cost
-from lrcompile.attention import default_chunk_size
-from lrcompile.bench_methods import COMPILED_METHODS, DEFAULT_METHODS, DTYPES, FORCED_KERNELS, LOWRANK_METHODS, \
+from lrcompile.bench.machine import machine_description, machine_info
+from lrcompile.bench.methods import COMPILED_METHODS, DEFAULT_METHODS, DTYPES, FORCED_KERNELS, LOWRANK_METHODS, \
     METHODS, RewriteRecord, failure_tolerant, inductor_fuses_math_attention, make_method, with_forced_kernels
-from lrcompile.bench_report import SLOPE_FROM_N, format_report
-from lrcompile.machine import machine_description, machine_info
-from lrcompile.peak_memory import peak_growth, run_child
-from lrcompile.plots import memory_plot_path, plot_memory, plot_times
-from lrcompile.policy import Policy
-from lrcompile.reference import random_attention_inputs
-from lrcompile.scaling import crossover, loglog_slope
-from lrcompile.timing import MATMUL_SIZE, interleaved_runs, measure_matmul_rate, median, progress_bar, \
+from lrcompile.bench.peak_memory import peak_growth, run_child
+from lrcompile.bench.plots import memory_plot_path, plot_memory, plot_times
+from lrcompile.bench.report import SLOPE_FROM_N, format_report
+from lrcompile.bench.scaling import crossover, loglog_slope
+from lrcompile.bench.timing import MATMUL_SIZE, interleaved_runs, measure_matmul_rate, median, progress_bar, \
     training_step_times
+from lrcompile.compile import calibration, cost_model
+from lrcompile.compile.policy import Policy
+from lrcompile.math import flops
+from lrcompile.ops.attention import default_chunk_size
+from lrcompile.reference import random_attention_inputs
 
 DEFAULT_N = (1024, 2048, 4096, 8192, 16384, 32768)
 # A cap on lowrank_compiled rows, to bound the full run's time. Since the op is a custom op its
@@ -252,8 +253,8 @@ class Row:
     total_runs: list[float] = field(default_factory=list)
     first_call_s: float | None = None  # compiled methods: compile + one step
     flops: float | None = None  # FLOP model (lrcompile.cost), forward + backward
-    product_flops: float | None = None  # low-rank methods: the state products alone (cost.lowrank_product_flops)
-    bytes: float | None = None  # least memory traffic of forward + backward by the byte model (cost.*_bytes)
+    product_flops: float | None = None  # low-rank methods: the state products alone (flops.lowrank_product_flops)
+    bytes: float | None = None  # least memory traffic of forward + backward by the byte model (flops.*_bytes)
     peak_bytes: int | None = None  # growth of peak RSS over forward + backward (--memory)
     memory_note: str = ""
 
@@ -305,7 +306,7 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
         row.bytes = model_bytes(row.method, n, settings)
         if row.method in LOWRANK_METHODS:
             chunk = default_chunk_size(settings.head_dim, settings.degree, causal)
-            row.product_flops = cost.lowrank_product_flops(n, n, settings.head_dim, settings.head_dim,
+            row.product_flops = flops.lowrank_product_flops(n, n, settings.head_dim, settings.head_dim,
                                                            settings.batch * settings.heads, causal,
                                                            settings.degree, chunk)
     return list(rows.values())
@@ -328,21 +329,21 @@ def time_all(settings: Settings, fused: dict, progress_factory) -> list[Row]:
 
 
 def model_flops(method: str, n: int, causal: bool, settings: Settings) -> float:
-    """Forward + backward FLOPs by the FLOP model: cost.exact_flops or cost.lowrank_flops."""
+    """Forward + backward FLOPs by the FLOP model: flops.exact_flops or flops.lowrank_flops."""
     batch_heads = settings.batch * settings.heads
     d = settings.head_dim
     if method in LOWRANK_METHODS:
         chunk = default_chunk_size(d, settings.degree, causal)  # what the op and the policy use
-        return cost.lowrank_flops(n, n, d, d, batch_heads, causal, settings.degree, chunk)
-    return cost.exact_flops(n, n, d, d, batch_heads, causal)
+        return flops.lowrank_flops(n, n, d, d, batch_heads, causal, settings.degree, chunk)
+    return flops.exact_flops(n, n, d, d, batch_heads, causal)
 
 
 def model_bytes(method: str, n: int, settings: Settings) -> float:
-    """Least memory traffic of forward + backward by the byte model: cost.exact_bytes or cost.lowrank_bytes."""
+    """Least memory traffic of forward + backward by the byte model: flops.exact_bytes or flops.lowrank_bytes."""
     batch_heads, d, size = settings.batch * settings.heads, settings.head_dim, DTYPES[settings.dtype].itemsize
     if method in LOWRANK_METHODS:
-        return cost.lowrank_bytes(n, n, d, d, batch_heads, settings.degree, size)
-    return cost.exact_bytes(n, n, d, d, batch_heads, size)
+        return flops.lowrank_bytes(n, n, d, d, batch_heads, settings.degree, size)
+    return flops.exact_bytes(n, n, d, d, batch_heads, size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
                             for m in settings.methods if m in LOWRANK_METHODS},
         "predicted_crossovers": [
             {"causal": causal, "rate_ratio": ratio[causal],
-             "n": cost.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal],
+             "n": cost_model.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal],
                                         ratio=ratio[causal], shortest_crossover=shortest)}
             for causal in settings.causal],
     }

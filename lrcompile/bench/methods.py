@@ -12,17 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from lrcompile.attention import lowrank_attention
-from lrcompile.compiler import compile_graph
-from lrcompile.policy import Policy
-
-if TYPE_CHECKING:
-    from lrcompile.bench import Settings
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy
+from lrcompile.ops.attention import lowrank_attention
 
 METHODS = ("sdpa", "math", "inductor", "lowrank", "lowrank_compiled", "lowrank_torch", "lowrank_triton")
 DEFAULT_METHODS = ("sdpa", "math", "inductor", "lowrank", "lowrank_compiled")
@@ -30,6 +27,19 @@ LOWRANK_METHODS = ("lowrank", "lowrank_compiled", "lowrank_torch", "lowrank_trit
 COMPILED_METHODS = ("inductor", "lowrank_compiled")
 FORCED_KERNELS = {"lowrank_torch": "torch", "lowrank_triton": "triton"}  # method -> LRCOMPILE_KERNELS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MethodSettings(Protocol):
+    """What a method reads of a run's settings (lrcompile.bench.command.Settings has it all)."""
+
+    head_dim: int
+    degree: int
+    score_range: float
+    device: str
+    dtype: str
+
+    @property
+    def policy(self) -> Policy: ...
 
 def math_attention(q, k, v, is_causal: bool):
     """Exact attention as models spell it (nanoGPT's non-flash path): weights materialised."""
@@ -89,7 +99,7 @@ def forced_kernels(implementation: str):
                 os.environ[name] = value
 
 
-def make_method(method: str, settings: Settings, causal: bool, record: RewriteRecord | None = None) -> Callable:
+def make_method(method: str, settings: MethodSettings, causal: bool, record: RewriteRecord | None = None) -> Callable:
     """attend(q, k, v) -> out for one method and mask. Compiled methods compile on first call."""
     if method == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -112,7 +122,7 @@ def make_method(method: str, settings: Settings, causal: bool, record: RewriteRe
     return lambda q, k, v: compiled(q, k, v, causal)
 
 
-def inductor_fuses_math_attention(causal: bool, settings: Settings) -> bool:
+def inductor_fuses_math_attention(causal: bool, settings: MethodSettings) -> bool:
     """Whether Inductor's own pattern matcher (fuse_attention) turns the math spelling into SDPA.
 
     Then `inductor` runs SDPA's kernel and needs no n x n memory, so the memory budget does not

@@ -29,8 +29,8 @@ import torch._dynamo.exc
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
-from lrcompile.attention import lowrank_attention, measured_score_range
-from lrcompile.policy import Decision, Policy, decide, unmatched_patterns
+from lrcompile.compile.policy import Decision, Policy, decide, unmatched_patterns
+from lrcompile.ops.attention import lowrank_attention, measured_score_range
 from passes import AttentionSite, find_attention_sites, higher_order, replace_attention_site
 from passes.graph_walk import module_paths
 

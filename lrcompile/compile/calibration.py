@@ -9,7 +9,7 @@ as not calibrated and the policy keeps exact attention, saying so.
 Two files are read, this machine's first:
 
     <cache>/calibration.json                 written by `lrcompile calibrate` (any number of keys)
-    lrcompile/reference_calibration.json     shipped: the reference machine's, measured for
+    lrcompile/compile/reference_calibration.json   shipped: the reference machine's, measured for
                                              benchmarks/RESULTS.md; applies only to that machine
 
 <cache> is $LRCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/lrcompile, else ~/.cache/lrcompile; where that
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lrcompile import kernels
-from lrcompile.machine import describe_key, machine_key
+from lrcompile.kernels import selector
+from lrcompile.compile.machine import describe_key, machine_key
 
 REFERENCE_PATH = Path(__file__).with_name("reference_calibration.json")
 FILE_NAME = "calibration.json"
@@ -155,10 +155,10 @@ def implementation_for(device_type: str, batch_heads: int) -> str:
     """The calibration key's implementation for a call of `batch_heads` problems on `device_type`,
     as lrcompile.kernels chooses it (LRCOMPILE_KERNELS included); d = 64, degree 2, float32: what
     `lrcompile calibrate` measures."""
-    return key_implementation(kernels.choose(device_type, torch.float32, 2, 64, 64, batch_heads))
+    return key_implementation(selector.choose(device_type, torch.float32, 2, 64, 64, batch_heads))
 
 
-def key_implementation(choice: kernels.Choice) -> str:
+def key_implementation(choice: selector.Choice) -> str:
     """"c" (the C sweep), "c-hybrid" (C feature maps around torch's sweep), "torch" or "triton":
     the paths that run at different speeds, so each needs its own calibration."""
     if choice.implementation == "c" and choice.sweep != "c":

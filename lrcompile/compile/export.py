@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
-from lrcompile.compiler import Rewrite, rewrite_graph
-from lrcompile.policy import Policy
+from lrcompile.compile.backend import Rewrite, rewrite_graph
+from lrcompile.compile.policy import Policy
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, policy: Policy | None = None,

@@ -1,21 +1,17 @@
-"""Which machine this is: what measurements are labelled with, and what a calibration is keyed by.
+"""Which machine this is: what a calibration is keyed by.
 
 A measured speed belongs to the processor, the parallelism it was given and the kernel
 implementation that ran; `machine_key` names exactly those, and a calibration is applied only
-where the key is equal (lrcompile.calibration). `machine_info` is the fuller description printed
-beside every benchmark table.
+where the key is equal (lrcompile.compile.calibration). The fuller description printed beside
+every benchmark table is lrcompile.bench.machine's.
 """
 
 from __future__ import annotations
 
-import datetime
 import functools
-import os
 import platform
 
 import torch
-
-from lrcompile import native
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,23 +47,3 @@ def machine_key(device_type: str, implementation: str) -> dict:
 def describe_key(key: dict) -> str:
     threads = f", {key['threads']} threads" if key.get("threads") is not None else ""
     return f"{key['device']} {key['name']!r}{threads}, implementation {key['implementation']!r}"
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def machine_info(device_type: str = "cpu") -> dict:
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "cpu_kernels": native.status(),
-            "date": now()}
-    if device_type == "cuda":
-        info["gpu"] = device_name("cuda")
-    return info
-
-
-def machine_description(device_type: str = "cpu") -> str:
-    info = machine_info(device_type)
-    gpu = f"{info['gpu']} with " if "gpu" in info else ""
-    return (f"{gpu}{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-            f"torch {info['torch']}, {info['date']}; lrcompile CPU kernels: {info['cpu_kernels']}")

@@ -2,7 +2,7 @@
 
 Order, per site: include/exclude -> supported? -> key length >= min_seq_len -> degree (fixed, or
 "auto" from tolerance and bound) -> feature states fit memory_budget -> cost model -> rewrite (with
-the accuracy guard's max_error and on_inaccurate, applied per call by lrcompile.guard). Conditions on sequence lengths are
+the accuracy guard's max_error and on_inaccurate, applied per call by lrcompile.ops.guard). Conditions on sequence lengths are
 evaluated on the graph's sizes; when those are symbolic (dynamic shapes), evaluating them installs
 a guard, so a new shape on the other side of the threshold recompiles instead of taking the
 wrong path.
@@ -16,14 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lrcompile import calibration, cost, guard, kernels
-from lrcompile.attention import default_chunk_size
-from lrcompile.features import feature_dim
-from lrcompile.guard import ON_INACCURATE
-from lrcompile.kernels import KernelConfig, KernelUnavailableError
-from lrcompile.memory_budget import MemoryBudgetError, check_memory_budget
-from lrcompile.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for,
-                                  exp_polynomial, needs_bound, polynomial_without_bound)
+from lrcompile.compile import calibration, cost_model
+from lrcompile.kernels import selector
+from lrcompile.kernels.interface import KernelConfig
+from lrcompile.kernels.selector import KernelUnavailableError
+from lrcompile.math import flops
+from lrcompile.math.features import feature_dim
+from lrcompile.math.memory_budget import MemoryBudgetError, check_memory_budget
+from lrcompile.math.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for,
+                                       exp_polynomial, needs_bound, polynomial_without_bound)
+from lrcompile.ops import guard
+from lrcompile.ops.attention import default_chunk_size
+from lrcompile.ops.guard import ON_INACCURATE
 from passes.graph_walk import dtype_of
 
 ON_UNSUPPORTED = ("keep", "warn", "error")
@@ -113,7 +117,7 @@ class Decision:
     chunk_size: int | None = None
     flops_exact: float | None = None
     flops_lowrank: float | None = None
-    kernel: kernels.Choice | None = None  # the implementation (and sweep) the site's calls run
+    kernel: selector.Choice | None = None  # the implementation (and sweep) the site's calls run
     config: KernelConfig | None = None  # what the kernel runs with, when rewritten
     lowrank_kwargs: dict = field(default_factory=dict)  # passed to lowrank_attention: config, memory_budget
     calibration: str = ""  # which cost-model calibration decided, or why none applies ("" : cost model off)
@@ -153,11 +157,11 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     except MemoryBudgetError as error:
         decision.rewrite, decision.reason = False, str(error)
         return decision
-    decision.flops_exact = cost.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
-    decision.flops_lowrank = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
+    decision.flops_exact = flops.exact_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
+    decision.flops_lowrank = flops.lowrank_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal, degree, chunk, kv_ratio)
     try:
         kv_heads = _example_size(math.prod(k_shape[:-2]))  # batch x key/value heads: the sweeps' problems
-        decision.kernel = kernels.choose(site.device or "meta", kernels.compute_dtype(_dtype(site)), degree,
+        decision.kernel = selector.choose(site.device or "meta", selector.compute_dtype(_dtype(site)), degree,
                                          int(head_dim), _example_size(value_dim), kv_heads)
     except KernelUnavailableError as error:
         decision.rewrite, decision.reason = False, str(error)
@@ -207,7 +211,7 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     ratio = found.calibration.rate_ratio(site.is_causal, int(batch_heads))
     shortest = found.calibration.shortest_crossover
     if not _holds(decision.flops_lowrank / ratio < decision.flops_exact):
-        crossover = cost.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, ratio=ratio,
+        crossover = cost_model.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, ratio=ratio,
                                           shortest_crossover=shortest)
         return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
                 f"d = {head_dim}, degree {degree}, on {device}); Policy(cost_model=False) forces it")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lrcompile.compiler import Rewrite, rewrite_graph
-from lrcompile import guard
-from lrcompile.policy import Policy, site_label, unmatched_patterns
+from lrcompile.compile.backend import Rewrite, rewrite_graph
+from lrcompile.compile.policy import Policy, site_label, unmatched_patterns
+from lrcompile.ops import guard
 
 
 @dataclass

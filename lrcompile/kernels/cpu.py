@@ -1,4 +1,4 @@
-"""The C kernels of the factored attention on CPU: built once per machine, loaded with ctypes.
+"""The cpu implementation of the kernel interface: the C kernels, built once per machine, loaded with ctypes.
 
 `csrc/kernels.c` is compiled on first use with the system C compiler (the one Inductor uses on
 CPU) into a cache directory, keyed by the sources, the compiler and the CPU, and shared by every
@@ -6,14 +6,19 @@ later process. It holds the feature maps and their VJP (`FeatureKernels`), the c
 polynomial (`causal_block`), whole forward and backward sweeps (`Sweep`) and the direct algorithm of
 short sequences (`DirectKernels`), whose matrix products
 call the BLAS torch links (its sgemm_/dgemm_, found in libtorch_cpu). Where no compiler works, or
-for tensors the kernels do not take (not on the CPU, not float32/float64), `lrcompile.features`
-and `lrcompile.factored` compute the same values with torch operations; `status()` says which
-path is in use and why.
+for tensors the kernels do not take (not on the CPU, not float32/float64), the reference
+implementation (`lrcompile.kernels.reference`) computes the same values with torch operations;
+`status()` says which path is in use and why.
+
+`forward` and `backward` fill in the kernel interface (lrcompile.kernels.interface): the fused C
+direct kernel where the caller asks for the direct algorithm, the whole C sweep where the heads
+keep every thread busy (`runs_c_sweep`), else the reference's sweeps with the C feature maps and
+in-chunk polynomial (`CSweeps`), several times slower at long lengths.
 
 Environment: LRCOMPILE_NATIVE=0 turns the kernels off; LRCOMPILE_CACHE_DIR moves the cache
 (default $XDG_CACHE_HOME/lrcompile or ~/.cache/lrcompile; where it cannot be written, a directory
 of the user's own under the system's temporary directory, with a warning); CC names the compiler
-(default cc). Which calls the kernels run is decided by `lrcompile.kernels`.
+(default cc). Which implementation runs a call is decided by `lrcompile.kernels.selector`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from lrcompile.threads import fills_threads
+from lrcompile.kernels import reference
+from lrcompile.kernels.interface import KernelConfig
+from lrcompile.kernels.threads import fills_threads
 
 SOURCES = Path(__file__).parent / "csrc"
 MAIN_SOURCE = SOURCES / "kernels.c"  # includes the others
@@ -39,6 +46,11 @@ MAIN_SOURCE = SOURCES / "kernels.c"  # includes the others
 # already loaded, so the kernels share torch's thread pool instead of starting a second one.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# Query rows per score tile of the direct kernel: causal tiles (positions of one query head) skip
+# the keys after their last position (half the block at n >> tile); non-causal tiles bound a
+# thread's scores to about 1 MiB.
+CAUSAL_TILE = 64
+NON_CAUSAL_TILE_ELEMENTS = 1 << 18
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -140,11 +152,11 @@ class Problem(ctypes.Structure):
 
 
 class Sweep:
-    """The forward and backward sweeps of lrcompile.factored in C, one head per thread.
+    """The forward and backward sweeps of lrcompile.kernels.reference in C, one head per thread.
 
-    Tensors are those of factored._Sweeps, flattened to (heads, rows, .) and contiguous; states
+    Tensors are those of reference.Sweeps, flattened to (heads, rows, .) and contiguous; states
     and the (e, rows) outputs are transposed, as sweeps.h describes. Built by `sweep()` where
-    `lrcompile.kernels.sweep` says the C sweep runs.
+    `runs_c_sweep` says the C sweep runs.
     """
 
     def __init__(self, features: FeatureKernels, polynomial: torch.Tensor, chunk_size: int, causal: bool,
@@ -207,9 +219,9 @@ _STRUCT_MIRRORS = {"problem": Problem, "direct_problem": DirectProblem}
 
 
 class DirectKernels:
-    """The fused direct attention of lrcompile.direct in C (csrc/direct.h), one head per thread.
+    """The fused direct attention (lrcompile.kernels.reference.Direct) in C (csrc/direct.h), one head per thread.
 
-    Tensors in the layout of lrcompile.factored, contiguous: q (B, H, G, n_q, d), k (B, H, n_k, d),
+    Tensors in the kernel layout (lrcompile.kernels.interface), contiguous: q (B, H, G, n_q, d), k (B, H, n_k, d),
     v (B, H, n_k, d_v), key weights (B, H, n_k) or None. Built by `direct()`.
     """
 
@@ -251,7 +263,7 @@ class DirectKernels:
 
 def direct(polynomial: torch.Tensor, tile: int, causal: bool, scale: float, q: torch.Tensor) -> DirectKernels | None:
     """The C direct kernel for q (B, H, G, n_q, d) on the CPU in float32/float64, or None where the
-    torch version should run: as for the C sweep (lrcompile.kernels.sweep), heads go one per
+    torch version should run: as for the C sweep (`runs_c_sweep`), heads go one per
     thread, so it needs enough (batch x key/value head) problems, and torch's BLAS."""
     threads = torch.get_num_threads()
     if threads > 1 and not fills_threads(q.shape[0] * q.shape[1], threads):
@@ -261,6 +273,102 @@ def direct(polynomial: torch.Tensor, tile: int, causal: bool, scale: float, q: t
     return DirectKernels(polynomial, tile, causal, scale, q.dtype, threads)
 
 
+def runs_c_sweep(heads: int, dtype: torch.dtype, threads: int | None = None) -> bool:
+    """Whether the whole sweep runs in C for `heads` (batch x key/value heads) independent problems.
+
+    Where there are enough heads to give each of torch's threads whole heads (or one thread), and
+    the BLAS torch links is found; else the reference's sweeps run with the C feature maps, which
+    split every product over the threads.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads > 1 and not fills_threads(heads, threads):
+        return False
+    return gemm_address(dtype) is not None
+
+
+# ---- the kernel interface (lrcompile.kernels.interface) -------------------------------------------
+
+
+def forward(q, k, v, key_weight, config: KernelConfig, scale: float, causal: bool, direct: bool = False):
+    """(out, denominator, state): the interface's forward, in C where it can run."""
+    fused = direct_kernel(config, scale, causal, q, k) if direct else None
+    if fused is not None:  # the direct algorithm, everything in one C call
+        out, denominator = fused.forward(q.contiguous(), k.contiguous(), v.contiguous(), _contiguous(key_weight))
+        return out, denominator, q.new_empty(k.shape[:-2] + (0, v.shape[-1] + 1))  # no state
+    sweeps = CSweeps(q, config.coefficients, scale, causal, config.chunk_size, direct)
+    return reference.sweep_forward(sweeps, q, k, v, key_weight)
+
+
+def backward(grad_out, q, k, v, key_weight, out, denominator, state, config: KernelConfig, scale: float,
+             causal: bool, direct: bool, key_weight_grad: bool):
+    """(dq, dk, dv, d key_weight): the interface's backward, in C where it can run."""
+    fused = direct_kernel(config, scale, causal, q, k) if direct else None  # as the forward chose
+    if fused is not None:
+        dq, dk, dv, dw = fused.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                                        _contiguous(key_weight), out.contiguous(), denominator.contiguous(),
+                                        key_weight_grad)
+        return dq, dk, dv, (dw if key_weight_grad else q.new_empty(0))
+    sweeps = CSweeps(q, config.coefficients, scale, causal, config.chunk_size, direct)
+    return reference.sweep_backward(sweeps, grad_out, q, k, v, key_weight, out, denominator, state, key_weight_grad)
+
+
+def direct_kernel(config: KernelConfig, scale: float, causal: bool, q, k) -> DirectKernels | None:
+    """The fused C kernel for q (B, H, G, n_q, d) and k (B, H, n_k, d), or None where it does not apply."""
+    rows, n_k = q.shape[2] * q.shape[3], k.shape[-2]
+    tile = CAUSAL_TILE if causal else max(CAUSAL_TILE, NON_CAUSAL_TILE_ELEMENTS // max(n_k, 1))
+    polynomial = torch.tensor(tuple(config.coefficients), dtype=q.dtype)
+    return direct(polynomial, max(1, min(tile, rows)), causal, scale, q)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+class CFeatureMap:
+    """lrcompile.math.features.FeatureMap's interface, evaluated by the C kernels (same values)."""
+
+    def __init__(self, table, coefficients: torch.Tensor | None, like: torch.Tensor):
+        self.table = table
+        self.coefficients = coefficients
+        self.native = FeatureKernels(table, coefficients, like.dtype)
+
+    def __call__(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, r, C) <- phi(rows) or psi(rows)."""
+        self.native.features(rows, out)
+        return out
+
+    def backward(self, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, C, d) <- dL/drows, given grad = dL/dfeatures (B, r, C)."""
+        self.native.backward(rows, grad, out)
+        return out
+
+
+class CSweeps(reference.Sweeps):
+    """The reference's chunked sweeps with their parts in C: the feature maps, the in-chunk
+    polynomial, and the whole sweep where `runs_c_sweep` says so."""
+
+    def __init__(self, q, coefficients, scale, causal, chunk_size, direct: bool = False):
+        self.polynomial = torch.tensor(tuple(coefficients), dtype=q.dtype)  # c_0..c_g, for the C kernels
+        super().__init__(q, coefficients, scale, causal, chunk_size, direct)
+
+    @property
+    def in_c(self) -> bool:
+        # degree 0 has no parents for the C recursion to multiply: the torch evaluation is a constant
+        return self.table.degree >= 1
+
+    def feature_map(self, coefficients, like):
+        return CFeatureMap(self.table, coefficients, like) if self.in_c else super().feature_map(coefficients, like)
+
+    def whole_sweep(self, rows):
+        if not self.in_c or not runs_c_sweep(rows.shape[0], rows.dtype):
+            return None
+        return sweep(self.phi.native, self.polynomial, self.chunk_size, self.causal, rows)
+
+    def masked_polynomial(self, scores, d_block, offset, groups):
+        if not self.in_c:
+            return super().masked_polynomial(scores, d_block, offset, groups)
+        causal_block(scores, d_block, offset, groups, self.polynomial)
+        return scores
 
 
 def gemm_address(dtype: torch.dtype) -> int | None:
@@ -343,8 +451,8 @@ def check_layout(library) -> None:
         c_size, mirror_size = getattr(library, f"lrc_sizeof_{name}")(), ctypes.sizeof(mirror)
         if c_size != mirror_size:
             raise NativeLayoutError(
-                f"lrcompile: the C kernels' lrc_{name} is {c_size} bytes but its ctypes mirror native."
-                f"{mirror.__name__} is {mirror_size}: lrcompile/csrc and lrcompile/native.py disagree on its "
+                f"lrcompile: the C kernels' lrc_{name} is {c_size} bytes but its ctypes mirror cpu."
+                f"{mirror.__name__} is {mirror_size}: lrcompile/kernels/csrc and lrcompile/kernels/cpu.py disagree on its "
                 f"fields; refusing to call the kernels (they would read and write the wrong addresses). Set "
                 f"LRCOMPILE_NATIVE=0 to run without them")
 

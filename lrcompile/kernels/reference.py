@@ -1,6 +1,6 @@
-"""The factored polynomial-attention kernels: forward and an explicit backward, O(n r d_v).
+"""The reference kernels: the factored polynomial attention in torch, forward and an explicit backward, O(n r d_v).
 
-Inputs arrive normalised by `lrcompile.attention` (compute dtype float32 or float64):
+Inputs arrive normalised by `lrcompile.ops.attention` (compute dtype float32 or float64):
 
     q           (B, H, G, n_q, d)   G query heads share each key/value head (GQA); G = 1 otherwise
     k           (B, H, n_k, d)
@@ -15,7 +15,7 @@ mu is the mean of the valid keys when non-causal: any vector shared by all keys 
 unchanged and centring shrinks the score range. Causal attention is not centred (mu = 0): a mean
 over all keys would let later keys change earlier outputs, a leak of the future in training.
 
-with P(q'.k') = phi(q') . psi(k') (see `lrcompile.features`; phi carries the coefficients, psi
+with P(q'.k') = phi(q') . psi(k') (see `lrcompile.math.features`; phi carries the coefficients, psi
 none). Writing V^ = [V | 1] and W^ = w * V^ (the key weights never touch a feature):
 
 Forward, non-causal.  S = sum_j psi(k'_j)^T W^_j   (r, d_v + 1);   O^ = phi(Q') S.
@@ -40,14 +40,15 @@ Features are recomputed chunk by chunk in the backward instead of saved, into bu
 once per call: memory stays O(n d + r d_v) per head, never an n x n or an n x r tensor. Per
 chunk the work is a few large matrix products and one pass of the feature maps.
 
-On the CPU the same sweeps also exist in C (lrcompile.native.Sweep, csrc/sweeps.h), one head per
-core; `lrcompile.kernels` decides per call which runs (the op's `implementation` argument: "c"
-or "torch"). The sweeps here are the reference the tests hold every other implementation to,
-and the path wherever no other runs.
+This module fills in the kernel interface (`forward`, `backward`: lrcompile.kernels.interface)
+with torch operations: the reference the tests hold every other implementation to, and the path
+wherever no other runs. The C implementation (lrcompile.kernels.cpu) runs the same `Sweeps` with
+its feature maps and in-chunk polynomial in C where it cannot run whole sweeps in C; the operands
+all three share (centring, V^, W^, G^'s parts) are lrcompile.kernels.operands.
 
-Short calls compute the same function directly, as one n x n block without features
-(lrcompile.direct): the op asks `direct.uses_direct` in its forward and, from the same shapes,
-in its backward. Under "c" the direct algorithm is one fused C call (native.DirectKernels).
+Short calls compute the same function directly, as one n x n block without features (`Direct`
+below): the caller asks for it (`direct=True`, decided by lrcompile.ops.algorithm from the shapes,
+forward and backward alike). The custom ops that run these kernels are lrcompile.ops.factored_op.
 """
 
 from __future__ import annotations
@@ -56,169 +57,42 @@ import functools
 
 import torch
 
-from lrcompile import direct, guard, kernels, native
-from lrcompile.features import FeatureMap, MonomialTable, feature_dim, monomial_table
-from lrcompile.threads import split_heads
+from lrcompile.kernels.interface import KernelConfig
+from lrcompile.kernels.operands import append_ones, centre_keys, safe, valid_mean_correction, with_key_weights
+from lrcompile.kernels.threads import split_heads
+from lrcompile.math.features import FeatureMap, MonomialTable, monomial_table
 
 
-# The op is registered with torch.library, forward and explicit backward as two custom ops, so
-# that under torch.compile AOTAutograd's forward graph holds one `lrcompile.factored_attention`
-# call and its backward graph one `lrcompile.factored_attention_backward` call: Inductor runs the
-# same chunked kernels as eager mode, nothing unrolls with n, and sizes stay symbolic.
+def forward(q, k, v, key_weight, config: KernelConfig, scale: float, causal: bool, direct: bool = False):
+    """(out, denominator, state): the interface's forward (lrcompile.kernels.interface.Kernels) in torch."""
+    return sweep_forward(Sweeps(q, config.coefficients, scale, causal, config.chunk_size, direct), q, k, v, key_weight)
 
 
-@torch.library.custom_op("lrcompile::factored_attention", mutates_args=())
-def factored_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
-    coefficients: list[float], scale: float, causal: bool, chunk_size: int,
-    max_error: float, on_inaccurate: str, site: str, implementation: str = "torch",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
-
-    Causally, S sums the keys every query can see at the end: the backward peels it chunk by chunk.
-    Where the direct algorithm runs (lrcompile.direct) there is no state: S is (B, H, 0, d_v + 1).
-    The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
-    True when it replaced `out` by exact attention, which the backward then differentiates.
-    """
-    core = _direct_core(q, k, v, coefficients, causal, chunk_size)
-    fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
-    if fused is not None:  # the direct algorithm, everything in one C call
-        out, denominator = fused.forward(q.contiguous(), k.contiguous(), v.contiguous(), _contiguous(key_weight))
-        state = q.new_empty(k.shape[:-2] + (0, v.shape[-1] + 1))  # no state
-    else:
-        sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
-        sweeps.direct = core
-        k_centred = centre_keys(k, key_weight, scale, causal)[0]
-        out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
-    exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
-    if exact:
-        out = guard.exact_attention(q, k, v, key_weight, scale, causal)
-    # contiguous, as the fake kernel promises (the denominator is a column of a wider buffer)
-    return out.contiguous(), denominator.contiguous(), state.contiguous(), torch.tensor(exact, device=q.device)
+def backward(grad_out, q, k, v, key_weight, out, denominator, state, config: KernelConfig, scale: float,
+             causal: bool, direct: bool, key_weight_grad: bool):
+    """(dq, dk, dv, d key_weight): the interface's backward in torch; the last is empty unless key_weight_grad."""
+    sweeps = Sweeps(q, config.coefficients, scale, causal, config.chunk_size, direct)
+    return sweep_backward(sweeps, grad_out, q, k, v, key_weight, out, denominator, state, key_weight_grad)
 
 
-@factored_attention.register_fake
-def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site,
-      implementation="torch"):
-    state = q.new_empty(k.shape[:-2] + (_state_rows(q, k, v, coefficients, causal, chunk_size), v.shape[-1] + 1))
-    exact = q.new_empty((), dtype=torch.bool)
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state, exact
+def sweep_forward(sweeps: Sweeps, q, k, v, key_weight):
+    """The forward of any `Sweeps` (this module's, or one with C parts) on the interface's inputs."""
+    k_centred = centre_keys(k, key_weight, sweeps.scale, sweeps.causal)[0]
+    return sweeps.forward(q * sweeps.root_scale, k_centred, append_ones(v), key_weight)
 
 
-@torch.library.custom_op("lrcompile::factored_attention_backward", mutates_args=())
-def factored_attention_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
-    out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor, exact: torch.Tensor,
-    coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
-    implementation: str = "torch",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
-    if exact.item():
-        dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad)
-        dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
-    core = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
-    fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
-    if fused is not None:
-        dq, dk, dv, dw = fused.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                                        _contiguous(key_weight), out.contiguous(), denominator.contiguous(),
-                                        key_weight_grad)
-        return dq, dk, dv, (dw if key_weight_grad else q.new_empty(0))
-    sweeps = _Sweeps(q, coefficients, scale, causal, chunk_size, implementation)
-    sweeps.direct = core
+def sweep_backward(sweeps: Sweeps, grad_out, q, k, v, key_weight, out, denominator, state, key_weight_grad: bool):
+    """The backward of any `Sweeps` on the interface's inputs: G^, the sweeps, the centring's correction."""
     sweeps.need_key_weight_grad = key_weight_grad
-    k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
-    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / _safe(denominator).unsqueeze(-1)
+    k_centred, valid, valid_count = centre_keys(k, key_weight, sweeps.scale, sweeps.causal)
+    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / safe(denominator).unsqueeze(-1)
     # A fully masked row (D_i = 0) is the constant 0: nothing flows back from it.
     g_hat = g_hat.masked_fill((denominator == 0).unsqueeze(-1), 0.0)
-    dq, dk, dv, dw = sweeps.backward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight, g_hat, state)
-    if not causal:
-        dk = dk - _valid_mean_correction(dk, valid, valid_count)
-    dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
-    return (dq * sweeps.root_scale).contiguous(), (dk * sweeps.root_scale).contiguous(), dv.contiguous(), dw
-
-
-@factored_attention_backward.register_fake
-def _(grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
-      key_weight_grad, implementation="torch"):
-    dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_weight, coefficients, scale, causal, chunk_size, _max_error, _on_inaccurate, _site, *rest = inputs
-    out, denominator, state, exact = output
-    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state, exact)
-    ctx.config = (list(coefficients), scale, causal, chunk_size)
-    ctx.implementation = rest[0] if rest else "torch"
-    ctx.mark_non_differentiable(denominator, state, exact)
-
-
-def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
-    q, k, v, key_weight, out, denominator, state, exact = ctx.saved_tensors
-    key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dw = torch.ops.lrcompile.factored_attention_backward(
-        grad_out, q, k, v, key_weight, out, denominator, state, exact, *ctx.config, key_weight_grad,
-        ctx.implementation)
-    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None, None, None
-
-
-factored_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _uses_direct(q, k, v, coefficients, causal, chunk_size) -> bool:
-    """Whether this call takes the direct algorithm (lrcompile.direct): a function of the shapes
-    alone, asked by the forward, the fake kernel and the backward alike. Under dynamic shapes the
-    fake kernel's answer is a guard on the lengths: a shape across the switch recompiles."""
-    groups, n_q, head_dim = q.shape[2:]
-    return direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
-                              chunk_size, q.device.type)
-
-
-def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | None:
-    """The direct algorithm where it is cheaper than the sweeps, else None."""
-    return direct.Direct(coefficients, causal, q) if _uses_direct(q, k, v, coefficients, causal, chunk_size) else None
-
-
-def _state_rows(q, k, v, coefficients, causal, chunk_size):
-    """Rows of the state output: r for the factored algorithm, 0 for the direct one (no state)."""
-    if _uses_direct(q, k, v, coefficients, causal, chunk_size):
-        return 0
-    return feature_dim(q.shape[-1], len(coefficients) - 1)
-
-
-def _contiguous(t):
-    return None if t is None else t.contiguous()
-
-
-def centre_keys(k: torch.Tensor, key_weight: torch.Tensor | None, scale: float, causal: bool):
-    """sqrt(s) k - mu, mu the mean over valid keys (w_j > 0), or 0 if causal.
-
-    Returns (k', valid, n_valid); valid and n_valid are None where every key counts.
-    """
-    k_scaled = k * scale**0.5
-    if causal:
-        return k_scaled, None, None
-    if key_weight is None:
-        return k_scaled - k_scaled.mean(-2, keepdim=True), None, None
-    valid = (key_weight > 0).to(k.dtype).unsqueeze(-1)  # (B, H, n_k, 1)
-    valid_count = valid.sum(-2, keepdim=True).clamp_min(1)  # (B, H, 1, 1)
-    mu = (valid * k_scaled).sum(-2, keepdim=True) / valid_count
-    return k_scaled - mu, valid, valid_count
-
-
-def _valid_mean_correction(dk_centred, valid, valid_count):
-    if valid is None:
-        return dk_centred.mean(-2, keepdim=True)
-    return valid * dk_centred.sum(-2, keepdim=True) / valid_count
-
-
-def _safe(denominator):
-    return denominator.masked_fill(denominator == 0, 1.0)
-
-
-def _append_ones(v):
-    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+    dq, dk, dv, dw = sweeps.backward(q * sweeps.root_scale, k_centred, append_ones(v), key_weight, g_hat, state)
+    if not sweeps.causal:
+        dk = dk - valid_mean_correction(dk, valid, valid_count)
+    dw = dw if key_weight_grad else q.new_empty(0)
+    return dq * sweeps.root_scale, dk * sweeps.root_scale, dv, dw
 
 
 def _horner(coefficients, x):
@@ -233,7 +107,7 @@ def _spans(length, chunk_size):
         yield start, min(start + chunk_size, length)
 
 
-class _Sweeps:
+class Sweeps:
     """One call's configuration, and the chunked sweeps over (BH, rows, .) tensors.
 
     Batch and key/value heads are flattened into BH. Query rows are the G query heads of a key
@@ -242,24 +116,39 @@ class _Sweeps:
     Features are feature-major, (BH, r, rows), in buffers reused by every chunk.
     """
 
-    def __init__(self, q, coefficients, scale, causal, chunk_size, implementation):
-        if implementation not in ("c", "torch"):
-            raise ValueError(f"lrcompile::factored_attention runs the 'c' or 'torch' implementation, got "
-                             f"{implementation!r} (Triton has an op of its own: lrcompile.kernels)")
-        self.implementation = implementation
+    def __init__(self, q, coefficients, scale, causal, chunk_size, direct: bool = False):
         self.coefficients = tuple(coefficients)
         self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
         self.table: MonomialTable = monomial_table(q.shape[-1], len(self.coefficients) - 1)
-        in_c = implementation == "c"
-        self.phi = FeatureMap(self.table, self.table.coefficients(self.coefficients, q.dtype, q.device), q, in_c)
-        self.psi = FeatureMap(self.table, None, q, in_c)
+        self.phi = self.feature_map(self.table.coefficients(self.coefficients, q.dtype, q.device), q)
+        self.psi = self.feature_map(None, q)
+        self.scale = scale
         self.root_scale = scale**0.5
         self.causal = causal
         self.chunk_size = chunk_size
         self.need_key_weight_grad = False  # set by the backward when a float mask wants a gradient
-        self.direct: direct.Direct | None = None  # set by the op where the direct algorithm is cheaper
+        self.direct = Direct(self.coefficients, causal, q) if direct else None  # no state, no features
         self._masks = {}
-        self.polynomial = torch.tensor(self.coefficients, dtype=q.dtype)  # c_0..c_g, for the C kernels
+
+    # ---- what an implementation built on these sweeps replaces (lrcompile.kernels.cpu) ----------
+
+    def feature_map(self, coefficients, like):
+        """phi (with coefficients) or psi (None): the torch evaluation."""
+        return FeatureMap(self.table, coefficients, like)
+
+    def whole_sweep(self, rows):
+        """An object running the whole forward and backward sweep (the C one), or None: the sweeps below run."""
+        return None
+
+    def masked_polynomial(self, scores, d_block, offset, groups):
+        """The in-chunk block A = P(X) * M from scores X (BH, C G, C_k), M its causal mask.
+
+        With d_block = dL/dA (same shape), turns it into dL/dX = dL/dA * M * P'(X) in place.
+        """
+        mask = self.in_chunk_mask(scores.shape[1] // groups, offset, scores.shape[2], groups, scores)
+        if d_block is not None:
+            d_block.mul_(mask).mul_(_horner(self.derivative, scores))
+        return _horner(self.coefficients, scores).mul_(mask)
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -295,18 +184,11 @@ class _Sweeps:
 
     # ---- entry points -------------------------------------------------------------------------
 
-    def native_sweep(self, rows):
-        """The C sweep (lrcompile.native.Sweep) where lrcompile.kernels says it runs; else None, and the
-        sweeps below run."""
-        if self.phi.native is None or kernels.sweep(self.implementation, rows.shape[0], rows.dtype) != "c":
-            return None
-        return native.sweep(self.phi.native, self.polynomial, self.chunk_size, self.causal, rows)
-
     def forward(self, q, k, v_hat, key_weight):
         batch, heads, groups = q.shape[:3]
         rows, keys = self.query_rows(q), k.flatten(0, 1).contiguous()
-        weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()  # W^ (BH, n_k, d_v + 1)
-        in_c = None if self.direct is not None else self.native_sweep(rows)
+        weighted = with_key_weights(v_hat, key_weight).flatten(0, 1).contiguous()  # W^ (BH, n_k, d_v + 1)
+        in_c = None if self.direct is not None else self.whole_sweep(rows)
         if self.direct is not None:  # no state
             out_hat = self.direct.forward(rows, keys, weighted, groups)
             state = rows.new_empty(keys.shape[0], 0, weighted.shape[-1])
@@ -321,15 +203,15 @@ class _Sweeps:
         denominator = out_hat[..., -1]
         # D_i = 0 only where every key row i sees has weight 0 (fully masked): its numerator is 0
         # too, and the row is 0, as SDPA gives for a query with no key to attend to.
-        out = out_hat[..., :-1] / _safe(denominator).unsqueeze(-1)
+        out = out_hat[..., :-1] / safe(denominator).unsqueeze(-1)
         return out, denominator, state.unflatten(0, (batch, heads))
 
     def backward(self, q, k, v_hat, key_weight, g_hat, state):
         groups = q.shape[2]
         rows, g_rows, keys = self.query_rows(q), self.query_rows(g_hat), k.flatten(0, 1).contiguous()
-        weighted = _weighted(v_hat, key_weight).flatten(0, 1).contiguous()
+        weighted = with_key_weights(v_hat, key_weight).flatten(0, 1).contiguous()
         state = state.flatten(0, 1)
-        in_c = None if self.direct is not None else self.native_sweep(rows)
+        in_c = None if self.direct is not None else self.whole_sweep(rows)
         if self.direct is not None:
             dq, dk, key_grads = self.direct.backward(rows, keys, weighted, g_rows, groups)
         elif in_c is not None:
@@ -342,7 +224,7 @@ class _Sweeps:
             dq, dk, key_grads = split_heads(self.non_causal_backward, rows, keys, weighted, g_rows, state)
         # U_j = R^T psi(k'_j) (plus the in-chunk share): dV_j = w_j U_j[:d_v], dw_j = U_j . V^_j
         key_grads = key_grads.unflatten(0, k.shape[:2])  # (B, H, n_k, d_v + 1)
-        dv = _weighted(key_grads[..., :-1], key_weight)
+        dv = with_key_weights(key_grads[..., :-1], key_weight)
         dw = (key_grads * v_hat).sum(-1) if self.need_key_weight_grad else None
         return self.from_query_rows(dq, q.shape), dk.unflatten(0, k.shape[:2]), dv, dw
 
@@ -451,14 +333,7 @@ class _Sweeps:
 
         With d_block = dL/dA (same shape), turns it into dL/dX = dL/dA * M * P'(X) in place.
         """
-        scores = torch.bmm(q_rows, k_rows.mT)
-        if self.psi.native is not None:  # natively wherever the feature maps run natively
-            native.causal_block(scores, d_block, offset, groups, self.polynomial)
-            return scores
-        mask = self.in_chunk_mask(q_rows.shape[1] // groups, offset, k_rows.shape[1], groups, scores)
-        if d_block is not None:
-            d_block.mul_(mask).mul_(_horner(self.derivative, scores))
-        return _horner(self.coefficients, scores).mul_(mask)
+        return self.masked_polynomial(torch.bmm(q_rows, k_rows.mT), d_block, offset, groups)
 
     def in_chunk_mask(self, positions, offset, keys, groups, like):
         """(positions G, keys): 1 where query position offset + i // G >= key position j."""
@@ -477,7 +352,50 @@ class _Sweeps:
         key_grads.baddbmm_(block.mT, g_chunk)
 
 
-def _weighted(rows, key_weight):
-    """Rows (B, H, n_k, e) times their key weights (B, H, n_k)."""
-    return rows if key_weight is None else rows * key_weight.unsqueeze(-1)
+class Direct:
+    """The direct algorithm for one call: the n x n block, for short sequences.
 
+    The same function as the sweeps, computed directly, as the causal in-chunk step computes its
+    block: same coefficients, centred keys k', key weights (inside W^), causal alignment and GQA
+    row layout; nothing of size r is formed, so there is no state.
+
+    Forward.   X = Q' K'^T (N, n_k);  A = P(X) * M;  O^ = A W^ (N, d_v + 1)
+    Backward.  dA = G^ W^^T;  dX = dA * M * P'(X);  dq' = dX K',  dk' = dX^T Q',  U = A^T G^
+
+    `forward` / `backward` are the core of the sweeps' interface, over the sweeps' rows (BH, N, d),
+    keys (BH, n_k, d), W^ (BH, n_k, e) and G^ (BH, N, e), in torch operations: the reference, and
+    the path wherever the C kernel (lrcompile.kernels.cpu.DirectKernels) does not run.
+    """
+
+    def __init__(self, coefficients, causal: bool, like: torch.Tensor):
+        self.coefficients = tuple(coefficients)
+        self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
+        self.causal = causal
+        self.polynomial = torch.tensor(self.coefficients, dtype=like.dtype)  # c_0..c_g, for the C kernel
+
+    def forward(self, rows, keys, weighted, groups):
+        """O^ (BH, N, e)."""
+        return torch.bmm(self.block(rows, keys, groups), weighted)
+
+    def backward(self, rows, keys, weighted, g_rows, groups):
+        """(dq' (BH, N, d), dk' (BH, n_k, d), U (BH, n_k, e))."""
+        d_block = torch.bmm(g_rows, weighted.mT)  # dA, made dX by block()
+        block = self.block(rows, keys, groups, d_block)
+        return torch.bmm(d_block, keys), torch.bmm(d_block.mT, rows), torch.bmm(block.mT, g_rows)
+
+    def block(self, rows, keys, groups, d_block=None):
+        """A = P(X) * M for X = rows keys^T (BH, N, n_k); with d_block = dA, makes it dX in place."""
+        scores = torch.bmm(rows, keys.mT)
+        mask = self.mask(rows.shape[1], keys.shape[1], groups, scores) if self.causal else None
+        if d_block is not None:
+            d_block.mul_(_horner(self.derivative, scores))
+            if mask is not None:
+                d_block.mul_(mask)
+        block = _horner(self.coefficients, scores)
+        return block if mask is None else block.mul_(mask)
+
+    @staticmethod
+    def mask(rows, n_k, groups, like):
+        """(N, n_k): 1 where row i's position i // groups (rows position-major) is at or after key j."""
+        positions = torch.arange(rows, device=like.device) // groups
+        return (positions[:, None] >= torch.arange(n_k, device=like.device)).to(like.dtype)

@@ -1,14 +1,17 @@
-"""Which implementation runs a factored-attention call, and the configuration it runs with.
+"""Which implementation runs a factored-attention call (DESIGN section 8).
 
-This module owns the choice (DESIGN section 8); nothing else asks which kernels exist.
+This module owns the choice; nothing else asks which kernels exist. Each implementation fills in
+the interface of `lrcompile.kernels.interface` (forward, backward, one `KernelConfig`), and
+`kernels_for` returns the one a config names:
 
-    "c"       the C kernels of `lrcompile.native` (CPU, float32/float64, where they build)
-    "triton"  the Triton kernels of `lrcompile.triton_kernels` (CUDA; CPU tensors under
+    "c"       the C kernels of `lrcompile.kernels.cpu` (CPU, float32/float64, where they build)
+    "triton"  the Triton kernels of `lrcompile.kernels.triton` (CUDA; CPU tensors under
               TRITON_INTERPRET=1), through the op `lrcompile::triton_factored_attention`
-    "torch"   the torch sweep of `lrcompile.factored`: the readable reference every other
+    "torch"   the torch sweep of `lrcompile.kernels.reference`: the readable reference every other
               implementation is tested against, and the fallback everywhere else
 
-"c" and "torch" run inside the op `lrcompile::factored_attention`; "triton" is an op of its
+"c" and "torch" run inside the op `lrcompile::factored_attention` (lrcompile.ops.factored_op);
+"triton" is an op of its
 own, because a `triton_op` that also had a CPU kernel would break torch.compile on the CPU. So
 the implementation is fixed when a site is rewritten (from the site's device) or when an eager
 call starts, and travels to the kernel in a `KernelConfig`.
@@ -28,12 +31,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import torch
 
-from lrcompile import native
-from lrcompile.threads import fills_threads
+from lrcompile.kernels import cpu, reference
+from lrcompile.kernels.interface import Kernels
 
 IMPLEMENTATIONS = ("c", "triton", "torch")
 ENVIRONMENT_VARIABLE = "LRCOMPILE_KERNELS"
@@ -44,33 +46,12 @@ class KernelUnavailableError(RuntimeError):
     """The implementation asked for (LRCOMPILE_KERNELS, or a KernelConfig) cannot run this call."""
 
 
-# A NamedTuple rather than a frozen dataclass: the rewritten FX graph holds it as an argument of
-# the lowrank_attention call, and FX writes NamedTuples (only) back as code that rebuilds them.
-class KernelConfig(NamedTuple):
-    """What the kernel of one site (or one eager call) runs with, decided once.
-
-    Built by `lrcompile.policy.decide` for a rewritten site and by `lowrank_attention` for a direct
-    call. The scale and causality are the call's own arguments (SDPA's), not repeated here.
-    """
-
-    implementation: str                 # "c" | "triton" | "torch" (see the module docstring)
-    coefficients: tuple[float, ...]     # c_0..c_g of the polynomial P that replaces exp
-    chunk_size: int                     # rows per chunk of the sweeps (and causal in-chunk block)
-    max_error: float = 0.01             # the accuracy guard (lrcompile.guard)
-    on_inaccurate: str = "allow"
-    site_label: str = "lowrank_attention"
-
-    @property
-    def degree(self) -> int:
-        return len(self.coefficients) - 1
-
-
 @dataclass(frozen=True)
 class Choice:
     """What runs a call: the implementation, and who runs its chunk sweeps."""
 
     implementation: str  # "c" | "triton" | "torch"
-    sweep: str           # "c" (native.Sweep) | "torch" (factored._Sweeps) | "triton"
+    sweep: str           # "c" (cpu.Sweep) | "torch" (reference.Sweeps) | "triton"
     reason: str = ""     # why not the device's own kernels, or that LRCOMPILE_KERNELS chose; "" otherwise
 
     @property
@@ -132,10 +113,10 @@ def why_not(implementation: str, device: str, dtype: torch.dtype, degree: int, h
     if implementation == "c":
         if device != "cpu":
             return f"the C kernels run CPU tensors, this call's are on {device}"
-        if dtype not in native.SUFFIX:
+        if dtype not in cpu.SUFFIX:
             return f"the C kernels compute in float32 or float64, not {dtype}"
-        if native.library() is None:
-            return f"the C kernels are unavailable ({native.status()})"
+        if cpu.library() is None:
+            return f"the C kernels are unavailable ({cpu.status()})"
         return ""
     if implementation == "triton":
         if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -143,7 +124,7 @@ def why_not(implementation: str, device: str, dtype: torch.dtype, degree: int, h
         if device not in ("cpu", "cuda"):
             return f"the Triton kernels run CUDA tensors, this call's are on {device}"
         try:
-            from lrcompile import triton_kernels
+            from lrcompile.kernels import triton as triton_kernels
         except Exception as error:  # noqa: BLE001 - an ImportError, or triton failing to initialise
             return f"triton is not importable ({type(error).__name__}: {error})"
         # unsupported_reason() reads shapes and a dtype only: stand-ins, so that no tensor is made
@@ -165,12 +146,7 @@ def sweep(implementation: str, heads: int, dtype: torch.dtype, threads: int | No
     """
     if implementation != "c":
         return implementation
-    threads = torch.get_num_threads() if threads is None else threads
-    if threads > 1 and not fills_threads(heads, threads):
-        return "torch"
-    if native.gemm_address(dtype) is None:
-        return "torch"
-    return "c"
+    return "c" if cpu.runs_c_sweep(heads, dtype, threads) else "torch"
 
 
 def choose(device, dtype: torch.dtype, degree: int, head_dim: int, value_dim: int, heads: int) -> Choice:
@@ -185,3 +161,15 @@ def choose(device, dtype: torch.dtype, degree: int, head_dim: int, value_dim: in
     else:
         reason = ""
     return Choice(implementation, sweep(implementation, heads, dtype), reason)
+
+
+def kernels_for(implementation: str) -> Kernels:
+    """The implementation of the kernel interface that `implementation` names."""
+    if implementation == "c":
+        return cpu
+    if implementation == "torch":
+        return reference
+    if implementation == "triton":
+        from lrcompile.kernels import triton as triton_kernels  # imports triton only where it runs
+        return triton_kernels.TritonKernels()
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")

@@ -68,7 +68,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from lrcompile.factored import _append_ones, _valid_mean_correction, _weighted, centre_keys
+from lrcompile.kernels.operands import append_ones as _append_ones, centre_keys
+from lrcompile.kernels.operands import valid_mean_correction as _valid_mean_correction
+from lrcompile.kernels.operands import with_key_weights as _weighted
 
 MAX_DEGREE = 3
 # The largest head dim d per degree. Degree 3 stops at 32: one program per slice, and 561 slices
@@ -862,3 +864,22 @@ def _backward(ctx, grad_out, _grad_denominator, _grad_state):
 
 
 triton_factored_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TritonKernels:
+    """The kernel interface (lrcompile.kernels.interface.Kernels) over the ops above, differentiable.
+
+    No direct algorithm here: `direct` is ignored, and the state says the factored one ran.
+    """
+
+    @staticmethod
+    def forward(q, k, v, key_weight, config, scale, causal, direct=False):
+        return torch.ops.lrcompile.triton_factored_attention(
+            q, k, v, key_weight, list(config.coefficients), scale, causal, config.chunk_size)
+
+    @staticmethod
+    def backward(grad_out, q, k, v, key_weight, out, denominator, state, config, scale, causal, direct,
+                 key_weight_grad):
+        return torch.ops.lrcompile.triton_factored_attention_backward(
+            grad_out, q, k, v, key_weight, out, denominator, state, list(config.coefficients), scale, causal,
+            config.chunk_size, key_weight_grad)

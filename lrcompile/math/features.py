@@ -15,10 +15,10 @@ largest index, so those of degree m whose largest index is j are exactly a prefi
 (the N_{m-1}(j) = C(j+m-1, m-1) monomials with largest index <= j) times x[j]. Evaluations of that one
 structure:
 
-- `FeatureMap`, what the attention kernels call: the C kernels of `lrcompile.native` where the
-  call runs them (`lrcompile.kernels` decides), one pass over memory per map (each feature the
-  product of its parent and one x, tile by tile); else the torch evaluation below, written into
-  the caller's buffer;
+- `FeatureMap`, what the torch sweep (`lrcompile.kernels.reference`) calls: the torch evaluation
+  below, written into the caller's buffer. The C kernels (`lrcompile.kernels.cpu.CFeatureMap`)
+  fill in the same interface, one pass over memory per map (each feature the product of its
+  parent and one x, tile by tile);
 - eager torch: d slice products per degree, written straight into one buffer; the vector-Jacobian
   product is one in-place multiply-add and one reduction per slice;
 - traced (torch.compile): one gather from the outer product (mono_{m-1} x x) per degree, and the
@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-
-from lrcompile import native
 
 
 def feature_dim(head_dim: int, degree: int) -> int:
@@ -258,23 +256,16 @@ class FeatureMap:
     """phi (with `coefficients`) or psi (without) for rows of one dtype and device, into buffers.
 
     Rows are (B, C, d) with unit last stride; features are feature-major (B, r, C), as the
-    attention's matrix products take them. `in_c`: evaluate with the C kernels (float32/float64 CPU
-    rows, where `lrcompile.kernels.select` chose "c"); else the torch evaluation (same values).
+    attention's matrix products take them. The torch evaluation; `lrcompile.kernels.cpu.CFeatureMap`
+    computes the same values in C.
     """
 
-    def __init__(self, table: MonomialTable, coefficients: torch.Tensor | None, like: torch.Tensor,
-                 in_c: bool = False):
+    def __init__(self, table: MonomialTable, coefficients: torch.Tensor | None, like: torch.Tensor):
         self.table = table
         self.coefficients = coefficients  # (r,) or None
-        # degree 0 has no parents for the C recursion to multiply: the torch evaluation is a constant
-        in_c = in_c and table.degree >= 1
-        self.native = native.FeatureKernels(table, coefficients, like.dtype) if in_c else None
 
     def __call__(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (B, r, C) <- phi(rows) or psi(rows)."""
-        if self.native is not None:
-            self.native.features(rows, out)
-            return out
         features = monomials_t(rows.mT, self.table)
         if self.coefficients is not None:
             features = features * self.coefficients[:, None]
@@ -282,9 +273,6 @@ class FeatureMap:
 
     def backward(self, rows: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (B, C, d) <- dL/drows, given grad = dL/dfeatures (B, r, C)."""
-        if self.native is not None:
-            self.native.backward(rows, grad, out)
-            return out
         if self.coefficients is not None:
             grad = grad * self.coefficients[:, None]
         return out.copy_(monomials_backward_t(rows.mT, grad, self.table).mT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lrcompile.features import feature_dim
+from lrcompile.math.features import feature_dim
 
 
 class MemoryBudgetError(ValueError):

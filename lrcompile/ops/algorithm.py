@@ -1,6 +1,7 @@
-"""The direct algorithm of the polynomial attention: the n x n block, for short sequences.
+"""Direct or factored: which algorithm of the polynomial attention a call runs.
 
-`lrcompile.factored` computes, per (batch, key/value head),
+The kernels (lrcompile.kernels.reference and the implementations beside it) compute, per
+(batch, key/value head),
 
     A_ij = w_j P(q'_i . k'_j) [j <= i if causal],    out_i = sum_j A_ij v_j / D_i,   D_i = sum_j A_ij
 
@@ -8,14 +9,15 @@ through features, P(q'.k') = phi(q') . psi(k'), in O(n r d_v). With n at or belo
 r-wide products cost more than the n x n block itself (r = 2145 at d = 64, degree 2), so there the
 same function is computed directly, as the causal in-chunk step already computes its block: same
 coefficients, same centred keys k', same key weights (inside W^ = w * [V | 1]), same causal
-alignment and GQA row layout. Two algorithms of one function: the op picks the cheaper
-(`uses_direct`), forward and backward alike. The torch version (`Direct.forward`/`backward`) is a
-core with the sweeps' interface, and everything around it (centring, W^, G^, dV, dw, the
-centring correction) is the factored op's; the C kernel does that work inside its one pass. The
-guard is the op's either way.
+alignment and GQA row layout. Two algorithms of one function: the op (lrcompile.ops.factored_op)
+picks the cheaper (`uses_direct`), forward and backward alike, and asks the kernels for it. The
+torch version (`lrcompile.kernels.reference.Direct`) is a core with the sweeps' interface, and
+everything around it (centring, W^, G^, dV, dw, the centring correction) is the sweeps'; the C
+kernel (lrcompile.kernels.cpu.DirectKernels) does that work inside its one pass. The guard is the
+op's either way.
 
 Forward.   X = Q' K'^T (N, n_k);  A = P(X) * M;  O^ = A W^ (N, d_v + 1)
-Backward.  With G^ as in lrcompile.factored (dO / D and the delta column):
+Backward.  With G^ as in lrcompile.kernels.reference (dO / D and the delta column):
            dA_ij = G^_i . W^_j, so dA = G^ W^^T;  dX = dA * M * P'(X)
            dq' = dX K',   dk' = dX^T Q',   U = A^T G^   (U_j = sum_i A_ij G^_i / w_j, as the sweeps'
            U_j = R^T psi(k'_j): dV_j = w_j U_j[:d_v], dw_j = U_j . V^_j follow unchanged)
@@ -24,13 +26,13 @@ M is the causal mask of the sweeps' position-major rows (row i is position i // 
 0..i // G, top-left aligned as SDPA), all ones otherwise. Nothing of size r is formed, so there
 is no state: the op's state output has 0 rows when this algorithm runs.
 
-On the CPU the C kernel (csrc/direct.h, lrcompile.native.DirectKernels) runs one head per thread,
-in tiles of query positions; the torch version below is the reference it is tested against, and
+On the CPU the C kernel (csrc/direct.h, lrcompile.kernels.cpu.DirectKernels) runs one head per thread,
+in tiles of query positions; the torch version (reference.Direct) is what it is tested against, and
 runs where the C kernel does not (fewer heads than threads, no compiler, another device when
 forced).
 
-Which algorithm: predicted time = FLOPs / rate. `lrcompile.cost.direct_flops` counts the direct
-products, `cost.lowrank_flops` the factored ones; the direct algorithm runs at DIRECT_RATE_RATIO
+Which algorithm: predicted time = FLOPs / rate. `lrcompile.math.flops.direct_flops` counts the direct
+products, `flops.lowrank_flops` the factored ones; the direct algorithm runs at DIRECT_RATE_RATIO
 times the factored rate on the CPU (measured by benchmarks/short_sequences.py --calibrate), so it
 is chosen iff direct_flops < DIRECT_RATE_RATIO * lowrank_flops; on device types without a measured
 ratio the factored algorithm runs. The rule is a function of the
@@ -45,9 +47,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-import torch
-
-from lrcompile import cost, native
+from lrcompile.math import flops
 
 # Direct FLOP rate / factored FLOP rate, per device type, both with lrcompile's own kernels on the
 # same BLAS. Measured by benchmarks/short_sequences.py --calibrate (benchmarks/RESULTS.md, "direct
@@ -61,11 +61,6 @@ from lrcompile import cost, native
 # where its crossover is.
 DIRECT_RATE_RATIO = {"cpu": 2.5}
 ALGORITHMS = ("auto", "direct", "factored")
-# Query rows per score tile of the C kernel: causal tiles (positions of one query head) skip the
-# keys after their last position (half the block at n >> tile); non-causal tiles bound a
-# thread's scores to about 1 MiB.
-CAUSAL_TILE = 64
-NON_CAUSAL_TILE_ELEMENTS = 1 << 18
 
 
 def forced_algorithm() -> str:
@@ -106,8 +101,8 @@ def _direct_is_cheaper(n_q, n_k, head_dim, value_dim, groups, degree, causal, ch
     ratio = DIRECT_RATE_RATIO.get(device_type)
     if ratio is None:  # not measured there: the factored algorithm, as before the direct one existed
         return False
-    direct = cost.direct_flops(n_q, n_k, head_dim, value_dim, groups, causal)
-    factored = cost.lowrank_flops(n_q, n_k, head_dim, value_dim, groups, causal, degree, chunk, 1 / groups)
+    direct = flops.direct_flops(n_q, n_k, head_dim, value_dim, groups, causal)
+    factored = flops.lowrank_flops(n_q, n_k, head_dim, value_dim, groups, causal, degree, chunk, 1 / groups)
     return direct < ratio * factored
 
 
@@ -126,62 +121,3 @@ def crossover_length(head_dim: int, value_dim: int, causal: bool, degree: int, c
         middle = (low + high) // 2
         low, high = (low, middle) if factored(middle) else (middle + 1, high)
     return low
-
-
-class Direct:
-    """The direct algorithm for one call.
-
-    `forward` / `backward` are the core of the factored sweeps' interface, over the sweeps' rows
-    (BH, N, d), keys (BH, n_k, d), W^ (BH, n_k, e) and G^ (BH, N, e), in torch operations: the
-    reference, and the path wherever the C kernel does not run, with the op's shared code
-    around it. `native_kernel` is the C kernel, which fuses that shared code in (one parallel
-    region each way: at these lengths a dozen separate passes over (n, d) tensors cost as much
-    as the block itself).
-    """
-
-    def __init__(self, coefficients, causal: bool, like: torch.Tensor):
-        self.coefficients = tuple(coefficients)
-        self.derivative = tuple(m * c for m, c in enumerate(self.coefficients))[1:] or (0.0,)
-        self.causal = causal
-        self.polynomial = torch.tensor(self.coefficients, dtype=like.dtype)  # c_0..c_g, for the C kernel
-
-    def native_kernel(self, q, k, scale: float):
-        """The fused C kernel (lrcompile.native.DirectKernels) for q (B, H, G, n_q, d) and k
-        (B, H, n_k, d), or None where it does not apply."""
-        rows, n_k = q.shape[2] * q.shape[3], k.shape[-2]
-        tile = CAUSAL_TILE if self.causal else max(CAUSAL_TILE, NON_CAUSAL_TILE_ELEMENTS // max(n_k, 1))
-        return native.direct(self.polynomial, max(1, min(tile, rows)), self.causal, scale, q)
-
-    def forward(self, rows, keys, weighted, groups):
-        """O^ (BH, N, e)."""
-        return torch.bmm(self.block(rows, keys, groups), weighted)
-
-    def backward(self, rows, keys, weighted, g_rows, groups):
-        """(dq' (BH, N, d), dk' (BH, n_k, d), U (BH, n_k, e))."""
-        d_block = torch.bmm(g_rows, weighted.mT)  # dA, made dX by block()
-        block = self.block(rows, keys, groups, d_block)
-        return torch.bmm(d_block, keys), torch.bmm(d_block.mT, rows), torch.bmm(block.mT, g_rows)
-
-    def block(self, rows, keys, groups, d_block=None):
-        """A = P(X) * M for X = rows keys^T (BH, N, n_k); with d_block = dA, makes it dX in place."""
-        scores = torch.bmm(rows, keys.mT)
-        mask = self.mask(rows.shape[1], keys.shape[1], groups, scores) if self.causal else None
-        if d_block is not None:
-            d_block.mul_(_horner(self.derivative, scores))
-            if mask is not None:
-                d_block.mul_(mask)
-        block = _horner(self.coefficients, scores)
-        return block if mask is None else block.mul_(mask)
-
-    @staticmethod
-    def mask(rows, n_k, groups, like):
-        """(N, n_k): 1 where row i's position i // groups (rows position-major) is at or after key j."""
-        positions = torch.arange(rows, device=like.device) // groups
-        return (positions[:, None] >= torch.arange(n_k, device=like.device)).to(like.dtype)
-
-
-def _horner(coefficients, x):
-    result = torch.full_like(x, coefficients[-1])
-    for c in reversed(coefficients[:-1]):
-        result = result.mul_(x).add_(c)
-    return result

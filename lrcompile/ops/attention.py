@@ -2,10 +2,11 @@
 
 This module owns what a caller sees: argument checking, the layouts SDPA accepts (leading batch
 and head axes broadcast against each other, GQA heads), masks turned into key weights, rows with
-no key to attend to, dtypes, and the choice of polynomial; it asks `lrcompile.memory_budget`
-whether the feature states fit, `lrcompile.kernels` which implementation runs the call (the
-`KernelConfig` it is handed), and `lrcompile.guard` how accurate a call is. The arithmetic lives
-in `lrcompile.factored` (and the C and Triton kernels that compute the same).
+no key to attend to, dtypes, and the choice of polynomial; it asks `lrcompile.math.memory_budget`
+whether the feature states fit, `lrcompile.kernels.selector` which implementation runs the call
+(the `KernelConfig` it is handed), and `lrcompile.ops.guard` how accurate a call is. The call goes
+on down: to the op `lrcompile::factored_attention` (lrcompile.ops.factored_op) for the C and torch
+kernels, or to the Triton kernels' own op, through the kernel interface (lrcompile.kernels.interface).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import warnings
 
 import torch
 
-from lrcompile import guard, kernels
-from lrcompile.factored import centre_keys, factored_attention
-from lrcompile.features import feature_dim, is_tracing
-from lrcompile.kernels import KernelConfig
-from lrcompile.memory_budget import check_memory_budget
-from lrcompile.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial, needs_bound, polynomial_without_bound
+from lrcompile.kernels import selector
+from lrcompile.kernels.interface import KernelConfig
+from lrcompile.kernels.operands import centre_keys
+from lrcompile.math.features import feature_dim, is_tracing
+from lrcompile.math.memory_budget import check_memory_budget
+from lrcompile.ops import guard
+from lrcompile.ops.factored_op import factored_attention
+from lrcompile.math.polynomial import MAX_DEGREE, ExpPolynomial, exp_polynomial, needs_bound, polynomial_without_bound
 
 SUPPORTED_MASKS = "None, is_causal, or a key-padding mask broadcast over queries (shape (..., 1, n_k))"
 
@@ -72,10 +75,10 @@ def lowrank_attention(
         the policy's "exact" / "warn" / "error", and `site_label` names the counters of lrcompile.stats().
     memory_budget: bytes the feature-sized states may take (see `state_bytes`); None:
         DEFAULT_MEMORY_BUDGET. A call over budget raises MemoryBudgetError before allocating.
-    config: a `lrcompile.kernels.KernelConfig` decided beforehand (the backend's rewrites pass the
+    config: a `lrcompile.kernels.interface.KernelConfig` decided beforehand (the backend's rewrites pass the
         policy's); it replaces degree, approximation, bound, chunk_size, max_error, on_inaccurate
         and site_label, which must then be left at their defaults. Without it, one is built here:
-        the polynomial as above, the implementation by `lrcompile.kernels.select`.
+        the polynomial as above, the implementation by `lrcompile.kernels.selector.select`.
 
     Low-precision inputs are computed in float32 and returned in their own dtype.
     """
@@ -99,7 +102,7 @@ def lowrank_attention(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(head_dim, degree, is_causal)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    compute_dtype = kernels.compute_dtype(q.dtype)
+    compute_dtype = selector.compute_dtype(q.dtype)
     if layout.is_empty:
         return _empty_attention(q, k, v, attn_mask, layout)
     check_memory_budget(head_dim, v.shape[-1], degree, layout.batch_heads, min(chunk, layout.rows), compute_dtype,
@@ -117,11 +120,11 @@ def lowrank_attention(
             q5 = q5.masked_fill(absorbed[:, :, None, None, None], 0.0)
     if config is None:
         polynomial = choose_polynomial(degree, approximation, bound, q5, k4, key_weight, scale, bool(is_causal))
-        implementation = kernels.select(q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
+        implementation = selector.select(q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
         config = KernelConfig(implementation, tuple(polynomial.coefficients), chunk, float(max_error), on_inaccurate,
                               str(site_label))
     else:
-        kernels.check(config.implementation, q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
+        selector.check(config.implementation, q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
 
     out, denominator = _factored(config, q5, k4, v4, key_weight, scale, bool(is_causal))
     if is_causal and mask3 is not None and mask3.is_floating_point():
@@ -134,9 +137,8 @@ def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: b
     guarded (lrcompile.guard) either way."""
     coefficients = list(config.coefficients)
     if config.implementation == "triton":
-        from lrcompile import triton_kernels  # noqa: F401 - registers the op; imports triton only where it runs
-        out, denominator, _ = torch.ops.lrcompile.triton_factored_attention(
-            q, k, v, key_weight, coefficients, scale, causal, config.chunk_size)
+        # the Triton kernels' own op (imports triton only where it runs); the guard composed after it
+        out, denominator, _ = selector.kernels_for("triton").forward(q, k, v, key_weight, config, scale, causal)
         out, _ = guard.guarded_output(out, q, k, v, key_weight, scale, causal, config.max_error,
                                       config.on_inaccurate, config.site_label)
         return out, denominator
@@ -148,7 +150,7 @@ def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: b
 
 def _check_config_alone(config, **settings):
     if not isinstance(config, KernelConfig):
-        raise TypeError(f"config must be a lrcompile.kernels.KernelConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a lrcompile.kernels.interface.KernelConfig, got {type(config).__name__}")
     defaults = dict(degree=2, approximation="taylor", bound=None, chunk_size=None, max_error=0.01,
                     on_inaccurate="allow", site_label="lowrank_attention")
     given = [f"{name}={value!r}" for name, value in settings.items() if value != defaults[name]]
