@@ -1,7 +1,7 @@
 """What each layer of the CPU implementation buys: the same op on its three paths, side by side.
 
-    c_sweep     the chunk loops in C, one head per thread (lrcompile/csrc/sweeps.h): the default
-    c_kernels   the torch sweep (lrcompile/factored.py), heads split over Python threads, calling
+    c_sweep     the chunk loops in C, one head per thread (lrcompile/kernels/csrc/sweeps.h): the default
+    c_kernels   the torch sweep (lrcompile/kernels/reference.py), heads split over Python threads, calling
                 the C feature maps and in-chunk blocks
     torch       torch operations only (LRCOMPILE_NATIVE=0, or no C compiler)
     sdpa        F.scaled_dot_product_attention, the baseline

@@ -22,7 +22,7 @@ the peak above the model, its optimizer state and the inputs.
     python benchmarks/model_speed.py --n 256 512 --repeats 1 --results /tmp/R.md --plot /tmp/m.png --json /tmp/m.json
     python benchmarks/model_speed.py --device cuda          # n = 2048, 8192, 32768, bfloat16 autocast
 
-On CUDA a step is timed with CUDA events (lrcompile.timing), --dtype bfloat16 runs it under
+On CUDA a step is timed with CUDA events (lrcompile.bench.timing), --dtype bfloat16 runs it under
 autocast, and the section, plot and JSON get a _cuda suffix; --memory (resident memory) is CPU only.
 
 Writes the model-speed section of benchmarks/RESULTS.md, benchmarks/model_speed.png and

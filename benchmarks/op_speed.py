@@ -28,7 +28,7 @@ Writes (paths for CUDA get a _cuda suffix, and its RESULTS.md section is op-spee
     python benchmarks/op_speed.py --device cpu --n 64 128 --repeats 1 --dtypes float32 --configurations 64:2 \\
         --methods sdpa lowrank_torch lowrank_triton --results /tmp/R.md --plot /tmp/op.png --json /tmp/op.json
 
---calibrate stores the calibrations in this machine's cache (lrcompile.calibration), keyed by the
+--calibrate stores the calibrations in this machine's cache (lrcompile.compile.calibration), keyed by the
 machine and the kernel implementation each low-rank method ran; --calibration-path writes them
 elsewhere instead (lrcompile/compile/reference_calibration.json when measuring the reference machine).
 Options other than those below go to `lrcompile bench` unchanged (--n, --repeats, --warmup, --methods,

@@ -7,7 +7,7 @@
    minute, stored in the user's cache for every later run) rather than show a default policy that
    keeps every site exact.
 1. The op: lowrank_attention on a long sequence, its error against exact attention and its time
-   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.timing).
+   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.bench.timing).
 2. A model: a 4-layer GPT compiled with backend="lrcompile" (default policy): the site report,
    the error of its logits against the exact model, and its training-step time against the same
    model compiled by Inductor with exact attention, interleaved. The sequence length is raised

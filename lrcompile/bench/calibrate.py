@@ -1,16 +1,16 @@
 """`lrcompile calibrate`: measure where low-rank attention overtakes exact attention on this machine.
 
-The cost model (lrcompile.cost) predicts times as FLOPs / rate; what it cannot know is the
+The cost model (lrcompile.compile.cost_model) predicts times as FLOPs / rate; what it cannot know is the
 low-rank path's rate relative to exact attention's on this processor, with these threads, for
 the kernel implementation that runs. This module measures it: a few short sequence lengths
-around the crossover, low-rank against SDPA interleaved (lrcompile.bench, lrcompile.timing),
+around the crossover, low-rank against SDPA interleaved (lrcompile.bench, lrcompile.bench.timing),
 forward + backward, both mask kinds; fits the rate ratio that puts the model's crossover where
 the measured one is (`calibration_from`); and stores it, keyed by the machine, in the user's
-cache (lrcompile.calibration), where the policy finds it from then on.
+cache (lrcompile.compile.calibration), where the policy finds it from then on.
 
     lrcompile calibrate                    # this CPU, under a minute
     lrcompile calibrate --device cuda      # the current CUDA device
-    python -m lrcompile.calibrate --heads 1
+    python -m lrcompile.bench.calibrate --heads 1
 
 The fit, for every low-rank method and mask kind: the rate ratio at which the FLOP model's
 crossover is the measured fwd+bwd crossover with sdpa; per mask kind the smallest over methods,
@@ -65,7 +65,7 @@ def _key(result: dict, implementation: str) -> dict:
 
 def calibration_from(results: list[dict]) -> list[dict]:
     """The calibrations implied by these bench runs: one entry per machine key (implementation),
-    in lrcompile.calibration's format."""
+    in lrcompile.compile.calibration's format."""
     evidence: dict[str, list] = {}
     keys, batch_heads = {}, {}
     for result in results:
@@ -132,7 +132,7 @@ def measure(device: str = "cpu", heads: int | None = None, batch: int = 1, sizes
     progress_factory = progress_factory or progress_bar()
     start, rows, measured_n = time.perf_counter(), [], []
     # the factored algorithm, whose FLOPs the cost model counts: the op would compute the shorter
-    # lengths directly (lrcompile.direct), a different algorithm at a different rate
+    # lengths directly (lrcompile.ops.algorithm), a different algorithm at a different rate
     with progress_factory(total=len(sizes) * 2 * 2 * (repeats + 1), desc="calibrating", unit="run") as progress, \
             algorithm.algorithm_forced("factored"):
         for n in sizes:
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    run(add_arguments(argparse.ArgumentParser(prog="python -m lrcompile.calibrate", description=__doc__,
+    run(add_arguments(argparse.ArgumentParser(prog="python -m lrcompile.bench.calibrate", description=__doc__,
                                               formatter_class=argparse.RawDescriptionHelpFormatter)).parse_args(argv))
 
 

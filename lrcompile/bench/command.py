@@ -2,8 +2,8 @@
 
 This module owns how a run is put together (DESIGN.md, sections 7 and 9): its settings, one
 configuration's rows, the summary (slopes, crossovers, rate ratios). The methods compared are
-lrcompile.bench_methods; how steps are timed lrcompile.timing; peak memory
-lrcompile.peak_memory; the Markdown report lrcompile.bench_report; plots lrcompile.plots.
+lrcompile.bench.methods; how steps are timed lrcompile.bench.timing; peak memory
+lrcompile.bench.peak_memory; the Markdown report lrcompile.bench.report; plots lrcompile.bench.plots.
 
     python -m lrcompile.bench --n 1024 2048 4096 --plot bench.png --json bench.json
     python -m lrcompile.bench --n 2048 8192 --methods sdpa lowrank --causal yes --memory
@@ -20,7 +20,7 @@ Methods, all computing attention of q, k, v (batch, heads, n, d) with the same i
     lowrank_torch     lowrank, with LRCOMPILE_KERNELS=torch around the step: the torch sweep
     lowrank_triton    lowrank, with LRCOMPILE_KERNELS=triton around the step (CUDA only)
 
-Timing: one process, methods round-robin within every repeat (lrcompile.timing), median of
+Timing: one process, methods round-robin within every repeat (lrcompile.bench.timing), median of
 `--repeats` runs after `--warmup` runs. Each run is one training-mode step, out = attend(q, k, v);
 out.backward(grad_out), timed at the end of the forward and at the end of the backward: "forward"
 is the forward of a training step, "fwd+bwd" the whole step. Compilation happens in the first
@@ -223,9 +223,9 @@ def skip_reason(method: str, n: int, causal: bool, settings: Settings, fused: di
     """Why (method, n) is not measured, or "" when it is."""
     if method == "lowrank_triton" and settings.device != "cuda":
         return f"skipped (the Triton kernels run on CUDA; this run is on {settings.device})"
-    if method == "lowrank_triton" and importlib.util.find_spec("lrcompile.kernels") is None:
+    if method == "lowrank_triton" and importlib.util.find_spec("lrcompile.kernels.selector") is None:
         # without the implementation selector LRCOMPILE_KERNELS is ignored: the row would time the torch sweep
-        return "skipped (this build has no implementation selector, lrcompile.kernels, to run the Triton kernels)"
+        return "skipped (this build has no implementation selector, lrcompile.kernels.selector, to run the Triton kernels)"
     quadratic = method == "math" or (method == "inductor" and not fused.get(causal, False))
     if quadratic and weights_bytes(settings, n) > settings.memory_budget_bytes:
         return (f"skipped (needs {format_bytes(weights_bytes(settings, n))} for the n x n weights; "
@@ -252,7 +252,7 @@ class Row:
     forward_runs: list[float] = field(default_factory=list)
     total_runs: list[float] = field(default_factory=list)
     first_call_s: float | None = None  # compiled methods: compile + one step
-    flops: float | None = None  # FLOP model (lrcompile.cost), forward + backward
+    flops: float | None = None  # FLOP model (lrcompile.math.flops), forward + backward
     product_flops: float | None = None  # low-rank methods: the state products alone (flops.lowrank_product_flops)
     bytes: float | None = None  # least memory traffic of forward + backward by the byte model (flops.*_bytes)
     peak_bytes: int | None = None  # growth of peak RSS over forward + backward (--memory)
@@ -347,7 +347,7 @@ def model_bytes(method: str, n: int, settings: Settings) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory, one child process per row (lrcompile.peak_memory)
+# Peak memory, one child process per row (lrcompile.bench.peak_memory)
 
 
 def peak_memory_row(method, n, causal, batch, heads, head_dim, degree, score_range, compiled_max_n) -> dict:

@@ -4,7 +4,7 @@
     lowrank, lowrank_compiled         lrcompile's op, eager and through the backend
     lowrank_torch, lowrank_triton     the op with LRCOMPILE_KERNELS forcing one implementation
 
-`make_method` returns attend(q, k, v); what a "step" is and how it is timed is lrcompile.timing.
+`make_method` returns attend(q, k, v); what a "step" is and how it is timed is lrcompile.bench.timing.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A step's peak is only its own in a process that did nothing bigger before, so every measured row
 runs in a fresh child (`run_child`), which warms up, lowers the peak-RSS mark to the current
 resident set, runs one step and prints the growth as JSON. Not to be confused with
-`lrcompile.memory_budget`, which decides how much memory the feature states may take.
+`lrcompile.math.memory_budget`, which decides how much memory the feature states may take.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def format_report(result: dict) -> str:
         f"{settings['warmup']} warm-up; \"forward\" is the forward of a training step, \"fwd+bwd\" the whole "
         f"step; speed-up vs sdpa = sdpa's time / the method's, same run. Matmul rate ({matmul.get('dtype', 'float32')} "
         f"torch.mm {matmul['size']}^3, measured): **{matmul['gflops']:.1f} GFLOP/s**. GFLOP/s (model) = FLOPs of "
-        f"forward + backward by the FLOP model (lrcompile.cost) / measured fwd+bwd time"
+        f"forward + backward by the FLOP model (lrcompile.math.flops) / measured fwd+bwd time"
         + ("; GB/s (byte model) = least memory traffic of forward + backward (cost.exact_bytes, cost.lowrank_bytes: "
            "O(n d) rows and the states, no n x n scores) / the same time." if settings.get("device") == "cuda" else "."),
         "",
@@ -81,7 +81,7 @@ def format_report(result: dict) -> str:
         lines.append(f"- {c['method']}, {mask_name(c['causal'])}, {phase}: {c['text']}")
     for p in result["predicted_crossovers"]:
         ratio = "not calibrated" if p["rate_ratio"] is None else f"rate ratio {p['rate_ratio']:.3g}"
-        lines.append(f"- predicted by the cost model in use (lrcompile.cost, {ratio}), {mask_name(p['causal'])}, "
+        lines.append(f"- predicted by the cost model in use (lrcompile.compile.cost_model, {ratio}), {mask_name(p['causal'])}, "
                      f"fwd+bwd: " + ("never" if p["n"] is None else f"n = {p['n']}"))
     if result.get("calibration"):
         lines.append(f"- cost model's calibration: {result['calibration']}")

@@ -1,6 +1,6 @@
 """How a method's time scales with sequence length n: log-log slope, and where it crosses another's.
 
-Both read measured (n, value) points; the calibration (lrcompile.calibrate) turns a crossover into
+Both read measured (n, value) points; the calibration (lrcompile.bench.calibrate) turns a crossover into
 the cost model's rate ratio.
 """
 

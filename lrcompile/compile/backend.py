@@ -6,7 +6,7 @@
 
 Dynamo hands us its FX graph and the example inputs. We copy the graph, find the sites
 (`passes.find_attention_sites`), measure their score ranges on the example inputs when the policy
-needs them, decide (`lrcompile.policy.decide`), replace the chosen sites with
+needs them, decide (`lrcompile.compile.policy.decide`), replace the chosen sites with
 `lrcompile.lowrank_attention` (`passes.replace_attention_site`) and give the result to
 `torch._inductor.compile_fx.compile_fx`. Our rewrite runs on the Dynamo graph, before Inductor's
 own attention fusion, which would otherwise turn explicit softmax spellings into exact SDPA.

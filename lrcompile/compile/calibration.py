@@ -1,9 +1,9 @@
 """The cost model's calibrations: where they are stored, and which one (if any) applies to a call.
 
 A calibration is the low-rank path's FLOP rate relative to exact attention's, measured on one
-machine for one kernel implementation (lrcompile.calibrate). Speeds do not transfer between
+machine for one kernel implementation (lrcompile.bench.calibrate). Speeds do not transfer between
 processors, thread counts or implementations, so each calibration carries its `machine_key`
-(lrcompile.machine) and is applied only where the key is equal; anywhere else the device counts
+(lrcompile.compile.machine) and is applied only where the key is equal; anywhere else the device counts
 as not calibrated and the policy keeps exact attention, saying so.
 
 Two files are read, this machine's first:
@@ -98,7 +98,7 @@ def save(entry: dict, path: Path | None = None) -> Path:
     path = writable_path() if path is None else path
     entries = [e for e in read(path) if e["key"] != entry["key"]] + [entry]
     path.parent.mkdir(parents=True, exist_ok=True)
-    about = "Cost-model calibrations measured on this machine by `lrcompile calibrate` (lrcompile.calibration)."
+    about = "Cost-model calibrations measured on this machine by `lrcompile calibrate` (lrcompile.compile.calibration)."
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.write_text(json.dumps({"about": about, "calibrations": entries}, indent=1) + "\n")
     temporary.replace(path)  # a process reading meanwhile sees the old file or the new, never half
@@ -153,7 +153,7 @@ class Lookup:
 
 def implementation_for(device_type: str, batch_heads: int) -> str:
     """The calibration key's implementation for a call of `batch_heads` problems on `device_type`,
-    as lrcompile.kernels chooses it (LRCOMPILE_KERNELS included); d = 64, degree 2, float32: what
+    as lrcompile.kernels.selector chooses it (LRCOMPILE_KERNELS included); d = 64, degree 2, float32: what
     `lrcompile calibrate` measures."""
     return key_implementation(selector.choose(device_type, torch.float32, 2, 64, 64, batch_heads))
 

@@ -26,7 +26,7 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, p
     """Export `model` called on (args, kwargs) with its attention sites rewritten per `policy`.
 
     `dynamic_shapes` is passed to both Dynamo's capture and `torch.export.export`. `on_rewrite`,
-    if given, receives the `lrcompile.compiler.Rewrite` (the decisions and the graphs as code).
+    if given, receives the `lrcompile.compile.backend.Rewrite` (the decisions and the graphs as code).
     """
     policy = Policy() if policy is None else policy
     if not isinstance(policy, Policy):

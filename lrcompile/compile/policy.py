@@ -47,7 +47,7 @@ class Policy:
     causal_chunk: int | None = None
     on_unsupported: str = "keep"
     cost_model: bool = True  # False: rewrite every eligible site, even where exact is cheaper
-    max_error: float = 0.01  # largest estimated output error a call may have (lrcompile.guard)
+    max_error: float = 0.01  # largest estimated output error a call may have (lrcompile.ops.guard)
     on_inaccurate: str = "exact"  # "exact" | "warn" | "error" | "allow": what a call above max_error does
     memory_budget: int | None = None  # bytes a site's feature states may take; None: DEFAULT_MEMORY_BUDGET
 
@@ -195,7 +195,7 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     When the polynomial is the model (on_inaccurate="allow") it keeps nothing (DESIGN section 6):
     exact softmax at short lengths, or on some devices, and P elsewhere would be two functions.
     The site is rewritten, and the op computes each call by the cheaper algorithm of the one
-    function, directly when short (lrcompile.direct), factored when long.
+    function, directly when short (lrcompile.ops.algorithm), factored when long.
     """
     if polynomial_is_model:
         return ""

@@ -46,7 +46,7 @@ class Site:
     measured_error: float | None = None   # max |out - exact| / max|v| on the example inputs, every row
     guard_falls_back: bool | None = None  # the guard's estimate on those inputs exceeds max_error, so
                                           # a call like it returns exact under on_inaccurate="exact"
-    implementation: str = ""              # what runs a rewritten site's calls (lrcompile.kernels): "c",
+    implementation: str = ""              # what runs a rewritten site's calls (lrcompile.kernels.selector): "c",
                                           # "triton", "torch" or "c features, torch sweep"; "" when kept
     calibration: str = ""                 # which cost-model calibration decided, or why none applies
 

@@ -5,7 +5,7 @@ blocks. Split across cores inside every product, each core reads blocks the othe
 the two synchronise hundreds of times per chunk; given whole heads instead, each core keeps its
 features and states in its own cache and runs single-threaded products back to back. Torch
 operations release the GIL, so Python threads can run the heads side by side (the C sweep of
-lrcompile.native does the same without Python in between, and is used instead where it builds).
+lrcompile.kernels.cpu does the same without Python in between, and is used instead where it builds).
 
 Used only on the CPU, with more (batch x head) problems than threads: with fewer, or on an
 accelerator, the sweep runs as it is, one multi-threaded operation at a time.

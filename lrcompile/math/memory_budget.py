@@ -23,7 +23,7 @@ class MemoryBudgetError(ValueError):
 # sequence length: d = 64 fits degree 4 at 8 heads, not degree 6.
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
 
-# The monomial table's Python index tuples (lrcompile.features.monomial_table), measured at
+# The monomial table's Python index tuples (lrcompile.math.features.monomial_table), measured at
 # 250-350 bytes per feature for d = 8..64, g = 2..8.
 _TABLE_BYTES_PER_FEATURE = 400
 

@@ -63,14 +63,14 @@ def lowrank_attention(
         the plain average of the values its finite entries keep.
     dropout_p: only 0.0; dropout on the attention weights cannot be factored (ValueError).
     scale: any finite number (zero gives uniform weights); default 1/sqrt(d).
-    degree, approximation: the polynomial ("taylor" or "chebyshev", see lrcompile.polynomial).
+    degree, approximation: the polynomial ("taylor" or "chebyshev", see lrcompile.math.polynomial).
     bound: score range B the polynomial must be accurate and positive on. None: not needed for
         even Taylor degrees (positive everywhere, coefficients independent of B); otherwise
         estimated from the inputs as |s| max|q| max|k - mu| (eager mode only). Non-causal keys
         are centred on their mean (mu), which leaves softmax unchanged and narrows the range;
         causal keys are not (mu = 0), since the mean would leak later keys into earlier outputs.
     chunk_size: rows per chunk (memory/speed trade-off); None picks one.
-    max_error, on_inaccurate, site_label: the accuracy guard (lrcompile.guard). Called directly, the op
+    max_error, on_inaccurate, site_label: the accuracy guard (lrcompile.ops.guard). Called directly, the op
         computes the polynomial attention it was asked for ("allow"); the backend's rewrites pass
         the policy's "exact" / "warn" / "error", and `site_label` names the counters of lrcompile.stats().
     memory_budget: bytes the feature-sized states may take (see `state_bytes`); None:
@@ -134,7 +134,7 @@ def lowrank_attention(
 
 def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: bool):
     """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q)) from the op `config.implementation` runs on,
-    guarded (lrcompile.guard) either way."""
+    guarded (lrcompile.ops.guard) either way."""
     coefficients = list(config.coefficients)
     if config.implementation == "triton":
         # the Triton kernels' own op (imports triton only where it runs); the guard composed after it

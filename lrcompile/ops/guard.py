@@ -13,7 +13,7 @@ O(n r d) of the factored call. If the estimate exceeds `max_error`, `on_inaccura
 happens: "exact" computes the call exactly (and its backward follows), "warn" warns once per
 site, "error" raises, "allow" never checks (the polynomial is the model).
 
-Everything here works in the kernel layout of `lrcompile.factored` (q (B, H, G, n_q, d), k, v
+Everything here works in the kernel layout of `lrcompile.kernels.reference` (q (B, H, G, n_q, d), k, v
 (B, H, n_k, .), key weights (B, H, n_k)), where a row whose keys all have weight zero is zero,
 as SDPA returns for a fully masked row. Counters per site are kept for `lrcompile.stats()`.
 """
@@ -129,7 +129,7 @@ def check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurat
 
 
 # The guard as ops of its own, for the kernels that leave it to the caller (the Triton op, see
-# lrcompile.kernels): `lrcompile::factored_attention` runs `check` inside. Like it, they read data,
+# lrcompile.kernels.selector): `lrcompile::factored_attention` runs `check` inside. Like it, they read data,
 # so under torch.compile they stay opaque calls, and the backward is an op too, since whether it
 # differentiates exact attention is known only at run time.
 

@@ -1,12 +1,13 @@
-/* The direct algorithm of lrcompile.direct, fused, one (batch, key/value head) per thread, for one
+/* The direct algorithm (lrcompile.ops.algorithm; reference.Direct in torch), fused, one (batch, key/value
+ * head) per thread, for one
  * element type: included by kernels.c once per type, with `real` and SUFFIX() defined, after
  * sweeps.h (whose mm() it uses).
  *
- * The same polynomial attention as lrcompile.factored, computed as the n x n block the causal
+ * The same polynomial attention as lrcompile.kernels.reference, computed as the n x n block the causal
  * in-chunk step already uses, without features or states, and with everything around the block
  * that the op otherwise does in separate torch passes (scaling, key centring, key weights, the
  * normalisation, G^, dV, dw, the centring correction) done here, so that a short call is one
- * parallel region forward and one backward. lrcompile/direct.py derives it; per head, with
+ * parallel region forward and one backward. lrcompile/ops/algorithm.py derives it; per head, with
  * r = sqrt(s), K' = r K - mu (mu the mean of the valid keys when non-causal, else 0):
  *
  *   forward    X = r Q K'^T;  A = P(X) * M (unweighted);  A_w = A * w (per key column)

@@ -1,12 +1,12 @@
-/* CPU kernels of the factored attention (lrcompile/factored.py), for float32 and float64.
+/* CPU kernels of the factored attention (lrcompile/kernels/reference.py), for float32 and float64.
  *
- * Built by lrcompile/native.py on first use and called through ctypes. features.h holds the
+ * Built by lrcompile/kernels/cpu.py on first use and called through ctypes. features.h holds the
  * monomial feature maps, their vector-Jacobian product and the causal in-chunk polynomial;
  * sweeps.h the chunk loops of the forward and backward, with the matrix products done by the
  * BLAS torch itself links (its ?gemm_, passed in by address); direct.h the direct (n x n block)
- * algorithm of short sequences, lrcompile/direct.py. All are written once for a type
- * `real` and included here for each type. The torch evaluations in lrcompile/features.py and
- * lrcompile/factored.py compute the same values and are the reference in the tests.
+ * algorithm of short sequences, lrcompile/ops/algorithm.py. All are written once for a type
+ * `real` and included here for each type. The torch evaluations in lrcompile/math/features.py and
+ * lrcompile/kernels/reference.py compute the same values and are the reference in the tests.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,7 +25,7 @@ typedef struct {
     void *gemm;
 } lrc_problem;
 
-/* native.py compares this with the size of its ctypes mirror when it loads the library: a field
+/* cpu.py compares this with the size of its ctypes mirror when it loads the library: a field
  * added on one side only would otherwise make every later field land at the wrong address. */
 int64_t lrc_sizeof_problem(void) { return (int64_t)sizeof(lrc_problem); }
 

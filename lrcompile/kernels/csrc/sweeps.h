@@ -1,6 +1,6 @@
-/* The chunked sweeps of lrcompile.factored, one head per thread, for one element type: included
+/* The chunked sweeps of lrcompile.kernels.reference, one head per thread, for one element type: included
  * by kernels.c once per type, with `real` and SUFFIX() defined. The arithmetic is that of
- * lrcompile/factored.py (read its docstring for the derivation); this file only moves the loops
+ * lrcompile/kernels/reference.py (read its docstring for the derivation); this file only moves the loops
  * out of Python, so that each core runs its heads' products back to back, single-threaded,
  * with the head's features and states in its own cache and no interpreter in between.
  *
