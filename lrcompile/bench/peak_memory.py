@@ -63,7 +63,7 @@ def run_child(module_or_script: list[str], extra_args: list[str]) -> dict:
     glibc is told to mmap every buffer over 128 KiB separately, so freed buffers go back to the
     system instead of staying in the heap: the peak is then the step's own, rounded up to pages.
     """
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the directory holding lrcompile
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, *module_or_script, *extra_args], capture_output=True, text=True, env=env)
