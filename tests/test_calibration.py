@@ -44,11 +44,9 @@ def test_a_calibration_of_other_threads_or_another_kernel_path_is_not_applied(ow
     assert calibration.lookup("cpu", "c").calibration is None
 
 
-def test_the_reference_calibration_applies_on_the_reference_machine_only(own_file, monkeypatch):
-    (reference,) = calibration.read(calibration.REFERENCE_PATH)
+def test_the_reference_calibration_applies_on_the_reference_machine_only(own_file, request):
     assert calibration.lookup("cpu", "c").calibration is None  # own_file is empty; this is not the reference
-    monkeypatch.setattr(machine, "cpu_name", lambda: reference["key"]["name"])
-    monkeypatch.setattr(machine.torch, "get_num_threads", lambda: reference["key"]["threads"])
+    request.getfixturevalue("on_the_reference_machine")
     found = calibration.lookup("cpu", "c")
     assert found.calibration is not None and found.description.startswith("the reference machine's calibration")
 

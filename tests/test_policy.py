@@ -114,7 +114,7 @@ def test_min_seq_len_keeps_short_sequences():
 def this_machine(causal=False):
     """The calibration in use (conftest installs the reference's as this machine's): ratio and shortest n."""
     applied = calibration.lookup("cpu", "c").calibration
-    return dict(ratio=applied.rate_ratio(causal), shortest_crossover=applied.shortest_crossover)
+    return dict(ratio=applied.rate_ratio(causal), shortest_crossover=applied.shortest_crossover_for(causal))
 
 
 def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
@@ -132,6 +132,21 @@ def test_below_the_shortest_measured_crossover_exact_attention_is_kept_whatever_
     kept = decide(site(n=shortest - 1, d=16), Policy())
     assert not kept.rewrite and "below the shortest crossover measured" in kept.reason
     assert decide(site(n=shortest, d=16), Policy()).rewrite
+
+
+def test_a_causal_site_is_measured_against_the_causal_crossover_not_the_non_causal_one():
+    """Causal attention crosses over later (SDPA skips the masked half): the reference machine measured
+    n = 2068 non-causal and 3993 causal at d = 64, and a causal site's reason must quote the latter."""
+    non_causal, causal = this_machine(False)["shortest_crossover"], this_machine(True)["shortest_crossover"]
+    assert non_causal < causal
+    kept = decide(site(n=(non_causal + causal) // 2, d=16, causal=True), Policy())
+    assert not kept.rewrite and f"(n = {causal})" in kept.reason and "causal attention" in kept.reason
+    assert decide(site(n=(non_causal + causal) // 2, d=16, causal=False), Policy()).rewrite
+
+
+def test_the_reasons_name_both_the_policy_field_and_the_command_line_flag_that_force_the_rewrite():
+    kept = decide(site(n=64), Policy())
+    assert "Policy(cost_model=False)" in kept.reason and "--no-cost-model" in kept.reason
 
 
 def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():

@@ -5,7 +5,7 @@ configuration's rows, the summary (slopes, crossovers, rate ratios). The methods
 lrcompile.bench.methods; how steps are timed lrcompile.bench.timing; peak memory
 lrcompile.bench.peak_memory; the Markdown report lrcompile.bench.report; plots lrcompile.bench.plots.
 
-    python -m lrcompile.bench --n 1024 2048 4096 --plot bench.png --json bench.json
+    python -m lrcompile.bench --n 1024 2048 4096 --plot results/bench.png --json results/bench.json
     python -m lrcompile.bench --n 2048 8192 --methods sdpa lowrank --causal yes --memory
     python -m lrcompile.bench --device cuda --dtype bfloat16 --methods sdpa inductor lowrank_triton lowrank_torch
 
@@ -175,6 +175,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  {machine_description(settings.device)}", flush=True)
     result = measure(settings, progress_factory)
     print(format_report(result), flush=True)
+    for output in (getattr(args, "json", None), getattr(args, "plot", None)):
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(result, indent=1))
     if getattr(args, "plot", None):
@@ -271,7 +274,7 @@ def attention_inputs(settings: Settings, n: int):
 
 
 def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, progress) -> list[Row]:
-    """All methods at one (n, mask), interleaved."""
+    """All methods at one (n, mask), interleaved; each run advances `progress` by its GFLOP."""
     if settings.device == "cpu":
         torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no stale graphs
     rows = {m: Row(m, n, causal, skip_reason(m, n, causal, settings, fused)) for m in settings.methods}
@@ -287,7 +290,9 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
             step = with_forced_kernels(FORCED_KERNELS[method], step)
         steps[method] = failure_tolerant(step, failures, method)
     progress.set_postfix_str(f"n={n} {'causal' if causal else 'non-causal'}")
-    results = interleaved_runs(steps, settings.warmup, settings.repeats, on_run=lambda name: progress.update())
+    gflop = {method: model_flops(method, n, causal, settings) / 1e9 for method in steps}
+    results = interleaved_runs(steps, settings.warmup, settings.repeats,
+                               on_run=lambda name: progress.update(gflop[name]))
     for method, measured in results.items():
         row = rows[method]
         if method in failures:
@@ -314,11 +319,18 @@ def time_configuration(settings: Settings, n: int, causal: bool, fused: dict, pr
 
 def time_all(settings: Settings, fused: dict, progress_factory) -> list[Row]:
     configurations = [(n, causal) for n in settings.n for causal in settings.causal]
-    runs = sum(settings.warmup + settings.repeats
-               for n, causal in configurations for m in settings.methods
-               if not skip_reason(m, n, causal, settings, fused))
+    timed = [(m, n, causal) for n, causal in configurations for m in settings.methods
+             if not skip_reason(m, n, causal, settings, fused)]
+    runs = settings.warmup + settings.repeats
+    # Runs at long n cost far more than at short n: the bar counts GFLOP, not runs, so that its
+    # estimate of the time left does not stay optimistic until the longest rows start.
+    total = sum(runs * model_flops(m, n, causal, settings) for m, n, causal in timed) / 1e9
+    print(f"  {len(timed) * runs} timed runs over {len(configurations)} configurations (n, mask), "
+          f"{total:,.0f} GFLOP in all; the bar's time estimate weighs each run by its FLOPs"
+          + (f"; no configuration starts after {settings.time_limit_s:g} s" if settings.time_limit_s else ""),
+          flush=True)
     rows, start = [], time.perf_counter()
-    with progress_factory(total=runs, desc="timing", unit="run") as progress:
+    with progress_factory(total=total, desc="timing", unit="GFLOP", unit_scale=False) as progress:
         for n, causal in configurations:
             if rows and settings.time_limit_s is not None and time.perf_counter() - start > settings.time_limit_s:
                 rows += [Row(m, n, causal, f"skipped (--time-limit-s {settings.time_limit_s:g} reached)")
@@ -407,7 +419,8 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
     in_use = calibration.lookup(settings.device, calibration.implementation_for(settings.device, batch_heads))
     ratio = {causal: None if in_use.calibration is None else in_use.calibration.rate_ratio(causal, batch_heads)
              for causal in settings.causal}
-    shortest = 0 if in_use.calibration is None else in_use.calibration.shortest_crossover
+    shortest = {causal: 0 if in_use.calibration is None else in_use.calibration.shortest_crossover_for(causal)
+                for causal in settings.causal}
     return {
         "settings": {**asdict(settings), "describe": settings.describe()},
         "machine": machine_info(settings.device),
@@ -427,8 +440,8 @@ def summarise(settings: Settings, rows: list[Row], matmul: dict, fused: dict) ->
                             for m in settings.methods if m in LOWRANK_METHODS},
         "predicted_crossovers": [
             {"causal": causal, "rate_ratio": ratio[causal],
-             "n": cost_model.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree, chunk[causal],
-                                        ratio=ratio[causal], shortest_crossover=shortest)}
+             "n": cost_model.crossover_length(settings.head_dim, settings.head_dim, causal, settings.degree,
+                                              chunk[causal], ratio=ratio[causal], shortest_crossover=shortest[causal])}
             for causal in settings.causal],
     }
 

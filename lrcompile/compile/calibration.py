@@ -130,6 +130,13 @@ class Calibration:
     batch_heads: int
     measured_on: dict
     source: str  # which calibration this is, for the report
+    evidence: tuple = ()  # the measured configurations: {"causal", "n" (crossover), ...}
+
+    def shortest_crossover_for(self, causal: bool) -> int:
+        """The shortest crossover measured for this mask kind (causal attention crosses later than
+        non-causal: SDPA skips the masked half), else the shortest over all configurations."""
+        measured = [entry["n"] for entry in self.evidence if entry.get("causal") == causal and entry.get("n")]
+        return math.ceil(min(measured)) if measured else self.shortest_crossover
 
     def rate_ratio(self, causal: bool, batch_heads: int | None = None) -> float:
         """Low-rank FLOP rate / exact attention's near the crossover, for a call of `batch_heads`
@@ -186,4 +193,5 @@ def lookup(device_type: str, implementation: str) -> Lookup:
 def _calibration(entry: dict, source: str) -> Calibration:
     return Calibration(key=entry["key"], non_causal=entry["non_causal"], causal=entry["causal"],
                        shortest_crossover=entry.get("shortest_crossover", 0), batch_heads=entry["batch_heads"],
-                       measured_on=entry.get("measured_on", {}), source=source)
+                       measured_on=entry.get("measured_on", {}), source=source,
+                       evidence=tuple(entry.get("evidence", ())))

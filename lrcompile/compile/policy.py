@@ -187,6 +187,9 @@ def unmatched_patterns(policy: Policy, module_paths) -> list[str]:
             if not any(fnmatch.fnmatchcase(path, pattern) for path in paths)]
 
 
+FORCE_REWRITE = "Policy(cost_model=False), or --no-cost-model on the command line, forces the rewrite"
+
+
 def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree, chunk, batch_heads,
                       polynomial_is_model: bool = False) -> str:
     """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster.
@@ -207,17 +210,18 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
         why = f" ({decision.kernel.reason})" if decision.kernel.reason else ""
         return (f"the cost model is not calibrated for this machine and kernel path ({decision.kernel.label}{why}): "
                 f"{found.description}; so exact attention is kept: run `lrcompile calibrate`, or "
-                f"Policy(cost_model=False) forces the rewrite")
+                f"{FORCE_REWRITE}")
     ratio = found.calibration.rate_ratio(site.is_causal, int(batch_heads))
-    shortest = found.calibration.shortest_crossover
+    mask = "causal" if site.is_causal else "non-causal"
+    shortest = found.calibration.shortest_crossover_for(site.is_causal)
     if not _holds(decision.flops_lowrank / ratio < decision.flops_exact):
         crossover = cost_model.crossover_length(int(head_dim), int(value_dim), site.is_causal, degree, chunk, ratio=ratio,
                                           shortest_crossover=shortest)
         return (f"exact attention is cheaper at n_k = {n_k} (low-rank pays off from about n = {crossover} for "
-                f"d = {head_dim}, degree {degree}, on {device}); Policy(cost_model=False) forces it")
+                f"d = {head_dim}, degree {degree}, {mask}, on {device}); {FORCE_REWRITE}")
     if _holds(n_k < shortest):
-        return (f"key length {n_k} is below the shortest crossover measured on {device} (n = {shortest}), where "
-                f"the fixed cost of a call outweighs the FLOPs saved; Policy(cost_model=False) forces the rewrite")
+        return (f"key length {n_k} is below the shortest crossover measured on {device} for {mask} attention "
+                f"(n = {shortest}), where the fixed cost of a call outweighs the FLOPs saved; {FORCE_REWRITE}")
     return ""
 
 

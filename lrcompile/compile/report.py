@@ -58,6 +58,8 @@ class Report:
         "dynamo_before": [], "dynamo_after": [], "aot_forward": [], "aot_backward": []})
     policy: Policy | None = None
     unmatched_patterns: list[str] = field(default_factory=list)  # include/exclude patterns matching no module
+    graph_breaks: list[str] = field(default_factory=list)  # why Dynamo broke a graph or skipped a frame while
+                                                           # explain ran: that code ran eagerly, unseen by the backend
 
     def __str__(self) -> str:
         return format_report(self)
@@ -105,14 +107,40 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
                                      bw_compiler=lambda graph, _inputs: graph.forward, partition_fn=partition)
 
     compiled = torch.compile(model, backend=recording_backend, dynamic=False)
+    breaks_before = _graph_break_counts()
     with guard.measuring() as measured:
         compiled(*args, **kwargs)
+    breaks_after = _graph_break_counts()
+    report.graph_breaks = [reason for reason in breaks_after if breaks_after[reason] > breaks_before.get(reason, 0)]
     for site in report.sites:
         if site.label in measured:
             site.measured_error = measured[site.label].measured_error
             site.guard_falls_back = measured[site.label].would_fall_back
     report.unmatched_patterns = unmatched_patterns(policy, paths)
     return report
+
+
+def _graph_break_counts() -> dict[str, int]:
+    """Dynamo's count of each graph-break message so far in this process (its own statistics)."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters.get("graph_break", {}))
+
+
+def _graph_break_summary(message: str) -> str:
+    """Dynamo's message cut to what a reader acts on: the first line, and its hint if it gives one."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    hints = [line for line in lines[1:] if line.startswith("Hint:")]
+    return "; ".join(lines[:1] + hints[:1]) if lines else message
+
+
+def _graph_break_lines(report: Report) -> list[str]:
+    if not report.graph_breaks:
+        return []
+    found = "no attention site reached them" if not report.sites else "attention there was not seen"
+    return [f"Dynamo broke or skipped {len(report.graph_breaks)} part(s) of the model, which then ran eagerly, "
+            f"outside the graphs lrcompile rewrites ({found}); torch's reasons:",
+            *[f"  - {_graph_break_summary(reason)}" for reason in report.graph_breaks]]
 
 
 def _sites_of(rewrite: Rewrite) -> list[Site]:
@@ -154,6 +182,10 @@ def format_report(report: Report) -> str:
     unmatched = [f"{'include' if pattern in include else 'exclude'} pattern {pattern!r} matches no module path of "
                  f"the model (paths as model.named_modules() names them); it selects nothing"
                  for pattern in report.unmatched_patterns]
+    breaks = _graph_break_lines(report)
+    if not report.sites and breaks:
+        return "\n".join(["lrcompile: no softmax-attention site reached the compiled graphs. That does not mean the "
+                          "model has none:", *breaks, *unmatched])
     if not report.sites:
         return "\n".join(["lrcompile: no softmax-attention site found in this model (nothing to rewrite).",
                           *unmatched])
@@ -185,6 +217,8 @@ def format_report(report: Report) -> str:
                    f"(so calls like them act by on_inaccurate={report.policy.on_inaccurate!r}): {', '.join(guarded)}")
     if unmatched:
         out += ["", *unmatched]
+    if breaks:
+        out += ["", *breaks]
     kept = [(s.module, s.reason) for s in report.sites if not s.rewritten]
     if kept:
         out.append("")
