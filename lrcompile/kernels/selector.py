@@ -171,5 +171,5 @@ def kernels_for(implementation: str) -> Kernels:
         return reference
     if implementation == "triton":
         from lrcompile.kernels import triton as triton_kernels  # imports triton only where it runs
-        return triton_kernels.TritonKernels()
+        return triton_kernels.TritonKernels  # static methods: the class itself fills in the interface
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
