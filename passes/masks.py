@@ -35,6 +35,7 @@ import torch
 import torch.fx
 
 from passes.constants import CannotEvaluate, ConstantFolder, concrete
+from passes.mutation import mutation_reason
 from passes.graph_walk import (
     BROADCAST, CAST, LOGICAL_AND, LOGICAL_NOT, LOGICAL_OR, MASKED_FILL, WHERE, WHERE_METHOD, ADD,
     SUBTRACT, describe, dtype_of, is_number, match, shape_label, shape_of,
@@ -303,6 +304,11 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
                   is_causal: bool = False) -> MaskClassification:
     """Classify the terms masking scores of `scores_shape` (..., n_q, n_k); `is_causal` from SDPA."""
     leaves = [leaf for term in terms for leaf in _split(term, folder)]
+    # the terms as the scores read them, and what they split into: either may be written in place
+    for leaf in [*terms, *leaves]:
+        mutated = mutation_reason(leaf.node) if isinstance(leaf.node, torch.fx.Node) else ""
+        if mutated:
+            return MaskClassification("general", False, (), f"mask is general: {mutated}")
     constant = [leaf for leaf in leaves if folder.is_constant(leaf.node)]
     runtime = [leaf for leaf in leaves if not folder.is_constant(leaf.node)]
 
