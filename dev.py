@@ -2,7 +2,7 @@
 """The two quick-start commands, on a machine with nothing but Python:
 
     python3 dev.py demo    # the main job: compile a model with lrcompile, print sites, error, speed
-    python3 dev.py test    # the whole test suite
+    python3 dev.py test    # the layer contracts (lint-imports), then the whole test suite
 
 Each creates (or reuses) the virtual environment .venv beside this file and installs the project
 into it, once per change of pyproject.toml. Extra arguments go to the demo or to pytest.
@@ -52,6 +52,11 @@ def main(argv: list[str]) -> int:
     command, args = argv[0], argv[1:]
     if command == "demo":
         return subprocess.run([str(python), "-m", "lrcompile.demo", *args], cwd=ROOT).returncode
+    # The layers (pyproject.toml [tool.importlinter]) first: a broken contract fails the run.
+    layers = subprocess.run([str(VENV / "bin" / "lint-imports")], cwd=ROOT).returncode
+    if layers:
+        print("dev.py: lint-imports found an import that breaks the layers; see the contracts above", file=sys.stderr)
+        return layers
     code = subprocess.run([str(python), "-m", "pytest", *args], cwd=ROOT).returncode
     if code == PYTEST_NO_TESTS:
         print("dev.py: pytest collected no tests; that is a failure, not a pass", file=sys.stderr)

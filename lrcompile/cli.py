@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from lrcompile.compiler import compile_graph
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy
+from lrcompile.compile.report import explain
 from lrcompile.models import BUILT_IN, first_tensor, load_model
-from lrcompile.policy import Policy
-from lrcompile.report import explain
 
 
 def main(argv=None) -> int:
@@ -42,12 +42,12 @@ def main(argv=None) -> int:
                                    "AOTAutograd with eager kernels (the same graphs, no code generation: faster)")
 
     bench_parser = commands.add_parser("bench", help="time and memory of exact vs low-rank attention over n")
-    from lrcompile import bench
+    from lrcompile.bench import command as bench
     bench.add_arguments(bench_parser)
 
     calibrate_parser = commands.add_parser(
         "calibrate", help="measure where low-rank overtakes exact attention here; the cost model then uses it")
-    from lrcompile import calibrate
+    from lrcompile.bench import calibrate
     calibrate.add_arguments(calibrate_parser)
 
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@
    minute, stored in the user's cache for every later run) rather than show a default policy that
    keeps every site exact.
 1. The op: lowrank_attention on a long sequence, its error against exact attention and its time
-   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.timing).
+   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.bench.timing).
 2. A model: a 4-layer GPT compiled with backend="lrcompile" (default policy): the site report,
    the error of its logits against the exact model, and its training-step time against the same
    model compiled by Inductor with exact attention, interleaved. The sequence length is raised
@@ -21,12 +21,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lrcompile import calibration, cost, lowrank_attention, native
-from lrcompile.guard import reset_stats, stats
-from lrcompile.attention import default_chunk_size
-from lrcompile.polynomial import exp_polynomial
+from lrcompile import lowrank_attention
+from lrcompile.bench.timing import StepClock, interleaved_runs, median, progress_bar, training_step_times
+from lrcompile.compile import calibration, cost_model
+from lrcompile.kernels import cpu
+from lrcompile.math.polynomial import exp_polynomial
+from lrcompile.ops.attention import default_chunk_size
+from lrcompile.ops.guard import reset_stats, stats
 from lrcompile.reference import random_attention_inputs
-from lrcompile.timing import StepClock, interleaved_runs, median, progress_bar, training_step_times
 
 MODEL_HEADS, MODEL_HEAD_DIM = 4, 16  # lrcompile.models.nanogpt
 LONGEST_MODEL_N = 8192  # beyond it, Inductor's exact model materialises several GiB of weights per layer
@@ -37,7 +39,7 @@ def ensure_calibrated(batch_heads: int) -> calibration.Lookup:
     implementation = calibration.implementation_for("cpu", batch_heads)
     found = calibration.lookup("cpu", implementation)
     if found.calibration is None:
-        from lrcompile.calibrate import calibrate, summary
+        from lrcompile.bench.calibrate import calibrate, summary
 
         print(f"== {found.description}.\n   Calibrating first: `lrcompile calibrate` (under a minute; kept for "
               f"later runs)", flush=True)
@@ -101,19 +103,19 @@ def model_length(requested: int, found: calibration.Lookup) -> int | None:
     """The model demo's sequence length: `requested`, or the power of two from which this machine's
     calibration rewrites the model's causal sites if that is longer; None if that is beyond reach."""
     chunk = default_chunk_size(MODEL_HEAD_DIM, 2, True)
-    crossover = cost.crossover_length(MODEL_HEAD_DIM, MODEL_HEAD_DIM, True, 2, chunk,
-                                      ratio=found.calibration.rate_ratio(True, MODEL_HEADS),
-                                      shortest_crossover=found.calibration.shortest_crossover_for(True))
+    crossover = cost_model.crossover_length(MODEL_HEAD_DIM, MODEL_HEAD_DIM, True, 2, chunk,
+                                            ratio=found.calibration.rate_ratio(True, MODEL_HEADS),
+                                            shortest_crossover=found.calibration.shortest_crossover_for(True))
     if crossover is None or crossover > LONGEST_MODEL_N:
         return None
     return max(requested, 2 ** math.ceil(math.log2(crossover)))
 
 
 def model_demo(n, found):
-    from lrcompile.compiler import backend
+    from lrcompile.compile.backend import backend
     from lrcompile.models import nanogpt
-    from lrcompile.policy import Policy
-    from lrcompile.report import explain
+    from lrcompile.compile.policy import Policy
+    from lrcompile.compile.report import explain
 
     policy, length = Policy(), model_length(n, found)
     if length is None:
@@ -170,7 +172,7 @@ def main():
     parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the model demo (at least)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"lrcompile CPU kernels: {native.status()}; {torch.get_num_threads()} torch threads\n")
+    print(f"lrcompile CPU kernels: {cpu.status()}; {torch.get_num_threads()} torch threads\n")
     found = ensure_calibrated(MODEL_HEADS)
     op_demo(args.n, args.heads, args.head_dim, args.score_range)
     model_demo(args.model_n, found)

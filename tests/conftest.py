@@ -40,8 +40,8 @@ def _this_machine_has_the_reference_calibration(_deterministic_threads, tmp_path
     this machine's C path, as this machine's (via LRCOMPILE_CALIBRATION, which child processes
     inherit). Tests about calibrations themselves point LRCOMPILE_CALIBRATION elsewhere.
     """
-    from lrcompile import calibration
-    from lrcompile.machine import machine_key
+    from lrcompile.compile import calibration
+    from lrcompile.compile.machine import machine_key
 
     key = machine_key("cpu", "c")
     path = tmp_path_factory.getbasetemp() / f"calibration-{key['threads']}-threads.json"
@@ -63,7 +63,7 @@ def _the_reference_machine_is_another_machine(tmp_path_factory, monkeypatch):
     see the reference calibration instead. Tests that need the reference machine ask for
     `on_the_reference_machine`.
     """
-    from lrcompile import calibration
+    from lrcompile.compile import calibration
 
     global SHIPPED_REFERENCE_PATH
     SHIPPED_REFERENCE_PATH = SHIPPED_REFERENCE_PATH or calibration.REFERENCE_PATH
@@ -79,7 +79,7 @@ def _the_reference_machine_is_another_machine(tmp_path_factory, monkeypatch):
 def on_the_reference_machine(monkeypatch):
     """This process takes the reference machine's identity (CPU name, threads) and sees the shipped
     reference calibration; returns that calibration's entry."""
-    from lrcompile import calibration, machine
+    from lrcompile.compile import calibration, machine
 
     monkeypatch.setattr(calibration, "REFERENCE_PATH", SHIPPED_REFERENCE_PATH)
     (reference,) = calibration.read(SHIPPED_REFERENCE_PATH)

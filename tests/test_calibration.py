@@ -1,4 +1,4 @@
-"""lrcompile.calibration: a calibration applies only to the machine and kernel path it was measured on."""
+"""lrcompile.compile.calibration: a calibration applies only to the machine and kernel path it was measured on."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrcompile
-from lrcompile import calibration, machine
+from lrcompile.compile import calibration, machine
 from lrcompile.models import gpt2
 
 
@@ -99,8 +99,8 @@ def test_the_policy_uses_the_implementation_the_call_will_run(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
     assert calibration.implementation_for("cpu", 4) == "torch"
     monkeypatch.delenv("LRCOMPILE_KERNELS")
-    from lrcompile import kernels
-    cuda = "triton" if not kernels.why_not("triton", "cuda", torch.float32, 2, 64, 64) else "torch"
+    from lrcompile.kernels import selector
+    cuda = "triton" if not selector.why_not("triton", "cuda", torch.float32, 2, 64, 64) else "torch"
     assert calibration.implementation_for("cuda", 4) == cuda
-    hybrid = kernels.Choice("c", "torch")
+    hybrid = selector.Choice("c", "torch")
     assert calibration.key_implementation(hybrid) == "c-hybrid"

@@ -1,7 +1,9 @@
 """lrcompile.demo: on a machine without its own calibration it calibrates first, then shows rewritten sites."""
 
-from lrcompile import calibrate, calibration, demo
-from lrcompile.machine import machine_key
+from lrcompile import demo
+from lrcompile.bench import calibrate
+from lrcompile.compile import calibration
+from lrcompile.compile.machine import machine_key
 
 
 def measured(shortest, ratio=0.9):

@@ -17,9 +17,9 @@ from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
-from lrcompile.compiler import compile_graph, rewrite_graph, score_ranges
+from lrcompile.compile.backend import compile_graph, rewrite_graph, score_ranges
 from lrcompile.models import Block
-from lrcompile.policy import Policy
+from lrcompile.compile.policy import Policy
 from passes import find_attention_sites
 from passes.higher_order import bodies, code_with_bodies
 
