@@ -1,10 +1,10 @@
 """Context parallelism: bytes exchanged per layer against ring attention, and step time on gloo ranks.
 
-Bytes. A rank of lrcompile.context_parallel exchanges states, r (d_v + 1) numbers per head, whatever
+Bytes. A rank of lrcompile.ops.context_parallel exchanges states, r (d_v + 1) numbers per head, whatever
 n is; ring attention (torch's context_parallel, Megatron's, ring-flash-attention) passes its keys
 and values round the ring: (P - 1) n / P (d + d_v) per head forward, and keys, values and their
 gradient accumulators backward. Measured here for 2 and 4 gloo ranks by counting the payloads of
-every collective of one forward + backward (lrcompile.context_parallel.counting_payloads) at two
+every collective of one forward + backward (lrcompile.ops.context_parallel.counting_payloads) at two
 lengths; computed beyond (n = 64k .. 1M, P = 2 .. 64) from the same formulas, which the
 measurement checks. Bytes are what one rank sends under ring algorithms (an all-reduce of M sends
 2 (P - 1) / P M, an all-gather of M per rank (P - 1) M, a reduce-scatter of P M (P - 1) M).
@@ -13,8 +13,8 @@ Step time. One forward + backward of context_parallel_attention on P = 2 and 4 g
 torch thread each, on this machine's cores) against one process of lowrank_attention on the whole
 sequence (one thread), median of --repeats runs; a rank's time is the slowest rank's.
 
-    python benchmarks/context_parallel.py                       # ~2 minutes on 2 cores
-    python benchmarks/context_parallel.py --time-n 2048 --repeats 1 --results /tmp/R.md
+    .venv/bin/python benchmarks/context_parallel.py                       # ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/context_parallel.py --time-n 2048 --repeats 1 --results /tmp/R.md
 
 Writes the context-parallel section of benchmarks/RESULTS.md.
 """
@@ -38,11 +38,11 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from lrcompile import lowrank_attention  # noqa: E402
-from lrcompile.context_parallel import (collectives, context_parallel_attention, counting_payloads,  # noqa: E402
-                                        ring_attention_bytes)
-from lrcompile.features import feature_dim  # noqa: E402
-from lrcompile.machine import machine_description  # noqa: E402
-from lrcompile.results import write_results_section  # noqa: E402
+from lrcompile.ops.context_parallel import (collectives, context_parallel_attention, counting_payloads,  # noqa: E402
+                                            ring_attention_bytes)
+from lrcompile.bench.machine import machine_description  # noqa: E402
+from lrcompile.bench.results import write_results_section  # noqa: E402
+from lrcompile.math.features import feature_dim  # noqa: E402
 
 SECTION = "context-parallel"
 LENGTHS = (65536, 131072, 262144, 524288, 1048576)
@@ -192,10 +192,10 @@ def markdown(args, measured, timed) -> str:
     short, long = args.count_n
     lines = [
         f"Context parallelism: bytes one rank sends per layer and head, forward + backward, float32, d = d_v = {d}, "
-        f"degree {degree} (r = {r}): lrcompile.context_parallel's states against ring attention's keys and values. "
+        f"degree {degree} (r = {r}): lrcompile.ops.context_parallel's states against ring attention's keys and values. "
         f"Measured by counting every collective's payload on 2 and 4 gloo ranks at n = {short} and {long} "
         f"(the same bytes at both lengths, equal to the formula), computed beyond. {machine_description()}. "
-        f"Command: `python benchmarks/context_parallel.py`.",
+        f"Command: `.venv/bin/python benchmarks/context_parallel.py`.",
         "",
         "| ranks | lrcompile non-causal | lrcompile causal | measured (n = " + f"{short}, {long})" + " |",
         "|---|---|---|---|",

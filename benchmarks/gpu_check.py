@@ -61,7 +61,7 @@ def print_kernel_names() -> None:
 def print_timings(lengths, blocks) -> None:
     """Forward + backward of our kernels (the launchers the op calls, at each tile size in `blocks`;
     None: the default) and of SDPA's flash kernel, one row per configuration."""
-    from lrcompile import triton_kernels
+    from lrcompile.kernels import triton as triton_kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 

@@ -143,7 +143,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, position_offset: int = 0):
         """idx, targets: (B, n) token ids, at positions position_offset.. (a rank's slice of the
-        sequence under context parallelism, lrcompile.context_parallel)."""
+        sequence under context parallelism, lrcompile.ops.context_parallel)."""
         n = idx.shape[1]
         if position_offset + n > self.config.block_size:
             raise ValueError(f"positions up to {position_offset + n} are beyond block_size {self.config.block_size}")

@@ -1,4 +1,4 @@
-"""Context parallelism (lrcompile.context_parallel): a sequence sharded over 2 and 4 gloo ranks gives the
+"""Context parallelism (lrcompile.ops.context_parallel): a sequence sharded over 2 and 4 gloo ranks gives the
 outputs and every gradient of one process running lowrank_attention on the whole sequence.
 
 Inputs are fresh random float64 tensors with scores in about [-3, 3] (entries of q, k ~ N(0, 1),
@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lrcompile
-from lrcompile.context_parallel import (ContextParallelError, collectives, context_parallel_attention,
-                                        counting_payloads)
+from lrcompile.ops.context_parallel import (ContextParallelError, collectives, context_parallel_attention,
+                                            counting_payloads)
 
 TOLERANCE = 1e-5
 RANK_TIMEOUT_S = 20     # the process group's timeout: a collective waiting on a dead rank fails after it
@@ -277,7 +277,7 @@ def gpt_training(rank, world_size, data_parallel):
     """Ranks (dp, cp) of a data_parallel x (world_size / data_parallel) mesh: each dp replica a
     share of the batch, each cp rank a contiguous slice of its sequence. Every shard has as many
     tokens, so the mean of the ranks' mean losses is the mean loss over the whole batch."""
-    import lrcompile.compiler
+    import lrcompile.compile.backend
 
     context = world_size // data_parallel
     if data_parallel > 1:
@@ -289,14 +289,14 @@ def gpt_training(rank, world_size, data_parallel):
     else:
         group, dp_rank, cp_rank = dist.group.WORLD, 0, rank
     sharded_sites = []
-    original = lrcompile.compiler.rewrite_graph
+    original = lrcompile.compile.backend.rewrite_graph
 
     def counting(*args, **kwargs):
         result = original(*args, **kwargs)
         sharded_sites.extend(d.context_parallel for _, d in result.decisions if d.context_parallel is not None)
         return result
 
-    lrcompile.compiler.rewrite_graph = counting  # this child process only
+    lrcompile.compile.backend.rewrite_graph = counting  # this child process only
     model = make_gpt()
     wrapped = DistributedDataParallel(model) if data_parallel > 1 else model
     compiled = torch.compile(wrapped, backend=lrcompile.backend(gpt_policy(group)))
@@ -314,7 +314,7 @@ def gpt_training(rank, world_size, data_parallel):
         parameters = train_gpt(model, lambda: compiled(mine(idx), mine(targets), position_offset=cp_rank * n)[1],
                                None if data_parallel > 1 else all_reduce_grads)
     finally:
-        lrcompile.compiler.rewrite_graph = original
+        lrcompile.compile.backend.rewrite_graph = original
     return {"parameters": parameters, "sharded_sites": len(sharded_sites)}
 
 
@@ -420,8 +420,8 @@ def test_policy_takes_a_group_only_where_the_polynomial_is_the_model():
 def test_a_site_kept_exact_under_context_parallelism_is_an_error_unless_excluded_by_pattern():
     from types import SimpleNamespace
 
-    from lrcompile.context_parallel import check_context_parallel_sites
-    from lrcompile.policy import Decision
+    from lrcompile.compile.policy import Decision
+    from lrcompile.ops.context_parallel import check_context_parallel_sites
 
     site = SimpleNamespace(name="softmax", module_path="h.0.attn")
     with pytest.raises(ValueError, match="would attend only to this rank's slice"):
