@@ -1,7 +1,7 @@
 """Time to build each polynomial and its proven error bound, uncached, and degree_for over all degrees.
 
 The policy calls `degree_for` (degree="auto") on real score ranges, so every (degree, B,
-approximation) must be proven in well under a second (DESIGN.md, section 2).
+approximation) must be proven in well under a second (docs/design.md, section 2).
 
     python benchmarks/polynomial_speed.py
 """

@@ -1,7 +1,7 @@
 """Train a character-level GPT on Shakespeare with exact and with polynomial attention, side by side.
 
 The question this answers: when the polynomial is the model (Policy(on_inaccurate="allow"),
-DESIGN.md section 2), does the network learn like softmax attention, and at long contexts does it
+docs/design.md section 3), does the network learn like softmax attention, and at long contexts does it
 reach a given validation loss sooner? The model is lrcompile.models.GPT written as a user writes
 it (nanoGPT's explicit matmul + masked_fill + softmax, or --attention sdpa); the runs differ only
 in the backend that compiles it:

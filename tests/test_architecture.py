@@ -1,4 +1,4 @@
-"""The package's architecture: no import cycles, and the layers of DESIGN section 3 as import-linter checks them.
+"""The package's architecture: no import cycles, and the layers of docs/design.md section 7 as import-linter checks them.
 
 The import graph is read from the source with ast, every import statement counted wherever it
 stands (inside functions and `if TYPE_CHECKING:` blocks too): an import deferred into a function
@@ -17,7 +17,7 @@ import networkx as nx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["cli | demo", "bench", "compile", "ops", "kernels", "math"]  # DESIGN section 3, top to bottom
+LAYERS = ["cli | demo", "bench", "compile", "ops", "kernels", "math"]  # docs/design.md section 7, top to bottom
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -1,5 +1,5 @@
 """Dynamic shapes: a rewrite decided on symbolic sizes holds for every length its guards admit, and
-survives Dynamo's automatic-dynamic recompile and decoding with a KV cache (DESIGN section 6)."""
+survives Dynamo's automatic-dynamic recompile and decoding with a KV cache (docs/design.md section 5)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Injected failures in each stage of the backend: the model still compiles and runs (DESIGN section 6:
+"""Injected failures in each stage of the backend: the model still compiles and runs (docs/design.md section 5:
 "a rewrite that fails for any reason falls back to compiling the original graph, with a warning").
 
 Stages: finding the sites (passes.find_attention_sites), replacing one (passes.replace_attention_site),

@@ -1,4 +1,4 @@
-"""Property tests of the backend over generated attention modules (DESIGN.md sections 2 and 5).
+"""Property tests of the backend over generated attention modules (docs/design.md sections 3 and 4).
 
 Each example is a module spelled from independent choices -- how Q Kᵀ is multiplied (matmul, @,
 bmm, einsum, SDPA), how the keys are transposed, where the scale goes, how softmax is called, how

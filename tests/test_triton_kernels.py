@@ -57,8 +57,10 @@ def _kernels_run_here() -> bool:
 
 KERNELS_RUN_HERE = _kernels_run_here()
 needs_kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1 could be set; "
-                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process runs this test")
+    not KERNELS_RUN_HERE, reason="not skipped, moved: runs in the fresh interpreter process of "
+                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process, which fails unless "
+                                 "every one of these passes (TRITON_INTERPRET=1 must be set before triton is "
+                                 "imported, and this process imported it first)")
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE or os.environ.get("TRITON_INTERPRET") == "1",
@@ -75,11 +77,12 @@ def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, result.stdout[-4000:]  # every kernel test ran
+    print(f"interpreter process: {summary}")  # the count the skips in this process stand for (pytest -s, -rP)
 
 
 @pytest.fixture(autouse=True)
 def _torch_sweep(monkeypatch):
-    """The torch sweep, not the C one, is the reference every kernel is held to (DESIGN §8)."""
+    """The torch sweep, not the C one, is the reference every kernel is held to (docs/design.md §6)."""
     monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
 
 

@@ -1,6 +1,6 @@
 """`lrcompile bench`: exact attention against the low-rank rewrite, timed side by side on this machine.
 
-This module owns how a run is put together (DESIGN.md, sections 7 and 9): its settings, one
+This module owns how a run is put together (docs/design.md, section 8): its settings, one
 configuration's rows, the summary (slopes, crossovers, rate ratios). The methods compared are
 lrcompile.bench.methods; how steps are timed lrcompile.bench.timing; peak memory
 lrcompile.bench.peak_memory; the Markdown report lrcompile.bench.report; plots lrcompile.bench.plots.

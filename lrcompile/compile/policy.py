@@ -1,4 +1,4 @@
-"""`Policy`: what the user decides, and `decide`: the per-site decision it implies (DESIGN section 6).
+"""`Policy`: what the user decides, and `decide`: the per-site decision it implies (docs/design.md section 5).
 
 Order, per site: include/exclude -> supported? -> key length >= min_seq_len -> degree (fixed, or
 "auto" from tolerance and bound) -> feature states fit memory_budget -> cost model -> rewrite (with
@@ -220,7 +220,7 @@ def _cost_model_keeps(decision: Decision, site, n_k, head_dim, value_dim, degree
     """Why the cost model keeps exact attention at this site; "" when low-rank is predicted faster.
     Records in decision.calibration which calibration decided (or why none applies).
 
-    When the polynomial is the model (on_inaccurate="allow") it keeps nothing (DESIGN section 6):
+    When the polynomial is the model (on_inaccurate="allow") it keeps nothing (docs/design.md section 3):
     exact softmax at short lengths, or on some devices, and P elsewhere would be two functions.
     The site is rewritten, and the op computes each call by the cheaper algorithm of the one
     function, directly when short (lrcompile.ops.algorithm), factored when long.

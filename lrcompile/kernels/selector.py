@@ -1,4 +1,4 @@
-"""Which implementation runs a factored-attention call (DESIGN section 8).
+"""Which implementation runs a factored-attention call (docs/design.md section 6).
 
 This module owns the choice; nothing else asks which kernels exist. Each implementation fills in
 the interface of `lrcompile.kernels.interface` (forward, backward, one `KernelConfig`), and

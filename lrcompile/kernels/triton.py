@@ -821,7 +821,7 @@ def _causal_backward(q_rows, k_rows, weighted, g_rows, state, launch: _Launch, c
 # themselves (wrap_triton) beside the Triton it generates for the rest of the model. They are
 # for CUDA sites only: under torch.compile a triton_op is decomposed into its kernels whatever
 # the device, and Inductor cannot run user Triton kernels on the CPU, so the rewrite must pick
-# `lrcompile::factored_attention` for CPU sites (DESIGN §8). No CPU kernel is registered here.
+# `lrcompile::factored_attention` for CPU sites (docs/design.md §6). No CPU kernel is registered here.
 # Eagerly, and under TRITON_INTERPRET=1 on CPU tensors, the op runs `forward`/`backward` above.
 
 

@@ -1,7 +1,7 @@
-"""The run-time accuracy guard (DESIGN §2, "approximate softmax"): every call checks itself.
+"""The run-time accuracy guard (docs/design.md §3, "approximate softmax"): every call checks itself.
 
 A polynomial of low degree is accurate only while the scores stay in a narrow range, and trained
-models leave that range (DESIGN §2, "Where it is accurate"). So each call of a guarded site
+models leave that range (docs/design.md §3). So each call of a guarded site
 estimates its own output error against exact softmax attention, and acts on it:
 
     error = max over sampled query rows i, heads h of  max_c |out_ic - exact_ic| / max_jc |v_jc|
