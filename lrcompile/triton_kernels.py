@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from lrcompile.factored import _append_ones, _valid_mean_correction, _weighted, centre_keys
@@ -152,10 +153,10 @@ def _slice_factors(p, d, DEGREE: tl.constexpr, D1: tl.constexpr):
 
 
 @triton.jit
-def _slice_coefficient(a, b, d, c1, c2, c3):
+def _slice_coefficient(a, b, d, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """c_p of slice (a, b), a <= b: c_3 for x_a x_b (twice where a < b: (b, a) shares it), c_2 for
     x_a alone, c_1 for the linear slice."""
-    return tl.where(b < d, tl.where(a == b, c3, 2.0 * c3), tl.where(a < d, c2, c1))
+    return tl.where(b < d, tl.where(a == b, C3, 2.0 * C3), tl.where(a < d, C2, C1))
 
 
 @triton.jit
@@ -261,12 +262,13 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices,
 
 
 @triton.jit
-def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, n_slices, c0, c1, c2, c3,
+def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, n_slices,
                         stride_x_head, stride_x_row, stride_state_head, stride_y_head, stride_y_row,
                         stride_u_head, stride_u_row, stride_dx_head, stride_dx_row,
                         BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr,
                         DEGREE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        STORE_U: tl.constexpr, GRADIENT: tl.constexpr):
+                        STORE_U: tl.constexpr, GRADIENT: tl.constexpr,
+                        C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """U_i = sum_f c_f feat_f(x_i) T_f   and   dx_i = sum_f (c_f T_f . Y_i) dfeat_f(x_i)/dx_i.
 
     Forward: x = q', T = S gives U = O^ (outputs and denominators). Backward: x = q', T = S,
@@ -292,7 +294,7 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
     dx = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for p in range(0, n_slices):
         a, b = _slice_factors(p, d, DEGREE, D1)
-        coefficient = _slice_coefficient(a, b, d, c1, c2, c3)
+        coefficient = _slice_coefficient(a, b, d, C1, C2, C3)
         x_a, x_b = _load_multipliers(x_ptr + rows * stride_x_row, rows, row_mask, a, b, d)
         t_v, t_1 = _load_slice(state_ptr, p, d, d_v, D, DV)
         if STORE_U:
@@ -305,8 +307,8 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
             dx += _feature_gradient(x, x_a, x_b, d_features, a, b, d, D)
     if STORE_U:
         t0_v, t0_1 = _load_constant(state_ptr, n_slices, d, d_v, DV)
-        u_v += c0 * t0_v[None, :]
-        u_1 += c0 * tl.sum(t0_1, axis=0)
+        u_v += C0 * t0_v[None, :]
+        u_1 += C0 * tl.sum(t0_1, axis=0)
         u_ptr += head * stride_u_head
         tl.store(u_ptr + rows[:, None] * stride_u_row + values[None, :], u_v,
                  mask=row_mask[:, None] & (values[None, :] < d_v))
@@ -334,23 +336,32 @@ def _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION: tl.
 
 
 @triton.jit
-def _polynomial(x, c0, c1, c2, c3):
-    """P(x) = c_0 + c_1 x + c_2 x^2 + c_3 x^3 (Horner)."""
-    return c0 + x * (c1 + x * (c2 + x * c3))
+def _polynomial(x, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
+    """P(x) = c_0 + c_1 x + c_2 x^2 + c_3 x^3 (Horner); a zero c_3 is left out at compile time."""
+    if C3 == 0.0:
+        y = C0 + x * (C1 + x * C2)
+    else:
+        y = C0 + x * (C1 + x * (C2 + x * C3))
+    return y
 
 
 @triton.jit
-def _polynomial_derivative(x, c1, c2, c3):
-    """P'(x) = c_1 + 2 c_2 x + 3 c_3 x^2."""
-    return c1 + x * (2.0 * c2 + x * (3.0 * c3))
+def _polynomial_derivative(x, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
+    """P'(x) = c_1 + 2 c_2 x + 3 c_3 x^2; a zero c_3 is left out at compile time."""
+    if C3 == 0.0:
+        y = C1 + x * (2.0 * C2)
+    else:
+        y = C1 + x * (2.0 * C2 + x * (3.0 * C3))
+    return y
 
 
 @triton.jit
-def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_size, c0, c1, c2, c3,
+def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_size,
                           stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
                           stride_w_head, stride_w_row, stride_o_head, stride_o_group, stride_o_row,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr,
+                          C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """O^_i = sum_{chunk(i) C <= j <= i} P(q'_i . k'_j) W^_j: the in-chunk block, applied directly.
 
     Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), k (BLOCK_N, D), X and P(X)
@@ -377,7 +388,7 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
         w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
-        block_weights = tl.where(visible, _polynomial(scores, c0, c1, c2, c3), 0.0)
+        block_weights = tl.where(visible, _polynomial(scores, C0, C1, C2, C3), 0.0)
         out_v += tl.dot(block_weights, w_v, input_precision=DOT_PRECISION)
         out_1 += tl.sum(block_weights * w_1[None, :], axis=1)
     out_ptr += head * stride_o_head + group * stride_o_group
@@ -388,10 +399,11 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
 
 @triton.jit
 def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, groups, d, d_v, chunk_size, n_slices,
-                          c0, c1, c2, c3, stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
+                          stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
                           stride_w_head, stride_w_row, stride_o_head, stride_o_group, stride_o_row, stride_state_head,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                          D1: tl.constexpr, DEGREE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          D1: tl.constexpr, DEGREE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """O^_i += sum_{f in slice p} c_f feat_f(q'_i) S_<c,f  for i in chunk c,
     S_<c+1 = S_<c + sum_{j in c} feat(k'_j)^T W^_j.
 
@@ -407,8 +419,8 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
     k_ptr += head * stride_k_head
     w_ptr += head * stride_w_head
     out_ptr += head * stride_o_head
-    coefficient = _slice_coefficient(a, b, d, c1, c2, c3)
-    constant = tl.where(p == n_slices - 1, c0, 0.0)  # the last slice's program carries the constant feature
+    coefficient = _slice_coefficient(a, b, d, C1, C2, C3)
+    constant = tl.where(p == n_slices - 1, C0, 0.0)  # the last slice's program carries the constant feature
     slice_v = tl.zeros((D, DV), dtype=tl.float32)
     slice_1 = tl.zeros((D,), dtype=tl.float32)
     constant_v = tl.zeros((DV,), dtype=tl.float32)
@@ -444,12 +456,13 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
 
 
 @triton.jit
-def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d, d_v, chunk_size, c1, c2, c3,
+def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d, d_v, chunk_size,
                                  stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
                                  stride_w_head, stride_w_row, stride_g_head, stride_g_group, stride_g_row,
                                  stride_dq_head, stride_dq_group, stride_dq_row,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                                 DOT_PRECISION: tl.constexpr):
+                                 DOT_PRECISION: tl.constexpr,
+                                 C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """dq'_i = sum_{chunk(i) C <= j <= i} (G^_i . W^_j) P'(X_ij) k'_j: the in-chunk block's share of dq'.
 
     Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,),
@@ -477,7 +490,7 @@ def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
         d_weights = tl.dot(g_v, tl.trans(w_v), input_precision=DOT_PRECISION) + g_1[:, None] * w_1[None, :]
-        d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, c1, c2, c3), 0.0)
+        d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, C1, C2, C3), 0.0)
         dq += tl.dot(d_scores, k, input_precision=DOT_PRECISION)
     dq_ptr += head * stride_dq_head + group * stride_dq_group
     tl.store(dq_ptr + rows[:, None] * stride_dq_row + columns[None, :], dq,
@@ -486,11 +499,12 @@ def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d
 
 @triton.jit
 def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n_k, groups, d, d_v, chunk_size,
-                               c0, c1, c2, c3, stride_q_head, stride_q_group, stride_q_row, stride_k_head,
+                               stride_q_head, stride_q_group, stride_q_row, stride_k_head,
                                stride_k_row, stride_w_head, stride_w_row, stride_g_head, stride_g_group, stride_g_row,
                                stride_dk_head, stride_dk_row, stride_u_head, stride_u_row,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr,
+                               C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """dk'_j = sum_i (G^_i . W^_j) P'(X_ij) q'_i   and   U_j = sum_i P(X_ij) G^_i   over the block's
     queries i (every group, j <= i < end of chunk(j)): the in-chunk block's share of dk' and U.
 
@@ -523,9 +537,9 @@ def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n
             g_v = _load_rows(g_rows[:, None], rows, row_mask, d_v, DV)
             g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
             scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
-            block_weights = tl.where(visible, _polynomial(scores, c0, c1, c2, c3), 0.0)
+            block_weights = tl.where(visible, _polynomial(scores, C0, C1, C2, C3), 0.0)
             d_weights = tl.dot(g_v, tl.trans(w_v), input_precision=DOT_PRECISION) + g_1[:, None] * w_1[None, :]
-            d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, c1, c2, c3), 0.0)
+            d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, C1, C2, C3), 0.0)
             dk += tl.dot(tl.trans(d_scores), q, input_precision=DOT_PRECISION)
             u_v += tl.dot(tl.trans(block_weights), g_v, input_precision=DOT_PRECISION)
             u_1 += tl.sum(block_weights * g_1[:, None], axis=0)
@@ -540,13 +554,14 @@ def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n
 
 @triton.jit
 def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr, u_ptr,
-                           n_q, n_k, groups, d, d_v, chunk_size, n_slices, c0, c1, c2, c3,
+                           n_q, n_k, groups, d, d_v, chunk_size, n_slices,
                            stride_q_head, stride_q_group, stride_q_row, stride_k_head, stride_k_row,
                            stride_w_head, stride_w_row, stride_g_head, stride_g_group, stride_g_row,
                            stride_state_head, stride_dq_head, stride_dq_group, stride_dq_row,
                            stride_dk_head, stride_dk_row, stride_u_head, stride_u_row,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                           D1: tl.constexpr, DEGREE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           D1: tl.constexpr, DEGREE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr):
     """The reverse sweep over chunks c, for slice p of the states (the last slice also the constant feature):
 
         S_<c = S_<c+1 - sum_{j in c} feat(k'_j)^T W^_j           (peeled from the forward's total)
@@ -568,8 +583,8 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
     dk_ptr += head * stride_dk_head
     u_ptr += head * stride_u_head
     columns = tl.arange(0, D)
-    coefficient = _slice_coefficient(a, b, d, c1, c2, c3)
-    constant = tl.where(p == n_slices - 1, c0, 0.0)
+    coefficient = _slice_coefficient(a, b, d, C1, C2, C3)
+    constant = tl.where(p == n_slices - 1, C0, 0.0)
     slice_v, slice_1 = _load_slice(state_ptr + head * stride_state_head, p, d, d_v, D, DV)
     r_v = tl.zeros((D, DV), dtype=tl.float32)
     r_1 = tl.zeros((D,), dtype=tl.float32)
@@ -629,6 +644,29 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
 # non-causal (any split into blocks will do) and a (BH, G, n_q, e) block when causal.
 
 
+def _launcher(kernel):
+    """wrap_triton(kernel), which leaves an interpreted kernel (TRITON_INTERPRET=1) as it is; such a
+    kernel is then not launched on fake tensors. Under FakeTensorMode a triton_op runs as its own
+    fake kernel, where a compiled kernel's launch is traced and does nothing, but the interpreter
+    would read the fake tensors' data."""
+    wrapped = wrap_triton(kernel)
+    if wrapped is not kernel:
+        return wrapped
+    return _SkipsFakeTensors(kernel)
+
+
+class _SkipsFakeTensors:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if any(isinstance(arg, torch.Tensor) and (is_fake(arg) or arg.device.type == "meta") for arg in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def _tile(width: int) -> int:
     return max(16, triton.next_power_of_2(width))
 
@@ -672,6 +710,12 @@ class _Launch:
                      DOT_PRECISION=self.dot_precision)
         return tiles if rows_only else dict(tiles, BLOCK_M=self.block)
 
+    def polynomial(self) -> dict:
+        """c_0..c_3 as the kernels' constexpr arguments C0..C3: a Python float argument would be typed
+        fp64 by Inductor (and then meet float32 operands in tl.dot), so each polynomial compiles its own
+        kernels instead, in which a zero c_3 folds away."""
+        return dict(zip(("C0", "C1", "C2", "C3"), self.coefficients))
+
     def slice_constants(self, rows_only=False) -> dict:
         """constants() plus what the slice enumeration needs."""
         return dict(self.constants(rows_only), D1=triton.next_power_of_2(self.head_dim + 1),
@@ -682,7 +726,7 @@ def _features_state(x, y, launch: _Launch):
     """T = sum_j feat(x_j)^T Y_j for rows x (BH, n, d), Y (BH, n, d_v + 1): (BH, state_rows, d_v + 1)."""
     d, d_v = launch.head_dim, launch.value_dim
     state = x.new_empty(x.shape[0], state_rows(d, launch.degree), d_v + 1, dtype=torch.float32)
-    wrap_triton(_state_kernel)[(x.shape[0], launch.n_slices)](
+    _launcher(_state_kernel)[(x.shape[0], launch.n_slices)](
         x, y, state, x.shape[1], d, d_v, launch.n_slices,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), state.stride(0),
         **launch.slice_constants(rows_only=True))
@@ -696,11 +740,11 @@ def _apply_state(x, state, y, launch: _Launch, store_u=True, gradient=False):
     u = x.new_empty(heads, n, d_v + 1, dtype=torch.float32) if store_u else x.new_empty(0, 1, 1)
     dx = x.new_empty(heads, n, d, dtype=torch.float32) if gradient else x.new_empty(0, 1, 1)
     y = y if gradient else x  # unread without GRADIENT: any tensor will do as the pointer
-    wrap_triton(_apply_state_kernel)[(heads, triton.cdiv(n, launch.block))](
-        x, state, y, u, dx, n, d, d_v, launch.n_slices, *launch.coefficients,
+    _launcher(_apply_state_kernel)[(heads, triton.cdiv(n, launch.block))](
+        x, state, y, u, dx, n, d, d_v, launch.n_slices,
         x.stride(0), x.stride(1), state.stride(0), y.stride(0), y.stride(1),
         u.stride(0), u.stride(1), dx.stride(0), dx.stride(1),
-        **launch.slice_constants(rows_only=True), STORE_U=store_u, GRADIENT=gradient)
+        **launch.slice_constants(rows_only=True), **launch.polynomial(), STORE_U=store_u, GRADIENT=gradient)
     return (u if store_u else None), (dx if gradient else None)
 
 
@@ -747,12 +791,12 @@ def _causal_forward(q_rows, k_rows, weighted, launch: _Launch, chunk_size):
     out_hat = q_rows.new_empty(heads, groups, n_q, d_v + 1, dtype=torch.float32)
     state = q_rows.new_empty(heads, state_rows(d, launch.degree), d_v + 1, dtype=torch.float32)
     strides = (*q_rows.stride()[:3], *k_rows.stride()[:2], *weighted.stride()[:2], *out_hat.stride()[:3])
-    wrap_triton(_block_forward_kernel)[(heads, groups, triton.cdiv(n_q, launch.block))](
-        q_rows, k_rows, weighted, out_hat, n_q, n_k, d, d_v, chunk_size, *launch.coefficients, *strides,
-        **launch.constants())
-    wrap_triton(_sweep_forward_kernel)[(heads, launch.n_slices)](
+    _launcher(_block_forward_kernel)[(heads, groups, triton.cdiv(n_q, launch.block))](
+        q_rows, k_rows, weighted, out_hat, n_q, n_k, d, d_v, chunk_size, *strides,
+        **launch.constants(), **launch.polynomial())
+    _launcher(_sweep_forward_kernel)[(heads, launch.n_slices)](
         q_rows, k_rows, weighted, out_hat, state, n_q, n_k, groups, d, d_v, chunk_size, launch.n_slices,
-        *launch.coefficients, *strides, state.stride(0), **launch.slice_constants())
+        *strides, state.stride(0), **launch.slice_constants(), **launch.polynomial())
     return out_hat, state
 
 
@@ -801,16 +845,16 @@ def _causal_backward(q_rows, k_rows, weighted, g_rows, state, launch: _Launch, c
     dk = torch.empty_like(k_rows, dtype=torch.float32)
     key_grads = k_rows.new_empty(heads, n_k, d_v + 1, dtype=torch.float32)
     inputs = (*q_rows.stride()[:3], *k_rows.stride()[:2], *weighted.stride()[:2], *g_rows.stride()[:3])
-    wrap_triton(_block_query_backward_kernel)[(heads, groups, triton.cdiv(n_q, launch.block))](
-        q_rows, k_rows, weighted, g_rows, dq, n_q, n_k, d, d_v, chunk_size, *launch.coefficients[1:],
-        *inputs, *dq.stride()[:3], **launch.constants())
-    wrap_triton(_block_key_backward_kernel)[(heads, triton.cdiv(n_k, launch.block))](
-        q_rows, k_rows, weighted, g_rows, dk, key_grads, n_q, n_k, groups, d, d_v, chunk_size, *launch.coefficients,
-        *inputs, *dk.stride()[:2], *key_grads.stride()[:2], **launch.constants())
-    wrap_triton(_sweep_backward_kernel)[(heads, launch.n_slices)](
+    _launcher(_block_query_backward_kernel)[(heads, groups, triton.cdiv(n_q, launch.block))](
+        q_rows, k_rows, weighted, g_rows, dq, n_q, n_k, d, d_v, chunk_size,
+        *inputs, *dq.stride()[:3], **launch.constants(), **launch.polynomial())
+    _launcher(_block_key_backward_kernel)[(heads, triton.cdiv(n_k, launch.block))](
+        q_rows, k_rows, weighted, g_rows, dk, key_grads, n_q, n_k, groups, d, d_v, chunk_size,
+        *inputs, *dk.stride()[:2], *key_grads.stride()[:2], **launch.constants(), **launch.polynomial())
+    _launcher(_sweep_backward_kernel)[(heads, launch.n_slices)](
         q_rows, k_rows, weighted, g_rows, state, dq, dk, key_grads, n_q, n_k, groups, d, d_v, chunk_size,
-        launch.n_slices, *launch.coefficients, *inputs, state.stride(0), *dq.stride()[:3], *dk.stride()[:2],
-        *key_grads.stride()[:2], **launch.slice_constants())
+        launch.n_slices, *inputs, state.stride(0), *dq.stride()[:3], *dk.stride()[:2],
+        *key_grads.stride()[:2], **launch.slice_constants(), **launch.polynomial())
     return dq, dk, key_grads
 
 

@@ -64,7 +64,7 @@ needs_kernels = pytest.mark.skipif(
 def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-         "-k", "not fresh_process and not compile_to_cubin"],
+         "-k", "not fresh_process and not compile_to_cubin and not argument_types_inductor"],
         # LRCOMPILE_ALGORITHM=factored: the torch op these kernels are compared with (state included)
         # would compute such short CPU calls directly, without a state
         cwd=Path(__file__).resolve().parents[1],
@@ -315,6 +315,26 @@ def test_half_precision_inputs_accumulate_in_float32(dtype, causal, degree):
     _assert_gradients_close(grads, exact_grads, key_weight, HALF_TOLERANCE[dtype])
 
 
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_ops_pass_opcheck_with_a_grouped_query_view(dtype, causal):
+    """Schema, fake kernel (sizes and strides) and autograd registration of both Triton ops, on
+    GQA's grouped query layout as the rewrite hands it: a view of a transposed (B, n, H, d) projection."""
+    generator = torch.Generator().manual_seed(70 + causal)
+    q = torch.randn(1, 20, 4, 4, generator=generator).to(DEVICE, dtype).transpose(1, 2).unflatten(1, (2, 2))
+    k, v = (torch.randn(1, 20, 2, 4, generator=generator).to(DEVICE, dtype).transpose(1, 2) for _ in range(2))
+    key_weight = (0.5 + torch.rand(1, 2, 20, generator=generator)).to(DEVICE, dtype)
+    args = (POLYNOMIALS[2], 0.5, causal, 8)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, key_weight)]
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (*leaves, *args), test_utils=utils)
+    out, denominator, state = torch.ops.lrcompile.triton_factored_attention(q, k, v, key_weight, *args)
+    grad_out = torch.randn(1, 20, 2, 2, 4, generator=generator).to(DEVICE, dtype).permute(0, 2, 3, 1, 4)
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention_backward.default,
+                          (grad_out, q, k, v, key_weight, out, denominator, state, *args, True), test_utils=utils)
+
+
 UNSUPPORTED = {  # (coefficients, head_dim, dtype): what `supports` refuses, and the torch sweep then runs
     "degree_4": ([1.0, 1.0, 0.5, 1 / 6, 1 / 24], 4, torch.float32),
     "degree_3_d_over_32": (POLYNOMIALS[3], 33, torch.float32),
@@ -376,17 +396,17 @@ def _compiled_kernels():
                 triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "tf32")]
     kernels = []
     for launch in launches:
-        rows = launch.slice_constants(rows_only=True)
+        rows, polynomial = launch.slice_constants(rows_only=True), launch.polynomial()
         kernels += [
             (triton_kernels._state_kernel, rows),
-            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
-            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
-            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
-            (triton_kernels._block_forward_kernel, launch.constants()),
-            (triton_kernels._sweep_forward_kernel, launch.slice_constants()),
-            (triton_kernels._block_query_backward_kernel, launch.constants()),
-            (triton_kernels._block_key_backward_kernel, launch.constants()),
-            (triton_kernels._sweep_backward_kernel, launch.slice_constants()),
+            (triton_kernels._apply_state_kernel, dict(rows, **polynomial, STORE_U=True, GRADIENT=False)),
+            (triton_kernels._apply_state_kernel, dict(rows, **polynomial, STORE_U=False, GRADIENT=True)),
+            (triton_kernels._apply_state_kernel, dict(rows, **polynomial, STORE_U=True, GRADIENT=True)),
+            (triton_kernels._block_forward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels._sweep_forward_kernel, dict(launch.slice_constants(), **polynomial)),
+            (triton_kernels._block_query_backward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels._block_key_backward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels._sweep_backward_kernel, dict(launch.slice_constants(), **polynomial)),
         ]
     return kernels
 
@@ -408,10 +428,105 @@ def test_kernels_compile_to_cubin_for_sm90():
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
             else:
-                signature[name] = "fp32" if name in ("c0", "c1", "c2", "c3") else "i32"
+                signature[name] = "i32"
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+class _LaunchRecorder:
+    """Stands in for wrap_triton: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __call__(self, kernel):
+        return _RecordedKernel(kernel, self.launches)
+
+
+class _RecordedKernel:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def _launches_of_one_call(monkeypatch, dtype, degree, causal, groups):
+    """Every kernel launch (kernel, args, kwargs) of one forward and one backward on CUDA-sized tiles,
+    recorded from the launchers on meta tensors (sizes only: nothing runs)."""
+    launches = []
+    monkeypatch.setattr(triton_kernels, "wrap_triton", _LaunchRecorder(launches))
+    head_dim = CUDA_HEAD_DIM[degree]
+    n, value_dim = 300, 64
+    q = torch.empty(1, 2, groups, n, head_dim, device="meta", dtype=dtype)
+    k, v = torch.empty(1, 2, n, head_dim, device="meta", dtype=dtype), torch.empty(1, 2, n, value_dim, device="meta",
+                                                                                   dtype=dtype)
+    key_weight = torch.empty(1, 2, n, device="meta", dtype=dtype)
+    block = triton_kernels._block_size(torch.device("cuda"), head_dim, value_dim)
+    coefficients, scale = POLYNOMIALS[degree], 1 / math.sqrt(head_dim)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, 64, block)
+    triton_kernels.backward(torch.empty_like(out), q, k, v, key_weight, out, denominator, state, coefficients, scale,
+                            causal, 64, True, block)
+    return launches
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+def inductor_signature(kernel, args, kwargs):
+    """(signature, constexprs) as Inductor types a user-defined kernel's arguments when it compiles
+    a graph holding it (torch._inductor.codegen.triton_utils.signature_of): tensors as pointers to
+    their dtype, Python floats as fp64, bools as i1, an int equal to 1 as a constexpr, other ints
+    as i32, and the launch's keyword constants as constexprs."""
+    signature, constexprs = {}, {}
+    for name, value in inspect.signature(kernel.fn).bind(*args, **kwargs).arguments.items():
+        if name in kwargs:
+            signature[name], constexprs[name] = "constexpr", kwargs[name]
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, float):
+            signature[name] = "fp64"
+        elif isinstance(value, int) and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif isinstance(value, int):
+            signature[name] = "i32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {name} = {value!r}")
+    return signature, constexprs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() and KERNELS_RUN_HERE,
+                    reason="the kernels are interpreted in this process: nothing to compile")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype, degree", [(torch.bfloat16, 2), (torch.float32, 3)], ids=["bfloat16_degree_2",
+                                                                                         "float32_degree_3"])
+def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inductor_gives(monkeypatch, dtype, degree,
+                                                                                        causal):
+    """Inductor compiles our kernels with its own signature: Python floats typed fp64 (on a device
+    with fp64), pointers typed by their tensors' dtype. A float argument then makes fp64 products
+    that tl.dot refuses ("Both operands must be same dtype"), which only a compile with those types
+    shows: every kernel a GQA call launches, forward and backward, with the arguments it gets."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launches = _launches_of_one_call(monkeypatch, dtype, degree, causal, groups=2)
+    assert {kernel.fn.__name__ for kernel, _, _ in launches} >= set(FORWARD_KERNELS[causal] + BACKWARD_KERNELS[causal])
+    failures = []
+    for kernel, args, kwargs in launches:
+        signature, constexprs = inductor_signature(kernel, args, kwargs)
+        try:
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32))
+        except Exception as error:  # noqa: BLE001 - collect every kernel's failure
+            failures.append(f"{kernel.fn.__name__}: {type(error).__name__}: {str(error)[-300:]}")
+    assert not failures, "\n".join(failures)
+    typed = {kernel.fn.__name__: inductor_signature(kernel, args, kwargs)[0] for kernel, args, kwargs in launches}
+    assert not [name for name, signature in typed.items() if "fp64" in signature.values()]  # no Python float
 
 
 # ---- on CUDA: the registered ops, and the kernels inside a compiled model --------------------------
