@@ -8,7 +8,7 @@
 """
 
 from lrcompile.attention import lowrank_attention
-from lrcompile.compiler import UnsupportedSiteError, backend
+from lrcompile.compiler import RewriteCompileError, UnsupportedSiteError, backend
 from lrcompile.export import export
 from lrcompile.features import feature_dim
 from lrcompile.guard import InaccurateAttentionError, SiteStats, reset_stats, stats
@@ -17,6 +17,6 @@ from lrcompile.polynomial import degree_for, exp_polynomial
 from lrcompile.report import Report, Site, explain
 
 __all__ = [
-    "InaccurateAttentionError", "Policy", "Report", "Site", "SiteStats", "UnsupportedSiteError", "backend",
+    "InaccurateAttentionError", "Policy", "Report", "RewriteCompileError", "Site", "SiteStats", "UnsupportedSiteError", "backend",
     "degree_for", "exp_polynomial", "explain", "export", "feature_dim", "lowrank_attention", "reset_stats", "stats",
 ]

@@ -21,6 +21,7 @@ as SDPA returns for a fully masked row. Counters per site are kept for `lrcompil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class SiteStats:
     calls: int = 0
     fallbacks: int = 0          # calls that returned exact attention
     largest_error: float = 0.0  # largest estimated error of a checked call (0.0 if none was checked)
+    compile_failures: int = 0   # compiles of a graph with this site rewritten that failed, so it ran exact
+    compile_error: str = ""     # the last such failure, as "ErrorType: message"
 
     def record(self, error: float | None, fell_back: bool):
         self.calls += 1
@@ -59,7 +62,14 @@ _MEASURING: list[dict[str, "Measurement"]] = []
 
 def stats() -> dict[str, SiteStats]:
     """Per-site counters of the guard, keyed by site label ("module.path:node"), as copies."""
-    return {site: SiteStats(s.calls, s.fallbacks, s.largest_error) for site, s in _STATS.items()}
+    return {site: dataclasses.replace(s) for site, s in _STATS.items()}
+
+
+def record_compile_failure(site: str, error: str):
+    """Count a failed compile of a graph in which `site` was rewritten (lrcompile.compiler keeps it exact)."""
+    counters = _STATS.setdefault(site, SiteStats())
+    counters.compile_failures += 1
+    counters.compile_error = error
 
 
 def reset_stats():
