@@ -46,13 +46,14 @@ The causal sweeps give one program one slice of the state for every chunk in tur
 contributions to rows (outputs, dq, dk, U) are reduced over the slices with atomic adds into
 float32 buffers that the in-chunk kernels initialised with plain stores.
 
-Precision. Everything accumulates in float32. float16/bfloat16 inputs are upcast in torch before
-the kernels (an O(n d) copy, fused with the centring that makes a new tensor anyway) and the
-results cast back. Tile products run as DOT_PRECISION_FOR_DTYPE says: float32 inputs use
-"tf32x3" (three tf32 tensor-core products, float32-accurate to a few ulps; "ieee" would fall
-back to FMA loops that spill at these tiles); half inputs use one "tf32" product, whose 10-bit
-mantissa is as fine as float16's and finer than bfloat16's, so it adds an error below the
-inputs' own rounding (the CUDA tests in tests/test_triton_kernels.py state the tolerance).
+Precision. Every tile product accumulates in float32, and running states are float32. Operands
+stay in the caller's dtype: q', k', W^ and G^ are formed in torch in the inputs' dtype (no float32
+copy of a half input), and DOT_PRECISION_FOR_DTYPE says how tiles multiply. Half inputs ("bf16",
+"fp16") round both operands of every product to that dtype, features and states included, and
+take one tensor-core product, as fast linear-attention kernels do; float32 inputs use "tf32x3"
+(three tf32 tensor-core products, float32-accurate to a few ulps; "ieee" would fall back to FMA
+loops that spill at these tiles). Elementwise work (features, the polynomial block) is float32.
+The tests (tests/test_triton_kernels.py) state the tolerances.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (tests/test_triton_kernels.py
 calls `forward` and `backward` below directly). `supports` says what the kernels accept; elsewhere
@@ -69,7 +70,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from lrcompile.factored import _append_ones, _valid_mean_correction, _weighted, centre_keys
+from lrcompile.factored import _append_ones, _valid_mean_correction, _weighted
 
 MAX_DEGREE = 3
 # The largest head dim d per degree. Degree 3 stops at 32: one program per slice, and 561 slices
@@ -77,7 +78,7 @@ MAX_DEGREE = 3
 MAX_HEAD_DIM = {0: 128, 1: 128, 2: 128, 3: 32}
 MAX_VALUE_DIM = 128
 # Tile products per input dtype (module docstring, "Precision").
-DOT_PRECISION_FOR_DTYPE = {torch.float32: "tf32x3", torch.float16: "tf32", torch.bfloat16: "tf32"}
+DOT_PRECISION_FOR_DTYPE = {torch.float32: "tf32x3", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def unsupported_reason(q: torch.Tensor, v: torch.Tensor, coefficients) -> str | None:
@@ -124,6 +125,21 @@ def _head_id():
     """Program axis 0, the flattened (batch, head), as int64: head * stride_head passes 2^31 past
     ~1000 heads of a degree-3 (or d = 128) state, and int32 products would wrap."""
     return tl.program_id(0).to(tl.int64)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a b accumulated in float32. DOT_PRECISION "bf16" or "fp16": the operands are rounded to the
+    inputs' half dtype, one tensor-core product; otherwise float32 operands at that input_precision."""
+    if DOT_PRECISION == "bf16":
+        product = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif DOT_PRECISION == "bf16_in_fp32":  # the same products, where tl.dot cannot take bfloat16 (_Launch.of)
+        product = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    elif DOT_PRECISION == "fp16":
+        product = tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    else:
+        product = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return product
 
 
 @triton.jit
@@ -221,7 +237,7 @@ def _add_rows_to_slice(x, x_a, x_b, y_v, y_1, slice_v, slice_1, constant_v, cons
     """Adds rows (x, [y_v | y_1]) to slice p's share of the state: its features are the rows x scaled
     by x_a x_b (BLOCK_N, D), formed here and never stored; the constant feature's share rides along."""
     features = (x_a * x_b)[:, None] * x
-    slice_v += tl.dot(tl.trans(features), y_v, input_precision=DOT_PRECISION)
+    slice_v += _dot(tl.trans(features), y_v, DOT_PRECISION)
     slice_1 += tl.sum(features * y_1[:, None], axis=0)
     constant_v += tl.sum(y_v, axis=0)
     constant_1 += tl.sum(y_1, axis=0)
@@ -299,10 +315,10 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
         t_v, t_1 = _load_slice(state_ptr, p, d, d_v, D, DV)
         if STORE_U:
             features = (coefficient * x_a * x_b)[:, None] * x
-            u_v += tl.dot(features, t_v, input_precision=DOT_PRECISION)
+            u_v += _dot(features, t_v, DOT_PRECISION)
             u_1 += tl.sum(features * t_1[None, :], axis=1)
         if GRADIENT:
-            d_features = coefficient * (tl.dot(y_v, tl.trans(t_v), input_precision=DOT_PRECISION)
+            d_features = coefficient * (_dot(y_v, tl.trans(t_v), DOT_PRECISION)
                                         + y_1[:, None] * t_1[None, :])  # (BLOCK_N, D)
             dx += _feature_gradient(x, x_a, x_b, d_features, a, b, d, D)
     if STORE_U:
@@ -328,7 +344,7 @@ def _apply_state_kernel(x_ptr, state_ptr, y_ptr, u_ptr, dx_ptr, n_rows, d, d_v, 
 @triton.jit
 def _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION: tl.constexpr):
     """(X, visible) for a (BLOCK_M, BLOCK_N) tile: X = q' k'^T, visible the in-chunk causal mask."""
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores = _dot(q, tl.trans(k), DOT_PRECISION)
     first = rows // chunk_size * chunk_size
     visible = ((keys[None, :] <= rows[:, None]) & (keys[None, :] >= first[:, None])
                & (keys[None, :] < n_k) & (rows[:, None] < n_q))
@@ -389,7 +405,7 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
         block_weights = tl.where(visible, _polynomial(scores, C0, C1, C2, C3), 0.0)
-        out_v += tl.dot(block_weights, w_v, input_precision=DOT_PRECISION)
+        out_v += _dot(block_weights, w_v, DOT_PRECISION)
         out_1 += tl.sum(block_weights * w_1[None, :], axis=1)
     out_ptr += head * stride_o_head + group * stride_o_group
     tl.store(out_ptr + rows[:, None] * stride_o_row + values[None, :], out_v,
@@ -435,7 +451,7 @@ def _sweep_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, state_ptr, n_q, n_k, gro
                 q = _load_rows(row_ptr[:, None], rows, row_mask, d, D)
                 q_a, q_b = _load_multipliers(row_ptr, rows, row_mask, a, b, d)
                 features = (coefficient * q_a * q_b)[:, None] * q
-                share_v = tl.dot(features, slice_v, input_precision=DOT_PRECISION) + constant * constant_v[None, :]
+                share_v = _dot(features, slice_v, DOT_PRECISION) + constant * constant_v[None, :]
                 share_1 = tl.sum(features * slice_1[None, :], axis=1) + constant * tl.sum(constant_1, axis=0)
                 out_rows = out_ptr + group * stride_o_group + rows * stride_o_row
                 tl.atomic_add(out_rows[:, None] + values[None, :], share_v,
@@ -489,9 +505,9 @@ def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d
         w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
         w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
-        d_weights = tl.dot(g_v, tl.trans(w_v), input_precision=DOT_PRECISION) + g_1[:, None] * w_1[None, :]
+        d_weights = _dot(g_v, tl.trans(w_v), DOT_PRECISION) + g_1[:, None] * w_1[None, :]
         d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, C1, C2, C3), 0.0)
-        dq += tl.dot(d_scores, k, input_precision=DOT_PRECISION)
+        dq += _dot(d_scores, k, DOT_PRECISION)
     dq_ptr += head * stride_dq_head + group * stride_dq_group
     tl.store(dq_ptr + rows[:, None] * stride_dq_row + columns[None, :], dq,
              mask=row_mask[:, None] & (columns[None, :] < d))
@@ -538,10 +554,10 @@ def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n
             g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
             scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
             block_weights = tl.where(visible, _polynomial(scores, C0, C1, C2, C3), 0.0)
-            d_weights = tl.dot(g_v, tl.trans(w_v), input_precision=DOT_PRECISION) + g_1[:, None] * w_1[None, :]
+            d_weights = _dot(g_v, tl.trans(w_v), DOT_PRECISION) + g_1[:, None] * w_1[None, :]
             d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, C1, C2, C3), 0.0)
-            dk += tl.dot(tl.trans(d_scores), q, input_precision=DOT_PRECISION)
-            u_v += tl.dot(tl.trans(block_weights), g_v, input_precision=DOT_PRECISION)
+            dk += _dot(tl.trans(d_scores), q, DOT_PRECISION)
+            u_v += _dot(tl.trans(block_weights), g_v, DOT_PRECISION)
             u_1 += tl.sum(block_weights * g_1[:, None], axis=0)
     dk_ptr += head * stride_dk_head
     tl.store(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :], dk,
@@ -603,14 +619,14 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
             w_v = _load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
             w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
             features = (k_a * k_b)[:, None] * k
-            slice_v -= tl.dot(tl.trans(features), w_v, input_precision=DOT_PRECISION)
+            slice_v -= _dot(tl.trans(features), w_v, DOT_PRECISION)
             slice_1 -= tl.sum(features * w_1[:, None], axis=0)
-            share_v = coefficient * tl.dot(features, r_v, input_precision=DOT_PRECISION) + constant * r0_v[None, :]
+            share_v = coefficient * _dot(features, r_v, DOT_PRECISION) + constant * r0_v[None, :]
             share_1 = coefficient * tl.sum(features * r_1[None, :], axis=1) + constant * tl.sum(r0_1, axis=0)
             u_rows = u_ptr + keys * stride_u_row
             tl.atomic_add(u_rows[:, None] + values[None, :], share_v, mask=key_mask[:, None] & (values[None, :] < d_v))
             tl.atomic_add(u_rows + d_v, share_1, mask=key_mask)
-            d_features = coefficient * (tl.dot(w_v, tl.trans(r_v), input_precision=DOT_PRECISION)
+            d_features = coefficient * (_dot(w_v, tl.trans(r_v), DOT_PRECISION)
                                         + w_1[:, None] * r_1[None, :])
             tl.atomic_add(dk_ptr + keys[:, None] * stride_dk_row + columns[None, :],
                           _feature_gradient(k, k_a, k_b, d_features, a, b, d, D),
@@ -625,13 +641,13 @@ def _sweep_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, state_ptr, dq_ptr, dk_ptr
                 g_rows = g_ptr + group * stride_g_group + rows * stride_g_row
                 g_v = _load_rows(g_rows[:, None], rows, row_mask, d_v, DV)
                 g_1 = tl.load(g_rows + d_v, mask=row_mask, other=0.0).to(tl.float32)
-                d_features = coefficient * (tl.dot(g_v, tl.trans(slice_v), input_precision=DOT_PRECISION)
+                d_features = coefficient * (_dot(g_v, tl.trans(slice_v), DOT_PRECISION)
                                             + g_1[:, None] * slice_1[None, :])
                 tl.atomic_add(dq_ptr + group * stride_dq_group + rows[:, None] * stride_dq_row + columns[None, :],
                               _feature_gradient(q, q_a, q_b, d_features, a, b, d, D),
                               mask=row_mask[:, None] & (columns[None, :] < d))
                 features = (q_a * q_b)[:, None] * q
-                r_v += tl.dot(tl.trans(features), g_v, input_precision=DOT_PRECISION)
+                r_v += _dot(tl.trans(features), g_v, DOT_PRECISION)
                 r_1 += tl.sum(features * g_1[:, None], axis=0)
                 r0_v += tl.sum(g_v, axis=0)
                 r0_1 += tl.sum(g_1, axis=0)
@@ -697,8 +713,14 @@ class _Launch:
     def of(cls, q, v, coefficients, block_size=None):
         degree = len(coefficients) - 1
         padded = tuple(float(c) for c in coefficients) + (0.0,) * (MAX_DEGREE - degree)
+        precision = DOT_PRECISION_FOR_DTYPE[q.dtype]
+        if precision == "bf16" and q.device.type != "cuda":
+            # the interpreter (Triton 3.9) multiplies bfloat16 tiles as raw integers; bfloat16 values
+            # multiply exactly in float32, so rounding the operands and taking a float32 product is
+            # the tensor cores' bfloat16 product with float32 accumulation
+            precision = "bf16_in_fp32"
         return cls(q.shape[-1], v.shape[-1], degree, padded,
-                   block_size or _block_size(q.device, q.shape[-1], v.shape[-1]), DOT_PRECISION_FOR_DTYPE[q.dtype])
+                   block_size or _block_size(q.device, q.shape[-1], v.shape[-1]), precision)
 
     @property
     def n_slices(self) -> int:
@@ -749,12 +771,27 @@ def _apply_state(x, state, y, launch: _Launch, store_u=True, gradient=False):
 
 
 def _prepare(q, k, v, key_weight, scale, causal):
-    """q' (B, H, G, n_q, d), k' (B, H, n_k, d), W^ = w [V | 1] (B, H, n_k, d_v + 1), in float32."""
-    q, k, v = (t.float() for t in (q, k, v))
-    key_weight = None if key_weight is None else key_weight.float()
-    centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
+    """q' (B, H, G, n_q, d), k' (B, H, n_k, d), W^ = w [V | 1] (B, H, n_k, d_v + 1) in the inputs' dtype,
+    which the kernels' tile products take as they are; with the valid-key mask and count (float32)
+    that the centring's gradient needs (as factored.centre_keys returns them).
+
+    No float32 copy of a half input is made: the key mean is summed in float32 by the reduction
+    itself, and each of q', k', W^ is rounded once to the inputs' dtype.
+    """
+    root_scale = scale**0.5
+    k_scaled = k * root_scale
+    valid = valid_count = None
+    if causal:
+        centred = k_scaled
+    elif key_weight is None:
+        centred = k_scaled - k_scaled.sum(-2, keepdim=True, dtype=torch.float32).div(k.shape[-2]).to(k.dtype)
+    else:
+        valid = (key_weight > 0).unsqueeze(-1)  # (B, H, n_k, 1)
+        valid_count = valid.sum(-2, keepdim=True, dtype=torch.float32).clamp_min(1)
+        mean = torch.where(valid, k_scaled, 0).sum(-2, keepdim=True, dtype=torch.float32) / valid_count
+        centred, valid = k_scaled - mean.to(k.dtype), valid.float()
     weighted = _weighted(_append_ones(v), key_weight)
-    return (q * scale**0.5).contiguous(), centred.contiguous(), weighted.contiguous(), key_weight, valid, valid_count
+    return (q * root_scale).contiguous(), centred.contiguous(), weighted.contiguous(), valid, valid_count
 
 
 def forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size, block_size=None):
@@ -770,7 +807,7 @@ def forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size, block_
     batch, heads, groups, n_q, d = q.shape
     d_v = v.shape[-1]
     launch = _Launch.of(q, v, coefficients, block_size)
-    q_rows, k_rows, weighted, _, _, _ = _prepare(q, k, v, key_weight, scale, causal)
+    q_rows, k_rows, weighted, _, _ = _prepare(q, k, v, key_weight, scale, causal)
     q_rows, k_rows, weighted = q_rows.flatten(0, 1), k_rows.flatten(0, 1), weighted.flatten(0, 1)
     if causal:
         out_hat, state = _causal_forward(q_rows, k_rows, weighted, launch, chunk_size)
@@ -813,10 +850,12 @@ def backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficient
     batch, heads, groups, n_q, d = q.shape
     d_v = v.shape[-1]
     launch = _Launch.of(q, v, coefficients, block_size)
-    q_rows, k_rows, weighted, key_weight32, valid, valid_count = _prepare(q, k, v, key_weight, scale, causal)
-    grad_out, out = grad_out.float(), out.float()
-    # G^_i = [dO_i | -(dO_i . out_i)] / D_i  (B, H, G, n_q, d_v + 1)
-    g_hat = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], dim=-1) / denominator.unsqueeze(-1)
+    q_rows, k_rows, weighted, valid, valid_count = _prepare(q, k, v, key_weight, scale, causal)
+    # G^_i = [dO_i | -(dO_i . out_i)] / D_i  (B, H, G, n_q, d_v + 1), rounded to the inputs' dtype once
+    # (dO . out summed in float32: it is the difference the gradient of the normalisation takes)
+    row_dot = (grad_out * out).sum(-1, keepdim=True, dtype=torch.float32)
+    g_hat = (torch.cat([grad_out / denominator.unsqueeze(-1), -row_dot / denominator.unsqueeze(-1)], dim=-1)
+             .to(q.dtype))
     q_rows, g_rows = q_rows.flatten(0, 1), g_hat.contiguous().flatten(0, 1)
     k_rows, weighted, state = k_rows.flatten(0, 1), weighted.flatten(0, 1), state.flatten(0, 1).contiguous()
     if causal:
@@ -830,8 +869,8 @@ def backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficient
     if not causal:
         dk = dk - _valid_mean_correction(dk, valid, valid_count)
     # U_j: dV_j = w_j U_j[:d_v], dw_j = U_j . V^_j
-    dv = _weighted(key_grads[..., :d_v], key_weight32)
-    dw = (key_grads * _append_ones(v.float())).sum(-1).to(key_weight.dtype) if key_weight_grad else q.new_empty(0)
+    dv = _weighted(key_grads[..., :d_v], key_weight)
+    dw = (key_grads * _append_ones(v)).sum(-1).to(key_weight.dtype) if key_weight_grad else q.new_empty(0)
     root_scale = scale**0.5
     return (dq * root_scale).to(q.dtype), (dk * root_scale).to(k.dtype), dv.to(v.dtype), dw
 

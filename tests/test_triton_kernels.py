@@ -14,10 +14,10 @@ a fresh process that sets the variable (and LRCOMPILE_KERNELS=triton) before any
 Every kernel result is held to the float64 quadratic reference (lrcompile.reference) on fresh
 random inputs seeded per case, scores within |x| <= 2: forward, dq, dk, dv and d key-weights, at
 1e-5 (outputs) and 1e-4 (gradients) relative to the largest entry for float32 inputs, and at the
-half dtypes' own rounding (HALF_TOLERANCE) for bfloat16 and float16. The interpreter computes
-tl.dot in float32 whatever input_precision says: the tf32_products fixture rounds the operands of
-the half inputs' tf32 products as tensor cores do, and the CUDA tests at the end of this file
-hold the hardware to CUDA_TOLERANCE.
+half dtypes' own rounding (HALF_TOLERANCE) for bfloat16 and float16. Half inputs' tile products
+take half operands, which multiply exactly in float32, so the interpreter's products are the
+tensor cores' up to summation order; the CUDA tests at the end of this file hold the hardware to
+CUDA_TOLERANCE.
 """
 
 import inspect
@@ -98,27 +98,6 @@ def _inputs(n_q, n_k, head_dim, value_dim, groups=1, kv_heads=1, padding=False, 
 def _relative_error(a, b):
     a, b = a.detach().cpu().double(), b.detach().cpu().double()  # results on CUDA, references on the CPU
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def tf32_products(monkeypatch):
-    """Under the interpreter, tl.dot(input_precision="tf32") rounds its float32 operands to tf32
-    (10-bit mantissa, nearest even) as tensor cores do; the interpreter alone multiplies in float32.
-    On CUDA the hardware does it and this fixture changes nothing."""
-    if torch.cuda.is_available():
-        return
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
-
-    exact_dot = interpreter.InterpreterBuilder.create_dot
-
-    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if input_precision == ir.INPUT_PRECISION.TF32:
-            a, b = (interpreter.TensorHandle(interpreter._round_f32_to_tf32(x.data), x.dtype)
-                    if x.dtype == triton.language.float32 else x for x in (a, b))
-        return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
 
 
 def _torch_sweep_values(q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out):
@@ -286,19 +265,20 @@ def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
     assert _relative_error(state[:, :, lower], state[:, :, upper]) < 1e-6  # (a, b) and (b, a): one monomial
 
 
-# Half-precision inputs against float64 on the same (rounded) inputs. Accumulation is float32; the
-# tile products round their operands to tf32 (2^-11 relative, emulated under the interpreter by
-# the tf32_products fixture) and each result is rounded to the input dtype (bfloat16 2^-9,
-# float16 2^-12 relative). Gradients cancel, so their errors are taken against the largest entry
-# with room for that: 1e-2 for bfloat16, 5e-3 for float16.
-HALF_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+# Half-precision inputs against float64 on the same (rounded) inputs. The operands stay in the
+# input dtype into every tile product, which accumulates in float32: q', k', W^ and G^ are each
+# rounded once to it, and so are the features formed from them and the float32 states where a
+# product takes them as an operand (bfloat16 2^-9, float16 2^-12 relative, as on tensor cores;
+# the interpreter multiplies the rounded operands exactly in float32). Gradients cancel, so their
+# errors are taken against the largest entry with room for that: 2e-2 for bfloat16 (the worst
+# case seen, causal dq, is 1.4e-2), 5e-3 for float16.
+HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 @needs_kernels
 @pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
 @pytest.mark.parametrize("dtype", HALF_TOLERANCE, ids=str)
-@pytest.mark.usefixtures("tf32_products")
 def test_half_precision_inputs_accumulate_in_float32(dtype, causal, degree):
     head_dim, value_dim, scale, chunk_size = 4, 5, 0.5, 12
     coefficients = POLYNOMIALS[degree]
@@ -393,7 +373,7 @@ def _compiled_kernels():
     """Every kernel with the constants a launch on CUDA gives it: degree 2 at d = d_v = 64 with
     float32 inputs, and degree 3 at its limit d = 32 with d_v = 128 and half inputs."""
     launches = [triton_kernels._Launch(64, 64, 2, (1.0, 1.0, 0.5, 0.0), 64, "tf32x3"),
-                triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "tf32")]
+                triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "bf16")]
     kernels = []
     for launch in launches:
         rows, polynomial = launch.slice_constants(rows_only=True), launch.polynomial()
@@ -536,9 +516,11 @@ def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inducto
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
 CUDA_HEAD_DIM = {2: 64, 3: 32}
 # float32 inputs run tf32x3 products (float32-accurate): what remains is float32 summation over
-# n = 300 keys in a different order. bfloat16 inputs run one tf32 product (10-bit mantissa) and
-# round every result to bfloat16 (2^-9 relative): 2e-2 of the largest entry leaves a factor 5.
-CUDA_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}  # (out, gradients)
+# n = 300 keys in a different order. bfloat16 inputs go into bfloat16 tensor-core products, whose
+# operands (features, G^, the float32 states) are rounded to bfloat16 (2^-9 relative), as under the
+# interpreter, where HALF_TOLERANCE's worst case is 1.4e-2 (causal dq); 3e-2 for gradients leaves a
+# factor 2 (not yet measured on a GPU).
+CUDA_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 3e-2)}  # (out, gradients)
 
 
 def _cuda_case(dtype, degree, causal, seed):
