@@ -683,6 +683,11 @@ class _SkipsFakeTensors:
         return launch
 
 
+def _interpreted() -> bool:
+    """Whether the kernels run under TRITON_INTERPRET=1 (set before triton was imported)."""
+    return not isinstance(_state_kernel, triton.runtime.JITFunction)
+
+
 def _tile(width: int) -> int:
     return max(16, triton.next_power_of_2(width))
 
@@ -714,7 +719,7 @@ class _Launch:
         degree = len(coefficients) - 1
         padded = tuple(float(c) for c in coefficients) + (0.0,) * (MAX_DEGREE - degree)
         precision = DOT_PRECISION_FOR_DTYPE[q.dtype]
-        if precision == "bf16" and q.device.type != "cuda":
+        if precision == "bf16" and _interpreted():
             # the interpreter (Triton 3.9) multiplies bfloat16 tiles as raw integers; bfloat16 values
             # multiply exactly in float32, so rounding the operands and taking a float32 product is
             # the tensor cores' bfloat16 product with float32 accumulation

@@ -490,7 +490,8 @@ def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inducto
     """Inductor compiles our kernels with its own signature: Python floats typed fp64 (on a device
     with fp64), pointers typed by their tensors' dtype. A float argument then makes fp64 products
     that tl.dot refuses ("Both operands must be same dtype"), which only a compile with those types
-    shows: every kernel a GQA call launches, forward and backward, with the arguments it gets."""
+    shows: every kernel a GQA call launches, forward and backward, with the arguments it gets.
+    With bfloat16 inputs every kernel's products run on the tensor cores (mma/wgmma on bf16)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -500,10 +501,14 @@ def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inducto
     for kernel, args, kwargs in launches:
         signature, constexprs = inductor_signature(kernel, args, kwargs)
         try:
-            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                           target=GPUTarget("cuda", 90, 32))
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32))
         except Exception as error:  # noqa: BLE001 - collect every kernel's failure
             failures.append(f"{kernel.fn.__name__}: {type(error).__name__}: {str(error)[-300:]}")
+            continue
+        # half operands reach the tensor cores: Hopper's wgmma (or mma.sync) on bf16, not FMA loops
+        if dtype == torch.bfloat16 and not re.search(r"mma[\w.]*\.bf16", compiled.asm["ptx"]):
+            failures.append(f"{kernel.fn.__name__}: no bf16 tensor-core product in the PTX")
     assert not failures, "\n".join(failures)
     typed = {kernel.fn.__name__: inductor_signature(kernel, args, kwargs)[0] for kernel, args, kwargs in launches}
     assert not [name for name, signature in typed.items() if "fp64" in signature.values()]  # no Python float
