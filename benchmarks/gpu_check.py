@@ -61,7 +61,7 @@ SIZES = {
     "cpu": dict(model_n=64, model_heads=4, model_kv_heads=2, model_width=64, dtype=torch.float32,
                 lengths=(64,), heads=(2,), autotune_n=64, autotune_heads=2, configurations=((16, 2), (8, 3))),
 }
-AUTOTUNE_SPACE = ((32, 64), (64, 64), (64, 128), (32, 128))  # (row tile, chunk) of our kernels
+AUTOTUNE_SPACE = ((32, 256), (64, 256), (32, 512), (64, 512))  # (row tile, causal chunk) of our kernels
 
 
 class Run:

@@ -338,6 +338,14 @@ def test_unsupported_calls_fall_back_to_the_torch_sweep(unsupported, causal):
         assert torch.equal(grad, sweep_grad)
 
 
+def test_causal_kernels_chunk_at_least_256_rows_on_cuda_and_as_the_site_says_elsewhere():
+    """On CUDA the per-chunk states would take n / C r (d_v + 1) floats: the kernels coarsen the
+    chunk (the same function at any chunk, as the layouts above check with chunks of 8 to 32)."""
+    assert triton_kernels.kernel_chunk(64, torch.device("cuda")) == triton_kernels.CUDA_MIN_CHUNK == 256
+    assert triton_kernels.kernel_chunk(512, torch.device("cuda")) == 512
+    assert triton_kernels.kernel_chunk(12, torch.device("cpu")) == 12
+
+
 def test_supports_says_what_it_refuses():
     def reason(degree, head_dim, value_dim=8, dtype=torch.float32):
         q, v = torch.empty(1, 1, 1, 2, head_dim, dtype=dtype), torch.empty(1, 1, 2, value_dim, dtype=dtype)
@@ -379,15 +387,16 @@ def _compiled_kernels():
         rows, polynomial = launch.slice_constants(rows_only=True), launch.polynomial()
         kernels += [
             (triton_kernels._state_kernel, rows),
-            (triton_kernels._apply_state_kernel, dict(rows, **polynomial, STORE_U=True, GRADIENT=False)),
-            (triton_kernels._apply_state_kernel, dict(rows, **polynomial, STORE_U=False, GRADIENT=True)),
-            (triton_kernels._apply_state_kernel, dict(rows, **polynomial, STORE_U=True, GRADIENT=True)),
             (triton_kernels._block_forward_kernel, dict(launch.constants(), **polynomial)),
-            (triton_kernels._sweep_forward_kernel, dict(launch.slice_constants(), **polynomial)),
             (triton_kernels._block_query_backward_kernel, dict(launch.constants(), **polynomial)),
             (triton_kernels._block_key_backward_kernel, dict(launch.constants(), **polynomial)),
-            (triton_kernels._sweep_backward_kernel, dict(launch.slice_constants(), **polynomial)),
         ]
+        for chunked in (False, True):
+            kernels += [(triton_kernels._apply_state_kernel,
+                         dict(rows, **polynomial, STORE_U=store_u, GRADIENT=gradient, CHUNKED=chunked,
+                              ACCUMULATE=chunked))
+                        for store_u, gradient in ((True, False), (False, True), (True, True))]
+            kernels.append((triton_kernels._chunk_states_kernel, dict(rows, REVERSE=chunked, STORE_TOTAL=not chunked)))
     return kernels
 
 
@@ -581,9 +590,10 @@ def test_triton_op_registration_and_compiled_calls_on_cuda(dtype, degree, causal
 
 
 FORWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
-                   True: ("_block_forward_kernel", "_sweep_forward_kernel")}
+                   True: ("_block_forward_kernel", "_chunk_states_kernel", "_apply_state_kernel")}
 BACKWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
-                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_sweep_backward_kernel")}
+                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_chunk_states_kernel",
+                           "_apply_state_kernel")}
 INDUCTOR_KERNEL = re.compile(r"def triton_(poi|per|red)_\w+\(")  # Inductor's names for the Triton it generates
 
 
