@@ -248,18 +248,20 @@ def _add_rows_to_slice(x, x_a, x_b, y_v, y_1, slice_v, slice_1, constant_v, cons
 
 
 @triton.jit
-def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices,
-                  stride_x_head, stride_x_row, stride_y_head, stride_y_row, stride_state_head,
+def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices, rows_per_split,
+                  stride_x_head, stride_x_row, stride_y_head, stride_y_row, stride_state_head, stride_state_split,
                   BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr,
                   DEGREE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """T_(p,e) = sum_j x~_ja x~_jb x_je Y_j  and  T_1 = sum_j Y_j   (no coefficients).
+    """T_(p,e) = sum_j x~_ja x~_jb x_je Y_j  and  T_1 = sum_j Y_j   (no coefficients), over one split of the rows.
 
-    Grid (BH, n_slices): program (h, p) writes rows p d .. p d + d - 1 of head h's state (and
-    the last slice also the constant row). Per step: x (BLOCK_N, D), its slice scale (BLOCK_N,),
-    Y (BLOCK_N, DV) + (BLOCK_N,); the accumulator is the (D, DV) slice and its (D,) denominator
-    column, in registers.
+    Grid (BH, n_slices, splits): program (h, p, s) sums rows s R .. s R + R - 1 (R = rows_per_split)
+    into rows p d .. p d + d - 1 of head h's partial state s (the last slice also the constant
+    row); the launcher adds the splits' partial states (no atomics). Per step: x (BLOCK_N, D), its
+    slice scale (BLOCK_N,), Y (BLOCK_N, DV) + (BLOCK_N,); the accumulator is the (D, DV) slice and
+    its (D,) denominator column, in float32 registers. Per call: 2 n r (d_v + 1) FLOPs (r = n_slices
+    d + 1 rows); reads x, Y once per slice (n_slices n (d + d_v + 1) elements), writes splits r (d_v + 1) floats.
     """
-    head, p = _head_id(), tl.program_id(1)
+    head, p, split = _head_id(), tl.program_id(1), tl.program_id(2)
     a, b = _slice_factors(p, d, DEGREE, D1)
     x_ptr += head * stride_x_head
     y_ptr += head * stride_y_head
@@ -267,17 +269,19 @@ def _state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_slices,
     slice_1 = tl.zeros((D,), dtype=tl.float32)
     constant_v = tl.zeros((DV,), dtype=tl.float32)
     constant_1 = tl.zeros((1,), dtype=tl.float32)
-    for start in range(0, n_rows, BLOCK_N):
+    first_row = split * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, n_rows)
+    for start in range(first_row, end_row, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
-        row_mask = rows < n_rows
+        row_mask = rows < end_row
         x = _load_rows(x_ptr + rows[:, None] * stride_x_row, rows, row_mask, d, D)
         x_a, x_b = _load_multipliers(x_ptr + rows * stride_x_row, rows, row_mask, a, b, d)
         y_v = _load_rows(y_ptr + rows[:, None] * stride_y_row, rows, row_mask, d_v, DV)
         y_1 = tl.load(y_ptr + rows * stride_y_row + d_v, mask=row_mask, other=0.0).to(tl.float32)
         slice_v, slice_1, constant_v, constant_1 = _add_rows_to_slice(
             x, x_a, x_b, y_v, y_1, slice_v, slice_1, constant_v, constant_1, DOT_PRECISION)
-    _store_slice(state_ptr + head * stride_state_head, p, n_slices, d, d_v, slice_v, slice_1, constant_v, constant_1,
-                 D, DV)
+    _store_slice(state_ptr + head * stride_state_head + split * stride_state_split, p, n_slices, d, d_v, slice_v,
+                 slice_1, constant_v, constant_1, D, DV)
 
 
 @triton.jit
@@ -471,7 +475,9 @@ def _block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_
     Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), k (BLOCK_N, D), X and P(X)
     (BLOCK_M, BLOCK_N), W^ (BLOCK_N, DV) + (BLOCK_N,); the rows' keys start at their chunk's
     first position, so at most C + BLOCK_M keys are visited. Stores O^ (plain store: this kernel
-    runs first and the chunked apply kernel adds the earlier chunks' share).
+    runs first and the chunked apply kernel adds the earlier chunks' share). Per call: at most
+    2 G n_q (C + BLOCK_M) (d + d_v + 1) FLOPs on the visited tiles; reads q', O^ once and
+    k', W^ (C + BLOCK_M) / BLOCK_M times.
     """
     head, group, block = _head_id(), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -512,7 +518,8 @@ def _block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d
     """dq'_i = sum_{chunk(i) C <= j <= i} (G^_i . W^_j) P'(X_ij) k'_j: the in-chunk block's share of dq'.
 
     Grid (BH, G, cdiv(n_q, BLOCK_M)). Per step: q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,),
-    k (BLOCK_N, D), W^ (BLOCK_N, DV) + (BLOCK_N,), dX (BLOCK_M, BLOCK_N). Plain store: runs before the chunked apply kernel.
+    k (BLOCK_N, D), W^ (BLOCK_N, DV) + (BLOCK_N,), dX (BLOCK_M, BLOCK_N). Plain store: runs before
+    the chunked apply kernel. Per call: at most 2 G n_q (C + BLOCK_M) (2 d + d_v + 1) FLOPs.
     """
     head, group, block = _head_id(), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -556,7 +563,7 @@ def _block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n
 
     Grid (BH, cdiv(n_k, BLOCK_N)). Per step: k (BLOCK_N, D), W^ (BLOCK_N, DV) + (BLOCK_N,) held;
     q (BLOCK_M, D), G^ (BLOCK_M, DV) + (BLOCK_M,), X (BLOCK_M, BLOCK_N). Plain store: keys no
-    query sees (j >= n_q) get zeros.
+    query sees (j >= n_q) get zeros. Per call: at most 2 G n_k (C + BLOCK_N) (2 d + 2 d_v + 2) FLOPs.
     """
     head, block = _head_id(), tl.program_id(1)
     keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -709,14 +716,36 @@ class _Launch:
 
 
 def _features_state(x, y, launch: _Launch):
-    """T = sum_j feat(x_j)^T Y_j for rows x (BH, n, d), Y (BH, n, d_v + 1): (BH, state_rows, d_v + 1)."""
+    """T = sum_j feat(x_j)^T Y_j for rows x (BH, n, d), Y (BH, n, d_v + 1): (BH, state_rows, d_v + 1).
+
+    The rows are split across programs (_rows_per_split) and the partial states added here."""
+    heads, n = x.shape[:2]
     d, d_v = launch.head_dim, launch.value_dim
-    state = x.new_empty(x.shape[0], state_rows(d, launch.degree), d_v + 1, dtype=torch.float32)
-    _launcher(_state_kernel)[(x.shape[0], launch.n_slices)](
-        x, y, state, x.shape[1], d, d_v, launch.n_slices,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), state.stride(0),
+    rows_per_split = _rows_per_split(n, heads * launch.n_slices, launch.block, x.device)
+    splits = triton.cdiv(n, rows_per_split)
+    partial = x.new_empty(heads, splits, state_rows(d, launch.degree), d_v + 1, dtype=torch.float32)
+    _launcher(_state_kernel)[(heads, launch.n_slices, splits)](
+        x, y, partial, n, d, d_v, launch.n_slices, rows_per_split,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), partial.stride(0), partial.stride(1),
         **launch.slice_constants(rows_only=True))
-    return state
+    return partial[:, 0] if splits == 1 else partial.sum(1)
+
+
+# Splits of n in the non-causal state kernel: enough programs to fill a GPU several times over
+# (B H n_slices alone is 8 x 65 = 520 at H = 8, d = 64), each at least a few thousand rows long so
+# the partial states (splits r (d_v + 1) floats) stay small against the rows read.
+PROGRAMS_TO_FILL = 4 * 132  # four waves of an H100/H200's SMs
+MIN_ROWS_PER_SPLIT = 2048
+INTERPRETED_ROWS_PER_SPLIT = 32  # small enough that the tests' short sequences take the split path
+
+
+def _rows_per_split(n: int, programs: int, block: int, device: torch.device) -> int:
+    """Rows each state program sums: n, or less where B H n_slices programs would leave SMs idle."""
+    if device.type == "cuda":
+        splits = min(triton.cdiv(PROGRAMS_TO_FILL, programs), triton.cdiv(n, MIN_ROWS_PER_SPLIT))
+    else:
+        splits = triton.cdiv(n, INTERPRETED_ROWS_PER_SPLIT)
+    return block * max(1, triton.cdiv(triton.cdiv(n, max(1, splits)), block))
 
 
 def _apply_state(x, state, y, launch: _Launch, store_u=True, gradient=False, groups=1, chunk_size=None,

@@ -346,6 +346,14 @@ def test_causal_kernels_chunk_at_least_256_rows_on_cuda_and_as_the_site_says_els
     assert triton_kernels.kernel_chunk(12, torch.device("cpu")) == 12
 
 
+def test_the_state_kernel_splits_long_rows_only_where_heads_and_slices_leave_a_gpu_idle():
+    cuda = torch.device("cuda")
+    assert triton_kernels._rows_per_split(65536, 8 * 65, 64, cuda) == 32768  # B H n_slices = 520 programs: 2 splits
+    assert triton_kernels._rows_per_split(65536, 16 * 65 * 4, 64, cuda) == 65536  # enough programs: none
+    assert triton_kernels._rows_per_split(4096, 1 * 65, 64, cuda) == 2048  # splits stay >= MIN_ROWS_PER_SPLIT
+    assert triton_kernels._rows_per_split(40, 5, 16, torch.device("cpu")) == 32  # interpreted: the tests split
+
+
 def test_supports_says_what_it_refuses():
     def reason(degree, head_dim, value_dim=8, dtype=torch.float32):
         q, v = torch.empty(1, 1, 1, 2, head_dim, dtype=dtype), torch.empty(1, 1, 2, value_dim, dtype=dtype)
