@@ -80,7 +80,8 @@ class Run:
     def step(self, name: str, function) -> bool:
         """Run one step with its log; record its results, or its failure, or that it was skipped."""
         if self.elapsed() > self.budget_s:
-            self.result["steps"][name] = {"status": f"skipped: {self.elapsed():.0f} s spent of the {self.budget_s:.0f} s budget"}
+            spent = f"{self.elapsed():.0f} s spent of the {self.budget_s:.0f} s budget"
+            self.result["steps"][name] = {"status": f"skipped: {spent}"}
             self.save()
             return True
         log_path = self.out / f"{name}.log"

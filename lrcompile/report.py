@@ -123,8 +123,9 @@ COMPILE_CHECKED_IMPLEMENTATIONS = ("triton",)
 
 def _compile_error(rewrite: Rewrite, example_inputs) -> str | None:
     """The message of a failed Inductor compile of the rewritten graph (counted in stats()), or None."""
-    if not any(decision.rewrite and decision.kernel is not None
-               and decision.kernel.implementation in COMPILE_CHECKED_IMPLEMENTATIONS for _, decision in rewrite.decisions):
+    implementations = {decision.kernel.implementation for _, decision in rewrite.decisions
+                       if decision.rewrite and decision.kernel is not None}
+    if not implementations & set(COMPILE_CHECKED_IMPLEMENTATIONS):
         return None
     try:
         _inductor_compile(copy_graph_module(rewrite.graph_module), example_inputs)
