@@ -20,7 +20,9 @@ stops the next; a step that would start after --budget-s seconds is recorded as 
    alone: loss and gradients against the exact step, lrcompile.stats() per site (calls, compile
    failures), whether Inductor's output code holds our kernels, and the step times.
 3. autotune: forward + backward ms of our kernels per (d, degree, causal) at n = 16384, H = 16,
-   over the small space AUTOTUNE_SPACE of (row tile, chunk); the best is recorded.
+   over the small space lrcompile.triton_tuning.SPACE of (row tile, causal chunk); the best of
+   each is recorded in triton_tuning.json in the output folder (copy it to lrcompile/, or point
+   LRCOMPILE_TRITON_TUNING at it, and the kernels use it on that GPU).
 4. timings: forward + backward of our kernels (the launchers the op calls) against SDPA's flash
    backend, bfloat16, B = 1, H = 16 and 8, n = 16384 and 65536, d = 64 degree 2 and d = 32
    degree 3, causal and not; speed-up = flash ms / ours ms (issue P9's targets).
@@ -51,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))
 
+from lrcompile import triton_tuning  # noqa: E402 - after the path: runs from a checkout
+
 TAYLOR = {2: [1.0, 1.0, 0.5], 3: [1.0, 1.0, 0.5, 1 / 6]}
 STEPS = ("tests", "models", "autotune", "timings")
 # Per device: the sizes of each step. The CPU ones only exercise the code paths.
@@ -61,7 +65,7 @@ SIZES = {
     "cpu": dict(model_n=64, model_heads=4, model_kv_heads=2, model_width=64, dtype=torch.float32,
                 lengths=(64,), heads=(2,), autotune_n=64, autotune_heads=2, configurations=((16, 2), (8, 3))),
 }
-AUTOTUNE_SPACE = ((32, 256), (64, 256), (32, 512), (64, 512))  # (row tile, causal chunk) of our kernels
+AUTOTUNE_SPACE = triton_tuning.SPACE  # (row tile, causal chunk) of our kernels
 
 
 class Run:
@@ -316,6 +320,8 @@ def flash_forward_backward(device, q, k, v, grad_out, causal):
 def autotune(run: Run, log_path: Path) -> dict:
     sizes = SIZES[run.device]
     rows = []
+    # every tile pair as asked: no earlier choice may override the one timed
+    os.environ[triton_tuning.ENVIRONMENT_VARIABLE] = str(run.out / "no-earlier-tuning.json")
     for head_dim, degree in sizes["configurations"]:
         for causal in (False, True):
             q, k, v, grad_out = _inputs(run.device, sizes["autotune_heads"], sizes["autotune_n"], head_dim,
@@ -330,7 +336,10 @@ def autotune(run: Run, log_path: Path) -> dict:
                          "n": sizes["autotune_n"], "heads": sizes["autotune_heads"], "timed": timed, "best": best})
             print(f"d = {head_dim} degree {degree} causal {causal}: " + ", ".join(
                 f"{row['block']}/{row['chunk']} {row['ms']:.2f} ms" for row in timed) + f"; best {best}", flush=True)
-    return {"rows": rows}
+    del os.environ[triton_tuning.ENVIRONMENT_VARIABLE]
+    table = run.out / "triton_tuning.json"
+    triton_tuning.record(rows, run.result["device"], table)
+    return {"rows": rows, "table": str(table)}
 
 
 def timings(run: Run, log_path: Path) -> dict:

@@ -49,6 +49,10 @@ entering every chunk, (BH, n_q / C, rows, d_v + 1) float32), after which every r
 independent. Each row's result is written by the one program that owns the row (the block kernel
 stores, the chunked apply kernel adds): no atomics.
 
+Tiles. The row tile (_block_size) and, causal, the chunk (kernel_chunk) default to fixed values;
+on a GPU where benchmarks/gpu_check.py timed the small space lrcompile.triton_tuning.SPACE, the
+best recorded there for (d, degree, dtype, causal) is used instead.
+
 Precision. Every tile product accumulates in float32, and running states are float32. Operands
 stay in the caller's dtype: q', k', W^ and G^ are formed in torch in the inputs' dtype (no float32
 copy of a half input), and DOT_PRECISION_FOR_DTYPE says how tiles multiply. Half inputs ("bf16",
@@ -65,6 +69,7 @@ calls `forward` and `backward` below directly). `supports` says what the kernels
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +78,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
+from lrcompile import triton_tuning
 from lrcompile.factored import _append_ones, _valid_mean_correction, _weighted
 
 MAX_DEGREE = 3
@@ -638,15 +644,27 @@ class _SkipsFakeTensors:
 CUDA_MIN_CHUNK = 256
 
 
-def kernel_chunk(chunk_size: int, device: torch.device) -> int:
-    """The causal kernels' chunk C: the site's chunk_size, and on CUDA at least CUDA_MIN_CHUNK rows.
+def kernel_chunk(chunk_size: int, device: torch.device, tuned_chunk: int | None = None) -> int:
+    """The causal kernels' chunk C: the site's chunk_size, and on CUDA at least the chunk timed best
+    on this GPU (lrcompile.triton_tuning), else CUDA_MIN_CHUNK rows.
 
     Any C computes the same function (the in-chunk block P(q'.k') equals phi(q') psi(k') exactly),
     so C only trades the block's O(n C d) work against the per-chunk states, n / C of them, each
     r (d_v + 1) float32 (d = 64, degree 2: 0.54 MB): at n = 65536 a 64-row chunk would store 1.1 GB
     per head, 256 rows 0.28 GB; power-attention and fla chunk as coarsely on GPUs.
     """
-    return max(chunk_size, CUDA_MIN_CHUNK) if device.type == "cuda" else chunk_size
+    return max(chunk_size, tuned_chunk or CUDA_MIN_CHUNK) if device.type == "cuda" else chunk_size
+
+
+def _tuned(q, degree: int, causal: bool) -> dict | None:
+    if q.device.type != "cuda":
+        return None
+    return triton_tuning.choice(q.shape[-1], degree, q.dtype, causal, _device_name(q.device.index))
+
+
+@functools.cache
+def _device_name(index) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _interpreted() -> bool:
@@ -679,9 +697,11 @@ class _Launch:
     coefficients: tuple[float, float, float, float]
     block: int
     dot_precision: str
+    tuned_chunk: int | None = None  # the causal chunk timed best on this GPU (lrcompile.triton_tuning)
 
     @classmethod
-    def of(cls, q, v, coefficients, block_size=None):
+    def of(cls, q, v, coefficients, block_size=None, causal=False):
+        """The launch of one call; on CUDA with the tiles timed best on this GPU, where recorded."""
         degree = len(coefficients) - 1
         padded = tuple(float(c) for c in coefficients) + (0.0,) * (MAX_DEGREE - degree)
         precision = DOT_PRECISION_FOR_DTYPE[q.dtype]
@@ -690,8 +710,10 @@ class _Launch:
             # multiply exactly in float32, so rounding the operands and taking a float32 product is
             # the tensor cores' bfloat16 product with float32 accumulation
             precision = "bf16_in_fp32"
+        tuned = _tuned(q, degree, causal) or {}
         return cls(q.shape[-1], v.shape[-1], degree, padded,
-                   block_size or _block_size(q.device, q.shape[-1], v.shape[-1]), precision)
+                   block_size or tuned.get("block") or _block_size(q.device, q.shape[-1], v.shape[-1]), precision,
+                   tuned.get("chunk"))
 
     @property
     def n_slices(self) -> int:
@@ -828,11 +850,12 @@ def forward(q, k, v, key_weight, coefficients, scale, causal, chunk_size, block_
         return out, denominator, state
     batch, heads, groups, n_q, d = q.shape
     d_v = v.shape[-1]
-    launch = _Launch.of(q, v, coefficients, block_size)
+    launch = _Launch.of(q, v, coefficients, block_size, causal)
     q_rows, k_rows, weighted, _, _ = _prepare(q, k, v, key_weight, scale, causal)
     q_rows, k_rows, weighted = q_rows.flatten(0, 1), k_rows.flatten(0, 1), weighted.flatten(0, 1)
     if causal:
-        out_hat, state = _causal_forward(q_rows, k_rows, weighted, launch, kernel_chunk(chunk_size, q.device))
+        chunk = kernel_chunk(chunk_size, q.device, launch.tuned_chunk)
+        out_hat, state = _causal_forward(q_rows, k_rows, weighted, launch, chunk)
     else:
         state = _features_state(k_rows, weighted, launch)
         out_hat = _apply_state(q_rows.flatten(1, 2), state, None, launch)[0]
@@ -872,7 +895,7 @@ def backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficient
             list(coefficients), scale, causal, chunk_size, key_weight_grad)
     batch, heads, groups, n_q, d = q.shape
     d_v = v.shape[-1]
-    launch = _Launch.of(q, v, coefficients, block_size)
+    launch = _Launch.of(q, v, coefficients, block_size, causal)
     q_rows, k_rows, weighted, valid, valid_count = _prepare(q, k, v, key_weight, scale, causal)
     # G^_i = [dO_i | -(dO_i . out_i)] / D_i  (B, H, G, n_q, d_v + 1), rounded to the inputs' dtype once
     # (dO . out summed in float32: it is the difference the gradient of the normalisation takes)
@@ -883,7 +906,7 @@ def backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficient
     k_rows, weighted, state = k_rows.flatten(0, 1), weighted.flatten(0, 1), state.flatten(0, 1).contiguous()
     if causal:
         dq, dk, key_grads = _causal_backward(q_rows, k_rows, weighted, g_rows, state, launch,
-                                             kernel_chunk(chunk_size, q.device))
+                                             kernel_chunk(chunk_size, q.device, launch.tuned_chunk))
     else:
         query_state = _features_state(q_rows.flatten(1, 2), g_rows.flatten(1, 2), launch)  # R
         dq = _apply_state(q_rows.flatten(1, 2), state, g_rows.flatten(1, 2), launch, store_u=False, gradient=True)[1]

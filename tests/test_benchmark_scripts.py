@@ -83,6 +83,8 @@ def test_gpu_check_runs_its_steps_at_tiny_sizes_on_the_cpu_into_one_folder(gpu_c
     assert all(row["best"] in row["timed"] and len(row["timed"]) == len(gpu_check.AUTOTUNE_SPACE)
                for row in steps["autotune"]["rows"])
     assert all(row["ours_ms"] > 0 and row["flash_ms"] > 0 for row in steps["timings"]["rows"])
+    table = json.loads((tmp_path / "triton_tuning.json").read_text())  # what the kernels read on that device
+    assert table["device"] == "cpu" and len(table["choices"]) == len(steps["autotune"]["rows"])
     assert result["passed"] is True and result["device"] == "cpu"
     assert "speed-up" in (tmp_path / "timings.log").read_text() and (tmp_path / "autotune.log").exists()
 

@@ -354,6 +354,20 @@ def test_the_state_kernel_splits_long_rows_only_where_heads_and_slices_leave_a_g
     assert triton_kernels._rows_per_split(40, 5, 16, torch.device("cpu")) == 32  # interpreted: the tests split
 
 
+def test_tiles_timed_on_a_gpu_are_used_on_that_gpu_only(tmp_path, monkeypatch):
+    from lrcompile import triton_tuning
+
+    rows = [{"head_dim": 64, "degree": 2, "dtype": "torch.bfloat16", "causal": True,
+             "best": {"block": 32, "chunk": 512, "ms": 1.0}}]
+    monkeypatch.setenv(triton_tuning.ENVIRONMENT_VARIABLE, str(tmp_path / "tuning.json"))
+    triton_tuning.record(rows, "NVIDIA H200", tmp_path / "tuning.json")
+    assert triton_tuning.choice(64, 2, torch.bfloat16, True, "NVIDIA H200") == {"block": 32, "chunk": 512, "ms": 1.0}
+    assert triton_tuning.choice(64, 2, torch.bfloat16, True, "NVIDIA H100") is None  # timed elsewhere
+    assert triton_tuning.choice(64, 2, torch.bfloat16, False, "NVIDIA H200") is None  # not timed
+    assert triton_kernels.kernel_chunk(64, torch.device("cuda"), 512) == 512
+    triton_tuning._load.cache_clear()
+
+
 def test_supports_says_what_it_refuses():
     def reason(degree, head_dim, value_dim=8, dtype=torch.float32):
         q, v = torch.empty(1, 1, 1, 2, head_dim, dtype=dtype), torch.empty(1, 1, 2, value_dim, dtype=dtype)
