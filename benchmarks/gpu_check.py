@@ -20,8 +20,8 @@ stops the next; a step that would start after --budget-s seconds is recorded as 
    alone: loss and gradients against the exact step, lrcompile.stats() per site (calls, compile
    failures), whether Inductor's output code holds our kernels, and the step times.
 3. autotune: forward + backward ms of our kernels per (d, degree, causal) at n = 16384, H = 16,
-   over the small space lrcompile.triton_tuning.SPACE of (row tile, causal chunk); the best of
-   each is recorded in triton_tuning.json in the output folder (copy it to lrcompile/, or point
+   over the small space lrcompile.kernels.triton_tuning.SPACE of (row tile, causal chunk); the best of
+   each is recorded in triton_tuning.json in the output folder (copy it to lrcompile/kernels/, or point
    LRCOMPILE_TRITON_TUNING at it, and the kernels use it on that GPU).
 4. timings: forward + backward of our kernels (the launchers the op calls) against SDPA's flash
    backend, bfloat16, B = 1, H = 16 and 8, n = 16384 and 65536, d = 64 degree 2 and d = 32
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lrcompile import triton_tuning  # noqa: E402 - after the path: runs from a checkout
+from lrcompile.kernels import triton_tuning  # noqa: E402 - after the path: runs from a checkout
 
 TAYLOR = {2: [1.0, 1.0, 0.5], 3: [1.0, 1.0, 0.5, 1 / 6]}
 STEPS = ("tests", "models", "autotune", "timings")
@@ -186,7 +186,7 @@ def _compilers(device: str):
     alone. On the CPU, AOTAutograd with eager kernels stands in for Inductor (same graphs, no
     minutes of CPU compile)."""
     import lrcompile
-    from lrcompile.compiler import compile_graph
+    from lrcompile.compile.backend import compile_graph
 
     policy = lrcompile.Policy(cost_model=False, on_inaccurate="allow")
     if device == "cuda":
@@ -289,7 +289,7 @@ def ours_forward_backward(device, q, k, v, grad_out, degree, causal, block=None,
     """Forward + backward of our kernels: the Triton launchers on CUDA, the CPU op elsewhere."""
     args = (TAYLOR[degree], q.shape[-1] ** -0.5, causal, chunk)
     if device == "cuda":
-        from lrcompile import triton_kernels
+        from lrcompile.kernels import triton as triton_kernels
 
         def run():
             out, denominator, state = triton_kernels.forward(q.unsqueeze(2), k, v, None, *args, block_size=block)

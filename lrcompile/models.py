@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         batch, n, channels = x.shape
         q, k, v = self.c_attn(x).split(channels, dim=2)
         q, k, v = (t.view(batch, n, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Dropout on the attention weights keeps the site exact in training (DESIGN.md section 5).
+        # Dropout on the attention weights keeps the site exact in training (docs/design.md section 4).
         drop = self.attn_dropout is not None and self.training
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout.p if drop else 0.0,

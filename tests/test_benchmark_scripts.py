@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lrcompile import calibration
+from lrcompile.compile import calibration
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

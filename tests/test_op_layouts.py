@@ -12,7 +12,7 @@ in tests/test_triton_kernels.py.
 import pytest
 import torch
 
-from lrcompile import factored, guard
+from lrcompile.ops import factored_op as factored, guard
 
 TAYLOR_2 = [1.0, 1.0, 0.5]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -1,4 +1,4 @@
-"""The Triton kernels (lrcompile.triton_kernels) against the torch sweep and a float64 quadratic reference.
+"""The Triton kernels (lrcompile.kernels.triton) against the torch sweep and a float64 quadratic reference.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors, calling the launchers
 `forward` / `backward` directly: under the interpreter wrap_triton cannot be traced, and the
@@ -37,9 +37,11 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from lrcompile import factored, triton_kernels  # noqa: E402
-from lrcompile.triton_kernels import _slice_factors  # noqa: E402
-from lrcompile.features import monomial_table  # noqa: E402
+from lrcompile.kernels import operands  # noqa: E402
+from lrcompile.kernels import triton as triton_kernels  # noqa: E402
+from lrcompile.ops import factored_op  # noqa: E402
+from lrcompile.kernels.triton import _slice_factors  # noqa: E402
+from lrcompile.math.features import monomial_table  # noqa: E402
 from lrcompile.reference import polynomial_attention, random_attention_inputs  # noqa: E402
 
 TAYLOR_2 = [1.0, 1.0, 0.5]
@@ -55,8 +57,10 @@ def _kernels_run_here() -> bool:
 
 KERNELS_RUN_HERE = _kernels_run_here()
 needs_kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1 could be set; "
-                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process runs this test")
+    not KERNELS_RUN_HERE, reason="not skipped, moved: runs in the fresh interpreter process of "
+                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process, which fails unless "
+                                 "every one of these passes (TRITON_INTERPRET=1 must be set before triton is "
+                                 "imported, and this process imported it first)")
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE or os.environ.get("TRITON_INTERPRET") == "1",
@@ -73,11 +77,12 @@ def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, result.stdout[-4000:]  # every kernel test ran
+    print(f"interpreter process: {summary}")  # the count the skips in this process stand for (pytest -s, -rP)
 
 
 @pytest.fixture(autouse=True)
 def _torch_sweep(monkeypatch):
-    """The torch sweep, not the C one, is the reference every kernel is held to (DESIGN §8)."""
+    """The torch sweep, not the C one, is the reference every kernel is held to (docs/design.md §6)."""
     monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
 
 
@@ -101,9 +106,9 @@ def _relative_error(a, b):
 
 
 def _torch_sweep_values(q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out):
-    out, denominator, state, exact = factored.factored_attention(
+    out, denominator, state, exact = factored_op.factored_attention(
         q, k, v, key_weight, coefficients, scale, causal, chunk_size, 0.0, "allow", "test")
-    grads = factored.factored_attention_backward(
+    grads = factored_op.factored_attention_backward(
         grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
         key_weight is not None)
     return out, denominator, grads
@@ -219,7 +224,7 @@ def test_state_is_the_slice_layout_by_enumeration(causal, degree):
     head_dim, value_dim, scale = 5, 3, 0.5
     q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True, seed=40 + degree)
     state = triton_kernels.forward(q, k, v, key_weight, POLYNOMIALS[degree], scale, causal, 16)[2]
-    k_centred = factored.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
+    k_centred = operands.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
     weighted = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).double() * key_weight.double().unsqueeze(-1)
     expected = _slice_features(k_centred, degree).mT @ weighted
     assert state.shape == (1, 1, triton_kernels.state_rows(head_dim, degree), value_dim + 1)
@@ -252,7 +257,7 @@ def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
     head_dim, value_dim = 4, 3
     q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True)
     state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16)[2]
-    symmetric = factored.factored_attention(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16, 0.0, "allow", "test")[2]
+    symmetric = factored_op.factored_attention(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16, 0.0, "allow", "test")[2]
     table = monomial_table(head_dim, 2)
     d = head_dim
     full_rows = [d * (d + 1)] + [d * d + b for b in range(d)]
@@ -355,7 +360,7 @@ def test_the_state_kernel_splits_long_rows_only_where_heads_and_slices_leave_a_g
 
 
 def test_tiles_timed_on_a_gpu_are_used_on_that_gpu_only(tmp_path, monkeypatch):
-    from lrcompile import triton_tuning
+    from lrcompile.kernels import triton_tuning
 
     rows = [{"head_dim": 64, "degree": 2, "dtype": "torch.bfloat16", "causal": True,
              "best": {"block": 32, "chunk": 512, "ms": 1.0}}]

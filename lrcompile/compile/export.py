@@ -1,0 +1,42 @@
+"""`lrcompile.export`: the rewrite for `torch.export`, as an ExportedProgram holding our custom ops.
+
+    program = lrcompile.export(model, (x,), policy=lrcompile.Policy(cost_model=False))
+    program.module()(x)          # runs lrcompile.factored_attention where the policy rewrote a site
+
+`torch.export.export` traces to ATen operations without calling any torch.compile backend, so it
+exports exact attention. Here Dynamo captures the model's graph at the level the attention passes
+read (torch functions, as a backend sees them), the sites are decided and replaced exactly as the
+backend does, and that rewritten graph is exported: `lrcompile.factored_attention` appears in the
+program as one custom op per rewritten site (with the accuracy guard's arguments), and loading a
+saved program needs `import lrcompile` to register it. The program holds the forward only, as
+every ExportedProgram does; parameters keep Dynamo's names (`L__self___qkv_weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+
+from lrcompile.compile.backend import Rewrite, rewrite_graph
+from lrcompile.compile.policy import Policy
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, policy: Policy | None = None,
+           dynamic_shapes=None, on_rewrite=None) -> torch.export.ExportedProgram:
+    """Export `model` called on (args, kwargs) with its attention sites rewritten per `policy`.
+
+    `dynamic_shapes` is passed to both Dynamo's capture and `torch.export.export`. `on_rewrite`,
+    if given, receives the `lrcompile.compile.backend.Rewrite` (the decisions and the graphs as code).
+    """
+    policy = Policy() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise TypeError(f"export() takes an lrcompile.Policy, got {type(policy).__name__}")
+    if not isinstance(args, tuple):
+        raise TypeError(f"args must be a tuple of example inputs, as for torch.export.export, got {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    captured = torch._dynamo.export(model, dynamic_shapes=dynamic_shapes)(*args, **kwargs)
+    flat_inputs = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    rewrite: Rewrite = rewrite_graph(captured.graph_module, flat_inputs, policy)
+    if on_rewrite is not None:
+        on_rewrite(rewrite)
+    return torch.export.export(rewrite.graph_module, args, kwargs, dynamic_shapes=dynamic_shapes)
