@@ -19,7 +19,7 @@ pyproject.toml, checked by `lint-imports` in CI):
 models.py (the built-in models) and reference.py (float64 references for tests) stand beside them.
 """
 
-from lrcompile.compile.backend import UnsupportedSiteError, backend
+from lrcompile.compile.backend import RewriteCompileError, UnsupportedSiteError, backend
 from lrcompile.compile.export import export
 from lrcompile.compile.policy import Policy
 from lrcompile.compile.report import Report, Site, explain
@@ -30,7 +30,7 @@ from lrcompile.ops.context_parallel import ContextParallelError, context_paralle
 from lrcompile.ops.guard import InaccurateAttentionError, SiteStats, reset_stats, stats
 
 __all__ = [
-    "ContextParallelError", "InaccurateAttentionError", "Policy", "Report", "Site", "SiteStats", "UnsupportedSiteError",
-    "backend", "context_parallel_attention", "degree_for", "exp_polynomial", "explain", "export", "feature_dim",
-    "lowrank_attention", "reset_stats", "stats",
+    "ContextParallelError", "InaccurateAttentionError", "Policy", "Report", "RewriteCompileError", "Site", "SiteStats",
+    "UnsupportedSiteError", "backend", "context_parallel_attention", "degree_for", "exp_polynomial", "explain",
+    "export", "feature_dim", "lowrank_attention", "reset_stats", "stats",
 ]

@@ -163,6 +163,58 @@ def test_a_failing_compile_of_the_rewritten_graph_compiles_the_original_and_name
     assert_untouched(model, before, x, expected)
 
 
+def _fails_with_the_rewrite(gm, example_inputs):
+    if "lowrank_attention" in gm.code:
+        raise RuntimeError("simulated failure compiling lowrank_attention's kernels")
+    return aot_eager(gm, example_inputs)
+
+
+def test_a_failing_compile_of_the_rewritten_graph_is_counted_per_site_in_stats(model, x):
+    lrcompile.reset_stats()
+    run_three_times(torch.compile(model, backend=backend(FORCE, inner=_fails_with_the_rewrite)), x)
+    counters = lrcompile.stats()
+    assert [label.split(":")[0] for label in counters] == ["attn"]
+    (site,) = counters.values()
+    assert site.compile_failures == 1 and site.calls == 0
+    assert "RuntimeError: simulated failure compiling lowrank_attention's kernels" in site.compile_error
+    lrcompile.reset_stats()
+    assert lrcompile.stats() == {}
+
+
+def test_a_failing_compile_of_the_rewritten_graph_raises_when_inaccurate_sites_must(model, x):
+    """Policy(on_inaccurate="error") promises never to run anything but the rewrite silently."""
+    compiled = torch.compile(model, backend=backend(Policy(cost_model=False, on_inaccurate="error"),
+                                                    inner=_fails_with_the_rewrite))
+    with pytest.raises(Exception, match="RewriteCompileError.*compiling the rewritten graph failed") as raised:
+        compiled(x)
+    chain, error = [], raised.value  # Dynamo wraps what a backend raises
+    while error is not None and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    assert any(isinstance(error, lrcompile.RewriteCompileError) for error in chain), chain
+    assert "simulated failure compiling" in str(raised.value)
+
+
+def test_explain_reports_a_site_whose_rewritten_graph_fails_to_compile_as_kept_with_the_error(model, x, monkeypatch):
+    """explain compiles the graphs whose kernels Inductor compiles itself (Triton, on CUDA), as the
+    backend would; here the CPU kernels stand in for them and the compile fails."""
+    from lrcompile.compile import report
+
+    def failing_compile(gm, example_inputs):
+        raise RuntimeError("simulated: Both operands must be same dtype. Got fp64 and fp32")
+
+    monkeypatch.setattr(report, "COMPILE_CHECKED_IMPLEMENTATIONS", ("c", "torch", "triton"))
+    monkeypatch.setattr(report, "_inductor_compile", failing_compile)
+    lrcompile.reset_stats()
+    explained = lrcompile.explain(model, x, policy=FORCE)
+    (site,) = explained.sites
+    assert not site.rewritten and site.implementation == ""
+    assert "compiling the rewritten graph failed" in site.reason and "Got fp64 and fp32" in site.reason
+    assert "kept exact" in str(explained) and "Got fp64 and fp32" in str(explained)
+    assert lrcompile.stats()[site.label].compile_failures == 1
+    lrcompile.reset_stats()
+
+
 # ---------------------------------------------------------------------------------------------
 # The CPU kernels
 

@@ -29,7 +29,8 @@ import torch._dynamo.exc
 import torch.fx
 from torch._subclasses.fake_tensor import is_fake
 
-from lrcompile.compile.policy import Decision, Policy, decide, unmatched_patterns
+from lrcompile.compile.policy import Decision, Policy, decide, site_label, unmatched_patterns
+from lrcompile.ops import guard
 from lrcompile.ops.attention import lowrank_attention, measured_score_range
 from lrcompile.ops.context_parallel import check_context_parallel_sites, context_parallel_attention
 from passes import AttentionSite, find_attention_sites, higher_order, replace_attention_site
@@ -38,6 +39,11 @@ from passes.graph_walk import module_paths
 
 class UnsupportedSiteError(RuntimeError):
     """Raised under Policy(on_unsupported="error") for a site that cannot be rewritten."""
+
+
+class RewriteCompileError(RuntimeError):
+    """Raised under Policy(on_inaccurate="error") when the graph with rewritten sites fails to compile:
+    keeping them exact would silently give up what the policy asked for."""
 
 
 # Not failures: the user's explicit choice, and Dynamo's own control flow (it raises these from
@@ -152,10 +158,22 @@ def compile_graph(gm, example_inputs, policy: Policy, inner=None, on_rewrite=Non
     except Exception as error:  # noqa: BLE001
         if sharded:
             raise
-        names = ", ".join(f"{site.name} ({site.module_path or 'root'})" for site in result.rewritten)
-        warnings.warn(f"lrcompile: compiling the rewritten graph failed ({type(error).__name__}: {error}); "
-                      f"sites {names} stay exact attention", stacklevel=2)
+        # Not a warning only: stats() counts it per site, explain() shows the site kept with the error,
+        # and a policy that raises on inaccurate sites raises here too.
+        message = record_compile_failure(result, error)
+        if policy.on_inaccurate == "error":
+            raise RewriteCompileError(message) from error
+        warnings.warn(message, stacklevel=2)
         return inner(gm, example_inputs)
+
+
+def record_compile_failure(result: Rewrite, error: BaseException) -> str:
+    """Count the failure in stats() for every rewritten site of `result`; the message to show."""
+    described = f"{type(error).__name__}: {error}"
+    for site in result.rewritten:
+        guard.record_compile_failure(site_label(site), described)
+    names = ", ".join(f"{site.name} ({site.module_path or 'root'})" for site in result.rewritten)
+    return f"lrcompile: compiling the rewritten graph failed ({described}); sites {names} stay exact attention"
 
 
 def _modules_of(gm: torch.fx.GraphModule) -> str:

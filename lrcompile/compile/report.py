@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lrcompile.compile.backend import Rewrite, rewrite_graph
+from lrcompile.compile.backend import Rewrite, copy_graph_module, record_compile_failure, rewrite_graph
 from lrcompile.compile.policy import Policy, site_dtype, site_label, unmatched_patterns
 from lrcompile.ops import guard
 from lrcompile.ops.context_parallel import describe
@@ -90,7 +90,7 @@ def explain(model, *args, policy: Policy | None = None, **kwargs) -> Report:
         from torch._functorch.partitioners import default_partition
 
         rewrite = rewrite_graph(gm, example_inputs, policy, measure=True)
-        report.sites.extend(_sites_of(rewrite))
+        report.sites.extend(_sites_of(rewrite, _compile_error(rewrite, example_inputs)))
         paths.update(rewrite.module_paths)
         report.graphs["dynamo_before"].append(rewrite.code_before)
         report.graphs["dynamo_after"].append(rewrite.code_after)
@@ -146,14 +146,39 @@ def _graph_break_lines(report: Report) -> list[str]:
             *[f"  - {_graph_break_summary(reason)}" for reason in report.graph_breaks]]
 
 
-def _sites_of(rewrite: Rewrite) -> list[Site]:
+# Implementations whose kernels Inductor itself compiles into the graph (a triton_op is decomposed
+# into its kernels), so that a rewritten graph can fail to compile where the op alone runs: explain
+# compiles such graphs with Inductor too, as the backend would.
+COMPILE_CHECKED_IMPLEMENTATIONS = ("triton",)
+
+
+def _compile_error(rewrite: Rewrite, example_inputs) -> str | None:
+    """The message of a failed Inductor compile of the rewritten graph (counted in stats()), or None."""
+    implementations = {decision.kernel.implementation for _, decision in rewrite.decisions
+                       if decision.rewrite and decision.kernel is not None}
+    if not implementations & set(COMPILE_CHECKED_IMPLEMENTATIONS):
+        return None
+    try:
+        _inductor_compile(copy_graph_module(rewrite.graph_module), example_inputs)
+    except Exception as error:  # noqa: BLE001 - reported, as the backend would keep the sites exact
+        return record_compile_failure(rewrite, error)
+    return None
+
+
+def _inductor_compile(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _sites_of(rewrite: Rewrite, compile_error: str | None = None) -> list[Site]:
     sites = []
     for site, decision in rewrite.decisions:
         polynomial = decision.polynomial  # set by decide() whenever a score range is known
         sites.append(Site(
             module=site.module_path or "<root>",
-            rewritten=decision.rewrite,
-            reason=decision.reason,
+            rewritten=decision.rewrite and compile_error is None,
+            reason=decision.reason if compile_error is None or not decision.rewrite else compile_error,
             mask=site.mask,
             degree=decision.degree,
             feature_dim=decision.feature_dim,
@@ -167,7 +192,8 @@ def _sites_of(rewrite: Rewrite) -> list[Site]:
             flops_lowrank=_number(decision.flops_lowrank),
             notes=site.notes,
             label=site_label(site),
-            implementation=decision.kernel.label if decision.rewrite and decision.kernel is not None else "",
+            implementation=(decision.kernel.label if decision.rewrite and decision.kernel is not None
+                            and compile_error is None else ""),
             calibration=decision.calibration,
             context_parallel=(describe(decision.context_parallel, site, decision.degree, site_dtype(site))
                               if decision.rewrite and decision.context_parallel else ""),

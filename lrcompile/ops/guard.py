@@ -21,6 +21,7 @@ as SDPA returns for a fully masked row. Counters per site are kept for `lrcompil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class SiteStats:
     calls: int = 0
     fallbacks: int = 0          # calls that returned exact attention
     largest_error: float = 0.0  # largest estimated error of a checked call (0.0 if none was checked)
+    compile_failures: int = 0   # compiles of a graph with this site rewritten that failed, so it ran exact
+    compile_error: str = ""     # the last such failure, as "ErrorType: message"
 
     def record(self, error: float | None, fell_back: bool):
         self.calls += 1
@@ -59,7 +62,14 @@ _MEASURING: list[dict[str, "Measurement"]] = []
 
 def stats() -> dict[str, SiteStats]:
     """Per-site counters of the guard, keyed by site label ("module.path:node"), as copies."""
-    return {site: SiteStats(s.calls, s.fallbacks, s.largest_error) for site, s in _STATS.items()}
+    return {site: dataclasses.replace(s) for site, s in _STATS.items()}
+
+
+def record_compile_failure(site: str, error: str):
+    """Count a failed compile of a graph in which `site` was rewritten (lrcompile.compile.backend keeps it exact)."""
+    counters = _STATS.setdefault(site, SiteStats())
+    counters.compile_failures += 1
+    counters.compile_error = error
 
 
 def reset_stats():
@@ -141,8 +151,9 @@ def guarded_output(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, or exact attention where `check` says so (B, H, G, n_q, d_v); exact ()), as factored_attention guards."""
     exact = check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
-    result = exact_attention(q, k, v, key_weight, scale, causal).contiguous() if exact else out.clone()
-    return result, torch.tensor(exact, device=q.device)
+    # contiguous whatever the inputs' strides, as the fake kernel promises (Inductor asserts them)
+    result = exact_attention(q, k, v, key_weight, scale, causal) if exact else out
+    return result.clone(memory_format=torch.contiguous_format), torch.tensor(exact, device=q.device)
 
 
 @guarded_output.register_fake
@@ -157,12 +168,15 @@ def guarded_output_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d out, dq, dk, dv, d key_weight): the gradient goes to `out`, or to exact attention's inputs
     where the forward returned exact attention. d key_weight is empty unless key_weight_grad."""
+    # Every result contiguous, whatever the inputs' strides (GQA's grouped q is a view of a transposed
+    # projection), as the fake kernel promises: zeros_like and clone would keep the inputs' strides.
+    contiguous = torch.contiguous_format
     if exact.item():
         dq, dk, dv, dw = exact_attention_backward(grad, q, k, v, key_weight, scale, causal, key_weight_grad)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
-        return torch.zeros_like(grad), dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
-    dw = torch.zeros_like(key_weight) if key_weight_grad else q.new_empty(0)
-    return grad.clone(), torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dw
+        return grad.new_zeros(grad.shape), dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
+    dw = key_weight.new_zeros(key_weight.shape) if key_weight_grad else q.new_empty(0)
+    return grad.clone(memory_format=contiguous), q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dw
 
 
 @guarded_output_backward.register_fake
