@@ -72,6 +72,7 @@ def factored_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int,
     max_error: float, on_inaccurate: str, site: str, implementation: str = "torch",
+    log_key_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
 
@@ -79,6 +80,10 @@ def factored_attention(
     Where the direct algorithm runs (lrcompile.direct) there is no state: S is (B, H, 0, d_v + 1).
     The accuracy guard (lrcompile.guard) checks `out` unless on_inaccurate is "allow"; `exact` is
     True when it replaced `out` by exact attention, which the backward then differentiates.
+    `log_key_weight` (B, H, n_k): a causal float mask's log w = m - peak, given beside
+    key_weight = e^{log w}: the guard detects rows whose weights underflow and computes exact
+    attention from it; the gradient of a float mask then flows through it instead of key_weight.
+    The backward checks its own gradients as the forward checks `out` (guard.check_backward).
     """
     core = _direct_core(q, k, v, coefficients, causal, chunk_size)
     fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
@@ -90,16 +95,16 @@ def factored_attention(
         sweeps.direct = core
         k_centred = centre_keys(k, key_weight, scale, causal)[0]
         out, denominator, state = sweeps.forward(q * sweeps.root_scale, k_centred, _append_ones(v), key_weight)
-    exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
+    exact = guard.check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, log_key_weight)
     if exact:
-        out = guard.exact_attention(q, k, v, key_weight, scale, causal)
+        out = guard.exact_attention(q, k, v, key_weight, scale, causal, log_weight=log_key_weight)
     # contiguous, as the fake kernel promises (the denominator is a column of a wider buffer)
     return out.contiguous(), denominator.contiguous(), state.contiguous(), torch.tensor(exact, device=q.device)
 
 
 @factored_attention.register_fake
 def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site,
-      implementation="torch"):
+      implementation="torch", log_key_weight=None):
     state = q.new_empty(k.shape[:-2] + (_state_rows(q, k, v, coefficients, causal, chunk_size), v.shape[-1] + 1))
     exact = q.new_empty((), dtype=torch.bool)
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state, exact
@@ -110,13 +115,27 @@ def factored_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor, exact: torch.Tensor,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
-    implementation: str = "torch",
+    implementation: str = "torch", log_key_weight: torch.Tensor | None = None, max_error: float = 0.0,
+    on_inaccurate: str = "allow", site: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad."""
-    if exact.item():
-        dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad)
+    """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad, and is d log_key_weight
+    where log_key_weight is given. Unless the forward already returned exact attention, the guard
+    checks the polynomial's gradients first (max_error, on_inaccurate, site: as the forward's)."""
+    if exact.item() or guard.check_backward(site, grad_out, q, k, v, key_weight, coefficients, scale, causal,
+                                            max_error, on_inaccurate):
+        dq, dk, dv, dw = guard.exact_attention_backward(grad_out, q, k, v, key_weight, scale, causal, key_weight_grad,
+                                                        log_weight=log_key_weight)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
+    dq, dk, dv, dw = _polynomial_backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
+                                          causal, chunk_size, key_weight_grad, implementation)
+    if key_weight_grad and log_key_weight is not None:
+        dw = dw * key_weight  # d/d log w = w d/dw
+    return dq, dk, dv, dw
+
+
+def _polynomial_backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale, causal,
+                         chunk_size, key_weight_grad, implementation):
     core = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
     fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
     if fused is not None:
@@ -140,27 +159,34 @@ def factored_attention_backward(
 
 @factored_attention_backward.register_fake
 def _(grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
-      key_weight_grad, implementation="torch"):
+      key_weight_grad, implementation="torch", log_key_weight=None, max_error=0.0, on_inaccurate="allow", site=""):
     dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_weight, coefficients, scale, causal, chunk_size, _max_error, _on_inaccurate, _site, *rest = inputs
+    q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site, *rest = inputs
+    implementation = rest[0] if rest else "torch"
+    log_key_weight = rest[1] if len(rest) > 1 else None
     out, denominator, state, exact = output
-    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state, exact)
+    ctx.save_for_backward(q, k, v, key_weight, out, denominator, state, exact, log_key_weight)
     ctx.config = (list(coefficients), scale, causal, chunk_size)
-    ctx.implementation = rest[0] if rest else "torch"
+    ctx.guard = (max_error, on_inaccurate, site)
+    ctx.implementation = implementation
     ctx.mark_non_differentiable(denominator, state, exact)
 
 
 def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
-    q, k, v, key_weight, out, denominator, state, exact = ctx.saved_tensors
-    key_weight_grad = key_weight is not None and ctx.needs_input_grad[3]
+    q, k, v, key_weight, out, denominator, state, exact, log_key_weight = ctx.saved_tensors
+    # A float mask's gradient flows through log_key_weight where that is given, else through key_weight.
+    through_log = log_key_weight is not None
+    key_weight_grad = key_weight is not None and ctx.needs_input_grad[12 if through_log else 3]
     dq, dk, dv, dw = torch.ops.lrcompile.factored_attention_backward(
         grad_out, q, k, v, key_weight, out, denominator, state, exact, *ctx.config, key_weight_grad,
-        ctx.implementation)
-    return dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None, None, None
+        ctx.implementation, log_key_weight, *ctx.guard)
+    dw = dw if key_weight_grad else None
+    return (dq, dk, dv, None if through_log else dw, None, None, None, None, None, None, None, None,
+            dw if through_log else None)
 
 
 factored_attention.register_autograd(_backward, setup_context=_setup_context)
