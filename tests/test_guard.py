@@ -238,3 +238,103 @@ def test_explain_shows_measured_error_and_marks_sites_the_guard_sends_to_exact()
 
     narrow = lrcompile.explain(NoisyAttention(), x / 40, policy=lrcompile.Policy(cost_model=False, degree=4))
     assert not narrow.sites[0].guard_falls_back and narrow.sites[0].measured_error < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust II (issue P10): what the guard lets through, forward and backward
+
+
+def _alibi_case(n=512, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (0.3 * torch.randn(1, 1, n, 16, generator=generator, dtype=torch.float64) for _ in range(3))
+    bias = 0.5 * (torch.arange(n, dtype=torch.float64) - (n - 1)).view(1, 1, 1, n)  # MPT-style ALiBi, one head
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, bias)]
+
+
+@pytest.mark.parametrize("on_inaccurate", ["exact", "warn", "allow"])
+def test_causal_attention_with_a_per_key_bias_is_right_on_every_row_forward_and_backward(on_inaccurate):
+    """Early causal rows see only keys e^-255 below the global peak: the factored sweep loses them,
+    so the call is exact (with the bias's true weights), whatever on_inaccurate says, and counted."""
+    q, k, v, bias = _alibi_case()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = lowrank_attention(q, k, v, attn_mask=bias, is_causal=True, degree=4, on_inaccurate=on_inaccurate,
+                                site_label="alibi")
+    expected = exact_attention(*(t.double() for t in (q, k, v)), attn_mask=bias.double(), is_causal=True)
+    assert torch.isfinite(out).all() and max_error(out, expected) < 1e-5
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad_out.float())
+    wanted = torch.autograd.grad(expected, (q, k, v, bias), grad_out)
+    for name, a, b in zip("qkvm", got, wanted):
+        assert max_error(a, b) < 1e-4, name
+    stats = lrcompile.stats()["alibi"]
+    assert (stats.calls, stats.fallbacks) == (1, 1) and stats.largest_error == float("inf")
+
+
+def test_a_nan_estimate_counts_as_inaccurate_and_is_recorded():
+    q, k, v = attention_inputs(1, 1, 40, 40, 8, score_range=0.2, requires_grad=False)
+    q5, k4, v4 = q.unsqueeze(2), k, v
+    nan_out = torch.full((1, 1, 1, 40, 8), float("nan"), dtype=q.dtype)
+    assert guard.check("nan", nan_out, q5, k4, v4, None, 8**-0.5, False, 0.01, "exact")
+    assert lrcompile.stats()["nan"].largest_error == float("inf") and lrcompile.stats()["nan"].fallbacks == 1
+
+
+def _guard_metric(out, expected):
+    """The guard's metric on every row: ||out_i - exact_i|| / rms_j ||out_j||, per head."""
+    scale = out.square().sum(-1).mean(-1, keepdim=True).sqrt()
+    return ((out - expected).norm(dim=-1) / scale).max().item()
+
+
+@pytest.mark.parametrize("causal, n, std", [(True, 2048, 0.6), (False, 1024, 0.8), (True, 512, 0.75)])
+def test_what_the_guard_lets_through_is_within_max_error_on_every_row(causal, n, std):
+    """The issue's cases: early causal rows (2-8) and wide non-causal scores were missed by the old
+    sampling. Either the call fell back, or every row is within max_error."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (std * torch.randn(1, 2, n, 64, generator=generator) for _ in range(3))
+    out = lowrank_attention(q, k, v, is_causal=causal, degree=2, on_inaccurate="exact", site_label="s")
+    expected = exact_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    stats = lrcompile.stats()["s"]
+    assert stats.fallbacks == 1 or _guard_metric(out.double(), expected) <= 0.01, stats
+
+
+def test_sampled_rows_include_early_causal_rows_and_the_widest_reach():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 600, 8, generator=generator)
+    k = torch.randn(1, 1, 600, 8, generator=generator)
+    k[0, 0, 400] *= 30  # rows 400.. see a key of wide range
+    rows = guard.sampled_rows(q, guard.SAMPLED_ROWS, k, None, causal=True).flatten().tolist()
+    assert any(row < 8 for row in rows)  # few keys seen
+    assert sum(row >= 400 for row in rows) >= guard.SAMPLED_ROWS // 3
+
+
+def test_a_call_whose_gradients_exceed_max_error_differentiates_exact_attention():
+    """Forward estimate ~1e-3, gradient estimate ~1e-2 (d = 64, q/k std 0.3, degree 2): with
+    max_error between them the forward keeps the polynomial and the backward goes exact."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(1, 2, 512, 64, generator=generator, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    out = lowrank_attention(q, k, v, degree=2, max_error=0.004, on_inaccurate="exact", site_label="g")
+    stats = lrcompile.stats()["g"]
+    assert stats.fallbacks == 0 and stats.backward_fallbacks == 0
+    expected = exact_attention(q, k, v)
+    assert max_error(out, expected) > 1e-6  # the polynomial's output
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    wanted = torch.autograd.grad(expected, (q, k, v), grad_out)
+    for a, b in zip(got, wanted):
+        assert max_error(a, b) < 1e-10
+    stats = lrcompile.stats()["g"]
+    assert stats.backward_fallbacks == 1 and stats.largest_backward_error > 0.004
+
+
+def test_accurate_gradients_keep_the_polynomial_backward():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (0.1 * torch.randn(1, 2, 256, 16, generator=generator, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    out = lowrank_attention(q, k, v, degree=4, on_inaccurate="exact", site_label="g")
+    unguarded = lowrank_attention(q, k, v, degree=4)
+    grad_out = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(unguarded, (q, k, v), grad_out)):
+        assert torch.equal(a, b)
+    stats = lrcompile.stats()["g"]
+    assert stats.backward_fallbacks == 0 and 0 < stats.largest_backward_error < 1e-3
