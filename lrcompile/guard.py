@@ -145,7 +145,8 @@ def check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurat
     inaccurate = not error <= max_error  # NaN counts as inaccurate
     if _MEASURING:
         exact = exact_attention(q, k, v, key_weight, scale, causal, log_weight=log_weight)
-        _MEASURING[-1][site] = Measurement(relative_error(out, exact, v), error, inaccurate)
+        _MEASURING[-1][site] = Measurement(_finite_or_inf(relative_error(out, exact, v)), _finite_or_inf(error),
+                                           inaccurate)
         return False
     fall_back = underflow or (inaccurate and on_inaccurate == "exact")
     _STATS.setdefault(site, SiteStats()).record(error, fall_back)

@@ -30,7 +30,7 @@ class Site:
     module: str                 # module path, e.g. "transformer.h.0.attn" ("<root>" for the model itself)
     rewritten: bool
     reason: str                 # why kept; "" when rewritten
-    mask: str                   # none | causal | key_padding | causal+key_padding | general
+    mask: str                   # none | causal | key_padding | causal+key_padding | key_bias | causal+key_bias | general
     degree: int | None
     feature_dim: int | None     # r = C(d + g, g)
     spelling: str = ""          # sdpa | matmul+softmax | einsum+softmax | ...

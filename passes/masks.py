@@ -1,4 +1,5 @@
-"""Classify the mask of an attention site as none, causal, key_padding, causal+key_padding or general.
+"""Classify the mask of an attention site as none, causal, key_padding, causal+key_padding, key_bias,
+causal+key_bias or general.
 
 The mask reaches a site as *terms* (what the matcher in `attention_sites.py` collected): a boolean
 whose True means attend (`where(m, s, -inf)`, SDPA's bool `attn_mask`), a boolean whose True means
@@ -19,6 +20,11 @@ that only broadcast (`expand`, `&`, `~`, `where(m, 0, -inf)`, ...). Then, per le
     padding = attention_mask[batch_idx, kv_idx]     -> runtime leaf, shape (2, 1, 1, 8)  -> key_padding
     mask = torch.where((ones & causal & padding).expand(2, -1, 8, 8), 0.0, finfo.min)
     scores + mask                                   => "causal+key_padding"
+
+A constant additive leaf constant along the query axis whose values are not all 0 or removed (at or
+below MASKED_BELOW: -inf, finfo.min, -1e9) is a per-key *bias* (MPT-style ALiBi), not padding: the
+kind says `key_bias` (`causal+key_bias`), and the leaf is passed on with the key-padding terms, as
+a float mask (the replacement's op must then weight every row's keys exactly, causal rows included).
 
 With dynamic shapes a constant leaf is computed at the traced sizes and checked again at other
 sizes of the same symbols; the classification must agree at every size that can be computed.
@@ -43,7 +49,7 @@ from passes.graph_walk import (
 # An additive value at or below this removes a key: exp(-1e4) is 0 in float32 and float64 alike.
 MASKED_BELOW = -1e4
 
-KINDS = ("none", "causal", "key_padding", "causal+key_padding", "general")
+KINDS = ("none", "causal", "key_padding", "causal+key_padding", "key_bias", "causal+key_bias", "general")
 
 # Forms of a mask term: how its value enters the scores.
 ATTEND = "attend"        # bool, True keeps the key
@@ -350,7 +356,9 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
                     and leaf.form in (ADDITIVE, SUBTRACTED) and _is_bias(leaf, folder)]
     causal = verdict.kind == "causal"
     if key_padding:
-        kind = "causal+key_padding" if causal else "key_padding"
+        keys = "key_bias" if any(leaf in constant and leaf.form in (ADDITIVE, SUBTRACTED) and _is_bias(leaf, folder)
+                                 for leaf in key_padding) else "key_padding"
+        kind = f"causal+{keys}" if causal else keys
     else:
         kind = "causal" if causal else "none"
     return MaskClassification(kind, causal, tuple(key_padding))

@@ -338,3 +338,43 @@ def test_accurate_gradients_keep_the_polynomial_backward():
         assert torch.equal(a, b)
     stats = lrcompile.stats()["g"]
     assert stats.backward_fallbacks == 0 and 0 < stats.largest_backward_error < 1e-3
+
+
+class MPTStyleAttention(nn.Module):
+    """MPT's spelling: q k^T / sqrt(d) + alibi (1, H, 1, n) per key, then a tril masked_fill."""
+
+    def __init__(self, n, heads=2):
+        super().__init__()
+        slopes = 2.0 ** -torch.arange(1, heads + 1, dtype=torch.float32)
+        self.register_buffer("alibi", (slopes[:, None] * (torch.arange(n) - (n - 1)))[None, :, None, :])
+        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril())
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + self.alibi[..., :n]
+        scores = scores.masked_fill(~self.causal[:n, :n], float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+def test_mpt_style_alibi_site_is_a_causal_key_bias_and_right_forward_and_backward():
+    n = 512
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(1, 2, n, 16, generator=generator) for _ in range(3))
+    module = MPTStyleAttention(n)
+    policy = lrcompile.Policy(cost_model=False, degree=4)
+    report = lrcompile.explain(module, q, k, v, policy=policy)
+    (site,) = report.sites
+    assert site.mask == "causal+key_bias" and site.rewritten
+    assert site.measured_error > 0.01 and site.guard_falls_back  # inf where the polynomial's output is NaN, not NaN
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.compile(module, backend=lrcompile.backend(policy))(*inputs)
+    reference = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = module.double()(*reference)
+    assert max_error(out, expected) < 1e-5
+    grad_out = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad_out.float()), torch.autograd.grad(expected, reference, grad_out)):
+        assert max_error(a, b) < 1e-4
+    (stats,) = lrcompile.stats().values()
+    assert stats.fallbacks == 1 and stats.largest_error == float("inf")

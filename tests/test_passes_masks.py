@@ -100,14 +100,14 @@ class PerKeyBias(Heads):
         return (q @ k.transpose(-2, -1) + self.bias).softmax(-1) @ v
 
 
-def test_constant_per_key_bias_is_key_padding_and_replaced_exactly():
+def test_constant_per_key_bias_is_a_key_bias_and_replaced_exactly():
     module, inputs = PerKeyBias().double().eval(), (x(),)
 
     site = only_site(module, *inputs)
     with torch.no_grad():
         replaced = torch.compile(module, backend=replacing_backend())(*inputs)
 
-    assert site.mask == "key_padding"
+    assert site.mask == "key_bias"
     torch.testing.assert_close(replaced, module(*inputs))
 
 
