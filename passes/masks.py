@@ -288,10 +288,16 @@ _LARGEST_CHECKED_PATTERN = 1 << 24
 
 
 def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder) -> list[dict]:
-    """Size assignments besides the traced one, to re-check a mask that depends on symbolic sizes."""
+    """Size assignments besides the traced one, to re-check a mask that depends on symbolic sizes:
+    n + 3, and a ladder n/2, n/4, ... down to 2 and 2n, 4n, ... up to _LARGEST_CHECKED_PATTERN
+    entries, so that a class that changes past some length (a sliding window of W keys is causal
+    up to n = W) is seen to change wherever W lies in the range the guard then covers."""
     traced = folder.traced_sizes
+    changes = [lambda n: n + 3]
+    changes += [lambda n, f=2 ** i: max(2, n // f) for i in range(1, 13)]
+    changes += [lambda n, f=2 ** i: n * f for i in range(1, 13)]
     alternatives = []
-    for change in (lambda n: 2 * n, lambda n: max(2, n // 2), lambda n: n + 3):
+    for change in changes:
         sizes = dict(traced)
         for symbol in symbols:
             if symbol in sizes:
@@ -300,9 +306,21 @@ def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder
             n_q, n_k = (concrete(size, sizes) for size in scores_shape[-2:])
         except CannotEvaluate:
             continue
-        if sizes != traced and n_q * n_k <= _LARGEST_CHECKED_PATTERN:
+        if sizes != traced and sizes not in alternatives and n_q * n_k <= _LARGEST_CHECKED_PATTERN:
             alternatives.append(sizes)
     return alternatives
+
+
+def _guard_checked_range(scores_shape: tuple, checked: list[dict]) -> None:
+    """Install shape guards keeping (n_q, n_k) within the sizes the class was proven at: bool() of a
+    SymBool records a guard in the shape environment (as lrcompile.policy's thresholds do), so a
+    length outside recompiles, and the mask is classified again there."""
+    for size in scores_shape[-2:]:
+        if not isinstance(size, torch.SymInt):
+            continue
+        values = [concrete(size, sizes) for sizes in checked]
+        bool(size >= min(values))
+        bool(size <= max(values))
 
 
 def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFolder,
@@ -331,9 +349,10 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
         return MaskClassification("general", False, (), f"mask is general: {verdict.reason}")
 
     # With dynamic shapes the constant part is a function of the sizes: check it at other sizes too.
-    symbols = frozenset().union(*(folder.size_symbols(leaf.node) for leaf in constant))
+    mask_symbols = symbols = frozenset().union(*(folder.size_symbols(leaf.node) for leaf in constant))
     if symbols or is_causal:
         symbols |= _shape_symbols_of(scores_shape)
+    checked = [folder.traced_sizes]
     for sizes in _other_sizes(symbols, scores_shape, folder):
         try:
             other = _classify_constants(constant, scores_shape, is_causal, folder, sizes)
@@ -343,6 +362,9 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
             return MaskClassification("general", False, (), (
                 f"mask is general: it is {verdict.kind} at the traced sizes but {other.kind} at other "
                 f"sizes ({ {str(k): v for k, v in sizes.items()} })"))
+        checked.append(sizes)
+    if mask_symbols:  # SDPA's is_causal alone is tril at every size: nothing to guard
+        _guard_checked_range(scores_shape, checked)
 
     key_padding = list(runtime)
     if verdict.kind == "key_padding":
