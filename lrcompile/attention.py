@@ -369,13 +369,18 @@ def _key_padding_mask(attn_mask, q, k, v, enable_gqa):
                 f"attn_mask has a query axis (shape {shape}) that cannot be checked while tracing; "
                 f"supported: {SUPPORTED_MASKS}"
             )
+        if attn_mask.is_floating_point() and attn_mask.requires_grad and attn_mask.stride(-2) != 0:
+            raise ValueError(
+                f"attn_mask requires grad and has a query axis (shape {shape}): its gradient differs per query "
+                f"row, which the factored op never forms; pass a key-padding mask of shape (..., 1, n_k), or an "
+                f"expand of one (its gradient then reaches the (..., 1, n_k) tensor exactly)")
         with torch.no_grad():
             first = attn_mask[..., :1, :]
             if not torch.equal(attn_mask, first.expand(shape)):
                 raise ValueError(
                     f"attn_mask varies along the query axis (shape {shape}); supported: {SUPPORTED_MASKS}")
-        # Equal rows: their mean has the same value, and a gradient that reaches whatever built
-        # the mask constant along queries (an expand) as SDPA's per-entry gradient does, summed.
+        # Equal rows of an expand: their mean has the same value, and a gradient that reaches the
+        # expanded (..., 1, n_k) tensor as SDPA's per-entry gradient does, summed.
         return attn_mask.mean(-2, keepdim=True) if attn_mask.is_floating_point() else first
     return attn_mask[..., :1, :]
 
