@@ -146,7 +146,8 @@ def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: b
         return out, denominator, exact
     out, denominator, _, exact = factored_attention(q, k, v, key_weight, coefficients, scale, causal,
                                                     config.chunk_size, config.max_error, config.on_inaccurate,
-                                                    config.site_label, config.implementation, log_key_weight)
+                                                    config.site_label, config.implementation, log_key_weight,
+                                                    config.algorithm)
     return out, denominator, exact
 
 

@@ -10,6 +10,10 @@ backend does, and that rewritten graph is exported: `lrcompile.factored_attentio
 program as one custom op per rewritten site (with the accuracy guard's arguments), and loading a
 saved program needs `import lrcompile` to register it. The program holds the forward only, as
 every ExportedProgram does; parameters keep Dynamo's names (`L__self___qkv_weight`).
+
+With `dynamic_shapes`, every rewritten site runs the factored algorithm at every length: the
+choice between it and the direct algorithm (lrcompile.direct) is otherwise a guard on the lengths,
+which a user's `Dim` range that spans the switch would violate.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from lrcompile.compiler import Rewrite, rewrite_graph
+from lrcompile.kernels import KernelConfig
 from lrcompile.policy import Policy
+from passes import higher_order
 
 
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, policy: Policy | None = None,
@@ -37,6 +43,18 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, p
     captured = torch._dynamo.export(model, dynamic_shapes=dynamic_shapes)(*args, **kwargs)
     flat_inputs = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
     rewrite: Rewrite = rewrite_graph(captured.graph_module, flat_inputs, policy)
+    if dynamic_shapes is not None:
+        _fix_algorithm(rewrite.graph_module, "factored")
     if on_rewrite is not None:
         on_rewrite(rewrite)
     return torch.export.export(rewrite.graph_module, args, kwargs, dynamic_shapes=dynamic_shapes)
+
+
+def _fix_algorithm(gm: torch.fx.GraphModule, algorithm: str) -> None:
+    """Every rewritten site's KernelConfig with `algorithm` where it says "auto"."""
+    for module in [gm, *(body.module for body in higher_order.all_bodies(gm))]:
+        for node in module.graph.nodes:
+            config = node.kwargs.get("config") if node.op == "call_function" else None
+            if isinstance(config, KernelConfig) and config.algorithm == "auto":
+                node.kwargs = {**node.kwargs, "config": config._replace(algorithm=algorithm)}
+        module.recompile()

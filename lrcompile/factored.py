@@ -72,7 +72,7 @@ def factored_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int,
     max_error: float, on_inaccurate: str, site: str, implementation: str = "torch",
-    log_key_weight: torch.Tensor | None = None,
+    log_key_weight: torch.Tensor | None = None, algorithm: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), state S (B, H, r, d_v + 1), exact ()).
 
@@ -84,8 +84,10 @@ def factored_attention(
     key_weight = e^{log w}: the guard detects rows whose weights underflow and computes exact
     attention from it; the gradient of a float mask then flows through it instead of key_weight.
     The backward checks its own gradients as the forward checks `out` (guard.check_backward).
+    `algorithm`: "auto" asks lrcompile.direct's cost rule (a guard on the lengths under dynamic
+    shapes); "factored" or "direct" fixes it (lrcompile.export under dynamic shapes: no guard).
     """
-    core = _direct_core(q, k, v, coefficients, causal, chunk_size)
+    core = _direct_core(q, k, v, coefficients, causal, chunk_size, algorithm)
     fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
     if fused is not None:  # the direct algorithm, everything in one C call
         out, denominator = fused.forward(q.contiguous(), k.contiguous(), v.contiguous(), _contiguous(key_weight))
@@ -104,8 +106,9 @@ def factored_attention(
 
 @factored_attention.register_fake
 def _(q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site,
-      implementation="torch", log_key_weight=None):
-    state = q.new_empty(k.shape[:-2] + (_state_rows(q, k, v, coefficients, causal, chunk_size), v.shape[-1] + 1))
+      implementation="torch", log_key_weight=None, algorithm="auto"):
+    rows = _state_rows(q, k, v, coefficients, causal, chunk_size, algorithm)
+    state = q.new_empty(k.shape[:-2] + (rows, v.shape[-1] + 1))
     exact = q.new_empty((), dtype=torch.bool)
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1]), state, exact
 
@@ -116,7 +119,7 @@ def factored_attention_backward(
     out: torch.Tensor, denominator: torch.Tensor, state: torch.Tensor, exact: torch.Tensor,
     coefficients: list[float], scale: float, causal: bool, chunk_size: int, key_weight_grad: bool,
     implementation: str = "torch", log_key_weight: torch.Tensor | None = None, max_error: float = 0.0,
-    on_inaccurate: str = "allow", site: str = "",
+    on_inaccurate: str = "allow", site: str = "", algorithm: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d key_weight); the last is empty unless key_weight_grad, and is d log_key_weight
     where log_key_weight is given. Unless the forward already returned exact attention, the guard
@@ -128,15 +131,15 @@ def factored_attention_backward(
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
     dq, dk, dv, dw = _polynomial_backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale,
-                                          causal, chunk_size, key_weight_grad, implementation)
+                                          causal, chunk_size, key_weight_grad, implementation, algorithm)
     if key_weight_grad and log_key_weight is not None:
         dw = dw * key_weight  # d/d log w = w d/dw
     return dq, dk, dv, dw
 
 
 def _polynomial_backward(grad_out, q, k, v, key_weight, out, denominator, state, coefficients, scale, causal,
-                         chunk_size, key_weight_grad, implementation):
-    core = _direct_core(q, k, v, coefficients, causal, chunk_size)  # as the forward chose
+                         chunk_size, key_weight_grad, implementation, algorithm):
+    core = _direct_core(q, k, v, coefficients, causal, chunk_size, algorithm)  # as the forward chose
     fused = core.native_kernel(q, k, scale) if core is not None and implementation == "c" else None
     if fused is not None:
         dq, dk, dv, dw = fused.backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
@@ -159,7 +162,8 @@ def _polynomial_backward(grad_out, q, k, v, key_weight, out, denominator, state,
 
 @factored_attention_backward.register_fake
 def _(grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
-      key_weight_grad, implementation="torch", log_key_weight=None, max_error=0.0, on_inaccurate="allow", site=""):
+      key_weight_grad, implementation="torch", log_key_weight=None, max_error=0.0, on_inaccurate="allow", site="",
+      algorithm="auto"):
     dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
 
@@ -168,6 +172,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, key_weight, coefficients, scale, causal, chunk_size, max_error, on_inaccurate, site, *rest = inputs
     implementation = rest[0] if rest else "torch"
     log_key_weight = rest[1] if len(rest) > 1 else None
+    ctx.algorithm = rest[2] if len(rest) > 2 else "auto"
     out, denominator, state, exact = output
     ctx.save_for_backward(q, k, v, key_weight, out, denominator, state, exact, log_key_weight)
     ctx.config = (list(coefficients), scale, causal, chunk_size)
@@ -183,32 +188,36 @@ def _backward(ctx, grad_out, _grad_denominator, _grad_state, _grad_exact):
     key_weight_grad = key_weight is not None and ctx.needs_input_grad[12 if through_log else 3]
     dq, dk, dv, dw = torch.ops.lrcompile.factored_attention_backward(
         grad_out, q, k, v, key_weight, out, denominator, state, exact, *ctx.config, key_weight_grad,
-        ctx.implementation, log_key_weight, *ctx.guard)
+        ctx.implementation, log_key_weight, *ctx.guard, ctx.algorithm)
     dw = dw if key_weight_grad else None
     return (dq, dk, dv, None if through_log else dw, None, None, None, None, None, None, None, None,
-            dw if through_log else None)
+            dw if through_log else None, None)
 
 
 factored_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _uses_direct(q, k, v, coefficients, causal, chunk_size) -> bool:
+def _uses_direct(q, k, v, coefficients, causal, chunk_size, algorithm="auto") -> bool:
     """Whether this call takes the direct algorithm (lrcompile.direct): a function of the shapes
     alone, asked by the forward, the fake kernel and the backward alike. Under dynamic shapes the
-    fake kernel's answer is a guard on the lengths: a shape across the switch recompiles."""
+    fake kernel's answer is a guard on the lengths: a shape across the switch recompiles. A fixed
+    `algorithm` ("direct" or "factored") decides without looking at the shapes."""
+    if algorithm != "auto":
+        return algorithm == "direct"
     groups, n_q, head_dim = q.shape[2:]
     return direct.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
                               chunk_size, q.device.type)
 
 
-def _direct_core(q, k, v, coefficients, causal, chunk_size) -> direct.Direct | None:
-    """The direct algorithm where it is cheaper than the sweeps, else None."""
-    return direct.Direct(coefficients, causal, q) if _uses_direct(q, k, v, coefficients, causal, chunk_size) else None
+def _direct_core(q, k, v, coefficients, causal, chunk_size, algorithm="auto") -> direct.Direct | None:
+    """The direct algorithm where it is cheaper than the sweeps (or fixed so), else None."""
+    uses = _uses_direct(q, k, v, coefficients, causal, chunk_size, algorithm)
+    return direct.Direct(coefficients, causal, q) if uses else None
 
 
-def _state_rows(q, k, v, coefficients, causal, chunk_size):
+def _state_rows(q, k, v, coefficients, causal, chunk_size, algorithm="auto"):
     """Rows of the state output: r for the factored algorithm, 0 for the direct one (no state)."""
-    if _uses_direct(q, k, v, coefficients, causal, chunk_size):
+    if _uses_direct(q, k, v, coefficients, causal, chunk_size, algorithm):
         return 0
     return feature_dim(q.shape[-1], len(coefficients) - 1)
 

@@ -59,6 +59,7 @@ class KernelConfig(NamedTuple):
     max_error: float = 0.01             # the accuracy guard (lrcompile.guard)
     on_inaccurate: str = "allow"
     site_label: str = "lowrank_attention"
+    algorithm: str = "auto"             # "auto" (lrcompile.direct's cost rule per call) | "direct" | "factored"
 
     @property
     def degree(self) -> int:

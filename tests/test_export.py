@@ -71,3 +71,21 @@ def test_export_rejects_what_torch_export_rejects():
         export(SelfAttention(), torch.randn(1, 4, 32))
     with pytest.raises(TypeError, match="lrcompile.Policy"):
         export(SelfAttention(), (torch.randn(1, 4, 32),), policy={"degree": 2})
+
+
+def test_export_with_dynamic_shapes_spanning_the_direct_factored_switch():
+    """d = 16, degree 2: the direct algorithm below n = 1151, the factored one above. A Dim across
+    that switch exports (the factored algorithm at every length) and runs at both ends."""
+    from torch.export import Dim
+    from lrcompile.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=2048, n_layer=1, n_head=2, n_embd=32)).eval()
+    tokens = Dim("tokens", min=2, max=2047)
+    program = export(model, (torch.randint(0, 256, (1, 16)),), policy=lrcompile.Policy(cost_model=False, degree=2),
+                     dynamic_shapes=({1: tokens},))
+    assert "torch.ops.lrcompile.factored_attention.default" in program.graph_module.code
+    for n in (8, 1300):
+        idx = torch.randint(0, 256, (1, n))
+        with torch.no_grad():
+            assert (program.module()(idx) - model(idx)).abs().max().item() < 1e-4
