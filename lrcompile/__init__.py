@@ -9,7 +9,7 @@
 
 from lrcompile.attention import lowrank_attention
 from lrcompile.compiler import UnsupportedSiteError, backend
-from lrcompile.export import export
+from lrcompile.export import export, load
 from lrcompile.features import feature_dim
 from lrcompile.guard import InaccurateAttentionError, SiteStats, reset_stats, stats
 from lrcompile.policy import Policy
@@ -18,5 +18,5 @@ from lrcompile.report import Report, Site, explain
 
 __all__ = [
     "InaccurateAttentionError", "Policy", "Report", "Site", "SiteStats", "UnsupportedSiteError", "backend",
-    "degree_for", "exp_polynomial", "explain", "export", "feature_dim", "lowrank_attention", "reset_stats", "stats",
+    "degree_for", "exp_polynomial", "explain", "export", "feature_dim", "load", "lowrank_attention", "reset_stats", "stats",
 ]

@@ -8,7 +8,9 @@ exports exact attention. Here Dynamo captures the model's graph at the level the
 read (torch functions, as a backend sees them), the sites are decided and replaced exactly as the
 backend does, and that rewritten graph is exported: `lrcompile.factored_attention` appears in the
 program as one custom op per rewritten site (with the accuracy guard's arguments), and loading a
-saved program needs `import lrcompile` to register it. The program holds the forward only, as
+saved program needs `import lrcompile` to register it (`load` below does it and says so if an op
+is missing: torch.export.load alone fails with a generic message, and torch gives a package no
+hook to run before it is imported). The program holds the forward only, as
 every ExportedProgram does; parameters keep Dynamo's names (`L__self___qkv_weight`).
 
 With `dynamic_shapes`, every rewritten site runs the factored algorithm at every length: the
@@ -58,3 +60,22 @@ def _fix_algorithm(gm: torch.fx.GraphModule, algorithm: str) -> None:
             if isinstance(config, KernelConfig) and config.algorithm == "auto":
                 node.kwargs = {**node.kwargs, "config": config._replace(algorithm=algorithm)}
         module.recompile()
+
+
+def load(f, **kwargs) -> torch.export.ExportedProgram:
+    """torch.export.load(f, **kwargs) with lrcompile's ops registered (importing this module does
+    it). A program that names an lrcompile op this version does not register fails with that said."""
+    try:
+        return torch.export.load(f, **kwargs)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"lrcompile.load: could not load {f!r}: {error} If the program was exported by lrcompile, its "
+            f"lrcompile ops must be registered when loading: `import lrcompile` (done here) registers those "
+            f"of this version ({', '.join(sorted(_registered_ops()))})") from error
+
+
+def _registered_ops() -> set[str]:
+    import lrcompile.factored  # noqa: F401 - registers lrcompile::factored_attention and its backward
+    import lrcompile.guard  # noqa: F401
+
+    return {name for name in dir(torch.ops.lrcompile) if not name.startswith("_")}

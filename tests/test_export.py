@@ -89,3 +89,22 @@ def test_export_with_dynamic_shapes_spanning_the_direct_factored_switch():
         idx = torch.randint(0, 256, (1, n))
         with torch.no_grad():
             assert (program.module()(idx) - model(idx)).abs().max().item() < 1e-4
+
+
+def test_a_saved_program_loads_with_lrcompile_load_and_names_lrcompile_without_it(inputs, tmp_path):
+    """torch.export.load in a process that never imported lrcompile fails (torch gives no hook to
+    import it), naming the lrcompile op; lrcompile.load registers the ops and loads."""
+    import subprocess
+    import sys
+
+    x, mask = inputs
+    model = SelfAttention()
+    program = export(model, (x,), {"mask": mask}, policy=lrcompile.Policy(cost_model=False, degree=4))
+    path = tmp_path / "program.pt2"
+    torch.export.save(program, path)
+    bare = subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(path)!r})"],
+                          capture_output=True, text=True)
+    assert bare.returncode != 0 and "torch.ops.lrcompile.factored_attention" in bare.stderr
+    loaded = lrcompile.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(x, mask=mask), program.module()(x, mask=mask))
