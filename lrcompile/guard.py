@@ -292,7 +292,7 @@ def relative_error(out, exact, v, scale_of=None) -> float:
     row_scale = scale_of.detach().square().sum(-1).mean(-1).sqrt()  # (B, H, G)
     floor = 1e-6 * v.abs().amax(dim=(-2, -1)).unsqueeze(-1)  # (B, H, 1)
     row_scale = torch.maximum(row_scale, floor).clamp_min(torch.finfo(v.dtype).tiny)
-    deviation = (out - exact).norm(dim=-1).amax(-1)  # (B, H, G)
+    deviation = (out - exact).detach().norm(dim=-1).amax(-1)  # (B, H, G)
     return float((deviation / row_scale).amax())
 
 
