@@ -8,7 +8,7 @@ error of the attention output relative to its own scale, per query head (b, h):
     error = max over sampled rows i of  ||out_i - exact_i||_2 / rms_j ||out_j||_2
 
 where rms_j runs over *every* row of the head's output (so the estimate on a subset of rows never
-exceeds the same metric on all rows), floored at a tiny fraction of max |v|; max over heads.
+exceeds the same metric on all rows), floored at 1e-6 of the largest exact row; max over heads.
 max_error = 0.01 thus means: no row is off by more than about 1% of a typical output row.
 
 The sampled rows are chosen by a cheap per-row bound, so the worst rows are among them: the
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 ON_INACCURATE = ("exact", "warn", "error", "allow")
 SAMPLED_ROWS = 33  # a third each: widest range, widest range per sqrt(keys seen), spread evenly
+BACKWARD_ROWS = 15  # the backward's rows: the first of the same three rankings (its check costs more per row)
 EXACT_QUERY_CHUNK = 1024  # query rows per exact SDPA call, so a causal mask never spans n x n
 
 
@@ -285,13 +286,15 @@ def estimate_error(out, q, k, v, key_weight, scale, causal, log_weight=None) -> 
 def relative_error(out, exact, v, scale_of=None) -> float:
     """max over heads and rows of ||out_i - exact_i|| / rms_j ||o_j||, o = `scale_of` (default `out`):
     every row of the head's output, so that a subset of rows is measured against the whole output's
-    scale. The scale is floored at 1e-6 max |v| of the head: an all-zero output is not a scale."""
+    scale. The scale is floored at 1e-6 of the largest exact row: an all-zero output is not a scale.
+    (`v` is accepted for the callers' symmetry; the metric does not read it.)"""
     if out.numel() == 0:
         return 0.0
     scale_of = out if scale_of is None else scale_of
-    row_scale = scale_of.detach().square().sum(-1).mean(-1).sqrt()  # (B, H, G)
-    floor = 1e-6 * v.abs().amax(dim=(-2, -1)).unsqueeze(-1)  # (B, H, 1)
-    row_scale = torch.maximum(row_scale, floor).clamp_min(torch.finfo(v.dtype).tiny)
+    # norms as reductions: no n x d intermediate (a fresh tensor that size costs as much as the check)
+    row_scale = scale_of.detach().norm(dim=-1).square().mean(-1).sqrt()  # (B, H, G)
+    floor = 1e-6 * exact.detach().norm(dim=-1).amax(-1)  # (B, H, G)
+    row_scale = torch.maximum(row_scale, floor).clamp_min(torch.finfo(exact.dtype).tiny)
     deviation = (out - exact).detach().norm(dim=-1).amax(-1)  # (B, H, G)
     return float((deviation / row_scale).amax())
 
@@ -324,17 +327,16 @@ def sampled_rows(q, count: int, k=None, key_weight=None, causal: bool = False) -
 
 
 def _row_reach(q, k, key_weight, causal):
-    """(largest ||k_j|| over the keys row i sees, how many keys it sees), (B, H, n_q) when causal,
-    (B, H, 1) otherwise. Non-causal keys are centred as the factored op centres them."""
+    """(largest ||k_j - mu|| over the keys row i sees, how many keys it sees), (B, H, n_q) when causal
+    (mu = 0), (B, H, 1) otherwise (mu the mean of the valid keys, as the op centres them). Read
+    passes over k only: ||k_j - mu||^2 = ||k_j||^2 - 2 k_j . mu + ||mu||^2."""
     valid = None if key_weight is None else (key_weight > 0)
     keys = k.detach()
+    squared = keys.norm(dim=-1).square()  # (B, H, n_k)
     if not causal:
-        if valid is None:
-            keys = keys - keys.mean(-2, keepdim=True)
-        else:
-            weights = valid.to(keys.dtype).unsqueeze(-1)
-            keys = keys - (weights * keys).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp_min(1)
-    norms = keys.norm(dim=-1)  # (B, H, n_k)
+        mu = _key_mean(keys, key_weight)  # (B, H, 1, d)
+        squared = squared - 2 * (keys @ mu.mT)[..., 0] + mu.square().sum(-1)
+    norms = squared.clamp_min(0).sqrt()
     counts = torch.ones_like(norms)
     if valid is not None:
         norms, counts = norms * valid, valid.to(norms.dtype)
@@ -342,6 +344,14 @@ def _row_reach(q, k, key_weight, causal):
         return norms.amax(-1, keepdim=True), counts.sum(-1, keepdim=True)
     last_key = torch.arange(q.shape[-2], device=q.device).clamp_max(k.shape[-2] - 1)  # query i sees keys 0..i
     return norms.cummax(-1).values[..., last_key], counts.cumsum(-1)[..., last_key]
+
+
+def _key_mean(k, key_weight):
+    """The mean of the valid keys (w_j > 0), (B, H, 1, d): the op's centre mu, before the sqrt(s)."""
+    if key_weight is None:
+        return k.mean(-2, keepdim=True)
+    valid = (key_weight > 0).to(k.dtype).unsqueeze(-2)  # (B, H, 1, n_k)
+    return (valid @ k) / valid.sum(-1, keepdim=True).clamp_min(1)
 
 
 def _gather_rows(x, rows):
@@ -352,50 +362,63 @@ def _gather_rows(x, rows):
 def estimate_gradient_error(grad_out, q, k, v, key_weight, coefficients, scale, causal) -> float:
     """The backward's estimate: for the sampled rows S, the polynomial's gradient contributions
     (dq_i for i in S, and what rows S send to dk and dv) against exact attention's, each as
-    ||approx - exact||_F / ||exact||_F per head (floored as in `relative_error`); the largest.
+    ||approx - exact||_F / ||exact||_F per head (floored at 1e-6 of the largest); the largest.
 
-    Polynomial, as lrcompile.factored computes it (q' = sqrt(s) q, k' = sqrt(s) k - mu):
-        a_ij = w_j P(q'_i . k'_j), p_ij = a_ij / D_i,  dX_ij = w_j P'(x_ij) (g_i . v_j - g_i . o_i) / D_i
-        dq_i = sqrt(s) sum_j dX_ij k'_j,  dk_j = sqrt(s) (sum_i dX_ij q'_i - centring),  dv_j = sum_i p_ij g_i
-    Exact: the same with p = softmax(s q k^T + log w), dX_ij = p_ij (g_i . v_j - g_i . o_i), sqrt(s) -> s.
-    Cost O(m n_k d) for m = SAMPLED_ROWS rows.
+    With q' = sqrt(s) q, k' = sqrt(s) k - mu (the op's centring), x = q' k'^T, g = dO on rows S:
+        polynomial  a_ij = w_j P(x_ij), p^_ij = a_ij / D_i,  dX^_ij = w_j P'(x_ij) (g_i.v_j - g_i.o^_i) / D_i
+        exact       p_ij = softmax_j(x_ij + log w_j),      dX_ij = p_ij (g_i.v_j - g_i.o_i)
+    (softmax ignores the row constant q'.mu). Both give dq = sqrt(s) dX k' (exact rows of dX sum to
+    0), dv = p^T g, dk = sqrt(s) C dX^T q', C the centring over valid keys (the identity when
+    causal; exact attention's dk is centred already). The n x d contributions are never formed:
+    ||A^T B||_F^2 = sum((A A^T) * (B B^T)) over the m x m Gram matrices, and C subtracts
+    n_valid ||mean||^2. Cost O(m n_k d) for m = SAMPLED_ROWS rows, in a few passes over m x n_k.
     """
-    from lrcompile.factored import centre_keys  # the op's own centring (factored imports this module)
-
-    rows = sampled_rows(q, SAMPLED_ROWS, k, key_weight, causal)  # (B, H, G, m)
-    q_rows, g_rows = _gather_rows(q, rows), _gather_rows(grad_out, rows)
-    visible = _visible(rows, k) if causal else None  # (B, H, G, m, n_k)
-    values = v.unsqueeze(2)  # (B, H, 1, n_k, d_v)
-
-    # exact
-    p = _weights(q_rows, k, _log_weight(key_weight), visible, scale)  # (B, H, G, m, n_k)
-    g_dot_v = g_rows @ values.mT  # (B, H, G, m, n_k)
-    d_x = p * (g_dot_v - (g_rows * (p @ values)).sum(-1, keepdim=True))
-    exact = (scale * (d_x @ k.unsqueeze(2)), scale * (d_x.mT @ q_rows).sum(2), (p.mT @ g_rows).sum(2))
-
-    # polynomial
+    rows = sampled_rows(q, BACKWARD_ROWS, k, key_weight, causal)  # (B, H, G, m)
     root = math.sqrt(scale)
-    k_centred, valid, valid_count = centre_keys(k, key_weight, scale, causal)
-    x = (root * q_rows) @ k_centred.unsqueeze(2).mT
-    a, slope = _horner(coefficients, x), _horner([m * c for m, c in enumerate(coefficients)][1:] or [0.0], x)
-    weight = torch.ones_like(x[..., :1, :]) if key_weight is None else key_weight[:, :, None, None, :]
-    keep = weight if visible is None else weight * visible
-    a, slope = a * keep, slope * keep
+    q_rows = root * _gather_rows(q, rows).flatten(2, 3)  # q' (B, H, G m, d)
+    g_rows = _gather_rows(grad_out, rows).flatten(2, 3)  # (B, H, G m, d_v)
+    # k' = sqrt(s) (k - mean): x = sqrt(s) q' k^T - q'.mu', never forming k' (an n x d pass)
+    mu = None if causal else root * _key_mean(k, key_weight)  # (B, H, 1, d)
+    x = root * (q_rows @ k.mT)  # (B, H, G m, n_k)
+    if mu is not None:
+        x -= q_rows @ mu.mT
+    keep = None if key_weight is None else (key_weight > 0)[:, :, None, :]
+    if causal:
+        visible = _visible(rows.flatten(2, 3), k)  # (B, H, G m, n_k)
+        keep = visible if keep is None else keep & visible
+
+    logits = x if keep is None else x.masked_fill(~keep, -math.inf)
+    if key_weight is not None:
+        logits = logits + _log_weight(key_weight)[:, :, 0]
+    p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    g_dot_v = g_rows @ v.mT  # (B, H, G m, n_k); g.o = sum_j p_ij g.v_j, no product with v needed
+    d_exact = (g_dot_v - (p * g_dot_v).sum(-1, keepdim=True)).mul_(p)
+
+    a = _horner(coefficients, x)
+    slope = _horner([m * c for m, c in enumerate(coefficients)][1:] or [0.0], x)
+    for factor in ((key_weight[:, :, None, :],) if key_weight is not None else ()) + ((keep,) if keep is not None else ()):
+        a.mul_(factor)
+        slope.mul_(factor)
     denominator = a.sum(-1, keepdim=True)
     safe = denominator.masked_fill(denominator == 0, 1.0)
-    p_hat = a / safe
-    d_x = slope * (g_dot_v - (g_rows * (p_hat @ values)).sum(-1, keepdim=True)) / safe
-    d_k = (d_x.mT @ (root * q_rows)).sum(2)  # (B, H, n_k, d)
-    if not causal:
-        total = d_k.sum(-2, keepdim=True)
-        d_k = d_k - (total / d_k.shape[-2] if valid is None else valid * total / valid_count)
-    approx = (root * (d_x @ k_centred.unsqueeze(2)), root * d_k, (p_hat.mT @ g_rows).sum(2))
+    p_hat = a.div_(safe)
+    d_approx = slope.mul_(g_dot_v.sub_((p_hat * g_dot_v).sum(-1, keepdim=True))).div_(safe)
+
+    difference = d_approx.sub_(d_exact)  # (B, H, G m, n_k)
+    dq = (_squared(_times_centred_keys(difference, k, mu, root)), _squared(_times_centred_keys(d_exact, k, mu, root)))
+    q_gram = q_rows @ q_rows.mT  # (B, H, G m, G m)
+    dk_difference = _gram_norm(difference, q_gram)
+    if not causal:  # the centring C: minus n_valid ||mean over valid keys||^2
+        mean = (difference.sum(-1, keepdim=True) * q_rows).sum(-2)  # (B, H, d): n_valid times the mean
+        count = float(k.shape[-2]) if key_weight is None else (key_weight > 0).sum(-1).clamp_min(1).to(mean.dtype)
+        dk_difference = dk_difference - mean.square().sum(-1) / count
+    dk = (dk_difference, _gram_norm(d_exact, q_gram))
+    g_gram = g_rows @ g_rows.mT
+    dv = (_gram_norm(p_hat.sub_(p), g_gram), _gram_norm(p, g_gram))
 
     worst = 0.0
-    for a_grad, e_grad in zip(approx, exact):
-        lead = e_grad.shape[:2]
-        deviation = (a_grad - e_grad).reshape(*lead, -1).norm(dim=-1)
-        size = e_grad.reshape(*lead, -1).norm(dim=-1)
+    for deviation, size in (dq, dk, dv):
+        deviation, size = deviation.clamp_min(0).sqrt(), size.clamp_min(0).sqrt()  # (B, H)
         floor = 1e-6 * size.amax().clamp_min(torch.finfo(size.dtype).tiny)
         error = float((deviation / torch.maximum(size, floor)).amax())
         if math.isnan(error):
@@ -404,10 +427,26 @@ def estimate_gradient_error(grad_out, q, k, v, key_weight, coefficients, scale, 
     return worst
 
 
+def _times_centred_keys(d_scores, k, mu, root):
+    """d_scores @ k' for k' = sqrt(s) k - mu' (mu' None: not centred), as sqrt(s) d_scores k - rowsum mu'."""
+    product = root * (d_scores @ k)
+    return product if mu is None else product - d_scores.sum(-1, keepdim=True) * mu
+
+
+def _squared(x):
+    """Squared Frobenius norm over the last two axes: (B, H)."""
+    return x.square().sum((-2, -1))
+
+
+def _gram_norm(a, gram):
+    """||a^T b||_F^2 = sum((a a^T) * (b b^T)) for a (B, H, m, n), gram = b b^T (B, H, m, m): (B, H)."""
+    return ((a @ a.mT) * gram).sum((-2, -1))
+
+
 def _horner(coefficients, x):
     result = torch.full_like(x, coefficients[-1])
     for c in reversed(coefficients[:-1]):
-        result = result * x + c
+        result.mul_(x).add_(c)
     return result
 
 
