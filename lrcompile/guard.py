@@ -223,15 +223,17 @@ def check_backward(site, grad_out, q, k, v, key_weight, coefficients, scale, cau
 def guarded_output(
     out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     scale: float, causal: bool, max_error: float, on_inaccurate: str, site: str,
+    coefficients: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, or exact attention where `check` says so (B, H, G, n_q, d_v); exact ()), as factored_attention guards."""
+    """(out, or exact attention where `check` says so (B, H, G, n_q, d_v); exact ()), as factored_attention
+    guards. With the polynomial's `coefficients`, the backward checks its gradients too (check_backward)."""
     exact = check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
     result = exact_attention(q, k, v, key_weight, scale, causal).contiguous() if exact else out.clone()
     return result, torch.tensor(exact, device=q.device)
 
 
 @guarded_output.register_fake
-def _(out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site):
+def _(out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site, coefficients=None):
     return out.new_empty(out.shape), q.new_empty((), dtype=torch.bool)
 
 
@@ -239,10 +241,13 @@ def _(out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site):
 def guarded_output_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     exact: torch.Tensor, scale: float, causal: bool, key_weight_grad: bool,
+    coefficients: list[float] | None = None, max_error: float = 0.0, on_inaccurate: str = "allow", site: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d out, dq, dk, dv, d key_weight): the gradient goes to `out`, or to exact attention's inputs
-    where the forward returned exact attention. d key_weight is empty unless key_weight_grad."""
-    if exact.item():
+    where the forward returned exact attention or the gradient check fails (given `coefficients`).
+    d key_weight is empty unless key_weight_grad."""
+    if exact.item() or (coefficients is not None and check_backward(
+            site, grad, q, k, v, key_weight, coefficients, scale, causal, max_error, on_inaccurate)):
         dq, dk, dv, dw = exact_attention_backward(grad, q, k, v, key_weight, scale, causal, key_weight_grad)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return torch.zeros_like(grad), dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
@@ -251,15 +256,17 @@ def guarded_output_backward(
 
 
 @guarded_output_backward.register_fake
-def _(grad, q, k, v, key_weight, exact, scale, causal, key_weight_grad):
+def _(grad, q, k, v, key_weight, exact, scale, causal, key_weight_grad, coefficients=None, max_error=0.0,
+      on_inaccurate="allow", site=""):
     dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
     return grad.new_empty(grad.shape), q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
 
 
 def _guard_setup_context(ctx, inputs, output):
-    _out, q, k, v, key_weight, scale, causal, *_settings = inputs
+    _out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site, *rest = inputs
     ctx.save_for_backward(q, k, v, key_weight, output[1])
     ctx.scale, ctx.causal = scale, causal
+    ctx.settings = (rest[0] if rest else None, max_error, on_inaccurate, site)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -267,8 +274,8 @@ def _guard_backward(ctx, grad, _grad_exact):
     q, k, v, key_weight, exact = ctx.saved_tensors
     key_weight_grad = key_weight is not None and ctx.needs_input_grad[4]
     d_out, dq, dk, dv, dw = torch.ops.lrcompile.guarded_output_backward(
-        grad, q, k, v, key_weight, exact, ctx.scale, ctx.causal, key_weight_grad)
-    return d_out, dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None
+        grad, q, k, v, key_weight, exact, ctx.scale, ctx.causal, key_weight_grad, *ctx.settings)
+    return d_out, dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None
 
 
 guarded_output.register_autograd(_guard_backward, setup_context=_guard_setup_context)

@@ -378,3 +378,25 @@ def test_mpt_style_alibi_site_is_a_causal_key_bias_and_right_forward_and_backwar
         assert max_error(a, b) < 1e-4
     (stats,) = lrcompile.stats().values()
     assert stats.fallbacks == 1 and stats.largest_error == float("inf")
+
+
+def test_the_guard_op_of_the_triton_path_checks_gradients_too():
+    """lrcompile::guarded_output (what the Triton op's caller runs) with the polynomial's
+    coefficients: an accurate forward whose gradients exceed max_error differentiates exact attention."""
+    from lrcompile.reference import polynomial_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (0.3 * torch.randn(1, 2, 1, 256, 64, generator=generator, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :, 0], v[:, :, 0]
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    coefficients = [1.0, 1.0, 0.5]
+    approx = polynomial_attention(q[:, :, 0], k - k.mean(-2, keepdim=True), v, coefficients, scale=0.125).unsqueeze(2)
+    out, exact = guard.guarded_output(approx, q, k, v, None, 0.125, False, 0.004, "exact", "triton", coefficients)
+    assert not exact.item()
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    expected = guard.exact_attention(q, k, v, None, 0.125, False)
+    wanted = torch.autograd.grad(expected, leaves, grad_out)
+    for a, b in zip(got, wanted):
+        assert max_error(a, b) < 1e-10
+    assert lrcompile.stats()["triton"].backward_fallbacks == 1
