@@ -27,7 +27,9 @@ kind says `key_bias` (`causal+key_bias`), and the leaf is passed on with the key
 a float mask (the replacement's op must then weight every row's keys exactly, causal rows included).
 
 With dynamic shapes a constant leaf is computed at the traced sizes and checked again at other
-sizes of the same symbols; the classification must agree at every size that can be computed.
+sizes of the same symbols (n + 3, n/2, n/4, ... and 2n .. 16n); the classification must agree at
+every size that can be computed, and shape guards then keep the compiled graph to the range of
+sizes checked: a length outside it recompiles, and the mask is proven again there.
 """
 
 from __future__ import annotations
@@ -289,13 +291,14 @@ _LARGEST_CHECKED_PATTERN = 1 << 24
 
 def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder) -> list[dict]:
     """Size assignments besides the traced one, to re-check a mask that depends on symbolic sizes:
-    n + 3, and a ladder n/2, n/4, ... down to 2 and 2n, 4n, ... up to _LARGEST_CHECKED_PATTERN
-    entries, so that a class that changes past some length (a sliding window of W keys is causal
-    up to n = W) is seen to change wherever W lies in the range the guard then covers."""
+    n + 3, a ladder n/2, n/4, ... down to 2, and 2n, 4n, 8n, 16n while a pattern has at most
+    _LARGEST_CHECKED_PATTERN entries, so that a class that changes past some length (a sliding
+    window of W keys is causal up to n = W) is seen to change wherever W lies in the range the
+    guard then covers (`_guard_checked_range`)."""
     traced = folder.traced_sizes
     changes = [lambda n: n + 3]
     changes += [lambda n, f=2 ** i: max(2, n // f) for i in range(1, 13)]
-    changes += [lambda n, f=2 ** i: n * f for i in range(1, 13)]
+    changes += [lambda n, f=2 ** i: n * f for i in range(1, 5)]
     alternatives = []
     for change in changes:
         sizes = dict(traced)
@@ -314,13 +317,18 @@ def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder
 def _guard_checked_range(scores_shape: tuple, checked: list[dict]) -> None:
     """Install shape guards keeping (n_q, n_k) within the sizes the class was proven at: bool() of a
     SymBool records a guard in the shape environment (as lrcompile.policy's thresholds do), so a
-    length outside recompiles, and the mask is classified again there."""
+    length outside recompiles, and the mask is classified again there. No upper guard where no
+    larger size could be checked (past _LARGEST_CHECKED_PATTERN entries, or past what the mask can
+    be built at, e.g. a causal buffer's length): there the class is taken to hold, as it must be
+    for a model that runs at such lengths without recompiling at every new one."""
+    traced = checked[0]
     for size in scores_shape[-2:]:
         if not isinstance(size, torch.SymInt):
             continue
         values = [concrete(size, sizes) for sizes in checked]
         bool(size >= min(values))
-        bool(size <= max(values))
+        if max(values) > concrete(size, traced):
+            bool(size <= max(values))
 
 
 def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFolder,
