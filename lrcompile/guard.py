@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 ON_INACCURATE = ("exact", "warn", "error", "allow")
 SAMPLED_ROWS = 33  # a third each: widest range, widest range per sqrt(keys seen), spread evenly
-BACKWARD_ROWS = 15  # the backward's rows: the first of the same three rankings (its check costs more per row)
+BACKWARD_ROWS = 12  # the backward's rows: the first of the same three rankings (its check costs more per row)
 EXACT_QUERY_CHUNK = 1024  # query rows per exact SDPA call, so a causal mask never spans n x n
 
 
@@ -321,14 +321,14 @@ def sampled_rows(q, count: int, k=None, key_weight=None, causal: bool = False) -
         widest = q_norm.topk(count // 2, dim=-1).indices
         spread = torch.linspace(0, n_q - 1, count - count // 2, device=q.device).round().long()
         return torch.cat([widest, spread.expand(*q.shape[:-2], -1)], dim=-1)
-    reach, seen = _row_reach(q, k, key_weight, causal)  # (B, H, 1 or n_q) each
-    bound = q_norm * reach.unsqueeze(2)
     third = count // 3
-    picks = [bound.topk(third, dim=-1).indices]
-    if causal:
-        picks.append((bound / seen.clamp_min(1).sqrt().unsqueeze(2)).topk(third, dim=-1).indices)
-    else:  # every row sees the same keys: more of the widest rows instead
-        picks = [bound.topk(2 * third, dim=-1).indices]
+    if not causal:  # every row sees the same keys: the bound ranks rows as ||q_i|| does; more of them
+        picks = [q_norm.topk(2 * third, dim=-1).indices]
+    else:
+        reach, seen = _row_reach(q, k, key_weight, causal)  # (B, H, n_q) each
+        bound = q_norm * reach.unsqueeze(2)
+        picks = [bound.topk(third, dim=-1).indices,
+                 (bound / seen.clamp_min(1).sqrt().unsqueeze(2)).topk(third, dim=-1).indices]
     spread = torch.linspace(0, n_q - 1, count - 2 * third, device=q.device).round().long()
     return torch.cat(picks + [spread.expand(*q.shape[:-2], -1)], dim=-1)
 
