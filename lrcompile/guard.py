@@ -14,13 +14,16 @@ max_error = 0.01 thus means: no row is off by more than about 1% of a typical ou
 The sampled rows are chosen by a cheap per-row bound, so the worst rows are among them: the
 score range each row sees, ||q_i|| times the largest ||k_j|| over the keys it sees (a running
 max when causal), and that range divided by sqrt(number of keys it sees) (few keys average
-fewer errors away: the early causal rows), a third each, and a third spread evenly. Their exact
-attention costs O(m n d) for m = SAMPLED_ROWS rows, against the O(n r d) of the factored call.
+fewer errors away: the early causal rows), a third each, and a third spread evenly (non-causal,
+where every row sees the same keys, the bound ranks rows by ||q_i||: two thirds by it). Their
+exact attention costs O(m n d) for m = SAMPLED_ROWS rows, against the O(n r d) of the factored call.
 
-The backward checks itself too (`check_backward`): for the same rows, their exact gradient
-contributions (dq_i, and the parts of dk, dv that row i sends) against the polynomial's, each as a
-relative Frobenius error per head; a call above max_error differentiates exact attention instead
-and counts as a backward fallback.
+The backward checks itself too (`check_backward`): for the first BACKWARD_ROWS of the same
+rankings, their exact gradient contributions (dq_i, and the parts of dk, dv that row i sends)
+against the polynomial's, each as a relative Frobenius error per head; a call above max_error
+differentiates exact attention instead and counts as a backward fallback. Fewer rows than the
+forward's: the check costs several m x n passes, and the overhead must stay at a few percent of
+the factored forward+backward (benchmarks/guard_overhead.py).
 
 If an estimate exceeds `max_error` (a NaN or inf estimate counts as exceeding it),
 `on_inaccurate` says what happens: "exact" computes the call exactly (and its backward follows),
