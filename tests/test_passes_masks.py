@@ -149,10 +149,7 @@ class OneDimensionalKeyMask(Heads):
 
     def attend(self, q, k, v):
         keep = torch.arange(q.shape[-2]) % 3 != 1
-        return (q @ k.transpose(-2, -1)).masked_fill(~self.keep_of(keep), float("-inf")).softmax(-1) @ v
-
-    def keep_of(self, keep):
-        return keep
+        return (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
 
 
 def test_a_one_dimensional_key_mask_is_passed_on_with_a_query_axis():
