@@ -142,7 +142,7 @@ def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: b
         out, denominator, _ = torch.ops.lrcompile.triton_factored_attention(
             q, k, v, key_weight, coefficients, scale, causal, config.chunk_size)
         out, exact = guard.guarded_output(out, q, k, v, key_weight, scale, causal, config.max_error,
-                                          config.on_inaccurate, config.site_label, coefficients)
+                                          config.on_inaccurate, config.site_label, coefficients, log_key_weight)
         return out, denominator, exact
     out, denominator, _, exact = factored_attention(q, k, v, key_weight, coefficients, scale, causal,
                                                     config.chunk_size, config.max_error, config.on_inaccurate,

@@ -226,17 +226,20 @@ def check_backward(site, grad_out, q, k, v, key_weight, coefficients, scale, cau
 def guarded_output(
     out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     scale: float, causal: bool, max_error: float, on_inaccurate: str, site: str,
-    coefficients: list[float] | None = None,
+    coefficients: list[float] | None = None, log_key_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, or exact attention where `check` says so (B, H, G, n_q, d_v); exact ()), as factored_attention
-    guards. With the polynomial's `coefficients`, the backward checks its gradients too (check_backward)."""
-    exact = check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate)
-    result = exact_attention(q, k, v, key_weight, scale, causal).contiguous() if exact else out.clone()
+    guards. With the polynomial's `coefficients`, the backward checks its gradients too (check_backward);
+    `log_key_weight` as factored_attention takes it (a causal float mask's log weights)."""
+    exact = check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, log_key_weight)
+    result = (exact_attention(q, k, v, key_weight, scale, causal, log_weight=log_key_weight).contiguous() if exact
+              else out.clone())
     return result, torch.tensor(exact, device=q.device)
 
 
 @guarded_output.register_fake
-def _(out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site, coefficients=None):
+def _(out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site, coefficients=None,
+      log_key_weight=None):
     return out.new_empty(out.shape), q.new_empty((), dtype=torch.bool)
 
 
@@ -245,13 +248,15 @@ def guarded_output_backward(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weight: torch.Tensor | None,
     exact: torch.Tensor, scale: float, causal: bool, key_weight_grad: bool,
     coefficients: list[float] | None = None, max_error: float = 0.0, on_inaccurate: str = "allow", site: str = "",
+    log_key_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d out, dq, dk, dv, d key_weight): the gradient goes to `out`, or to exact attention's inputs
     where the forward returned exact attention or the gradient check fails (given `coefficients`).
-    d key_weight is empty unless key_weight_grad."""
+    d key_weight is empty unless key_weight_grad; it is d log_key_weight where that is given."""
     if exact.item() or (coefficients is not None and check_backward(
             site, grad, q, k, v, key_weight, coefficients, scale, causal, max_error, on_inaccurate)):
-        dq, dk, dv, dw = exact_attention_backward(grad, q, k, v, key_weight, scale, causal, key_weight_grad)
+        dq, dk, dv, dw = exact_attention_backward(grad, q, k, v, key_weight, scale, causal, key_weight_grad,
+                                                  log_weight=log_key_weight)
         dw = dw.contiguous() if key_weight_grad else q.new_empty(0)
         return torch.zeros_like(grad), dq.contiguous(), dk.contiguous(), dv.contiguous(), dw
     dw = torch.zeros_like(key_weight) if key_weight_grad else q.new_empty(0)
@@ -260,25 +265,30 @@ def guarded_output_backward(
 
 @guarded_output_backward.register_fake
 def _(grad, q, k, v, key_weight, exact, scale, causal, key_weight_grad, coefficients=None, max_error=0.0,
-      on_inaccurate="allow", site=""):
+      on_inaccurate="allow", site="", log_key_weight=None):
     dw = key_weight.new_empty(key_weight.shape) if key_weight_grad else q.new_empty(0)
     return grad.new_empty(grad.shape), q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw
 
 
 def _guard_setup_context(ctx, inputs, output):
     _out, q, k, v, key_weight, scale, causal, max_error, on_inaccurate, site, *rest = inputs
-    ctx.save_for_backward(q, k, v, key_weight, output[1])
+    log_key_weight = rest[1] if len(rest) > 1 else None
+    ctx.save_for_backward(q, k, v, key_weight, output[1], log_key_weight)
     ctx.scale, ctx.causal = scale, causal
     ctx.settings = (rest[0] if rest else None, max_error, on_inaccurate, site)
     ctx.mark_non_differentiable(output[1])
 
 
 def _guard_backward(ctx, grad, _grad_exact):
-    q, k, v, key_weight, exact = ctx.saved_tensors
-    key_weight_grad = key_weight is not None and ctx.needs_input_grad[4]
+    q, k, v, key_weight, exact, log_key_weight = ctx.saved_tensors
+    # A float mask's exact gradient flows through log_key_weight where that is given (as in factored_attention)
+    through_log = log_key_weight is not None
+    key_weight_grad = key_weight is not None and ctx.needs_input_grad[11 if through_log else 4]
     d_out, dq, dk, dv, dw = torch.ops.lrcompile.guarded_output_backward(
-        grad, q, k, v, key_weight, exact, ctx.scale, ctx.causal, key_weight_grad, *ctx.settings)
-    return d_out, dq, dk, dv, (dw if key_weight_grad else None), None, None, None, None, None, None
+        grad, q, k, v, key_weight, exact, ctx.scale, ctx.causal, key_weight_grad, *ctx.settings, log_key_weight)
+    dw = dw if key_weight_grad else None
+    return (d_out, dq, dk, dv, None if through_log else dw, None, None, None, None, None, None,
+            dw if through_log else None)
 
 
 guarded_output.register_autograd(_guard_backward, setup_context=_guard_setup_context)

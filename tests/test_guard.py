@@ -400,3 +400,27 @@ def test_the_guard_op_of_the_triton_path_checks_gradients_too():
     for a, b in zip(got, wanted):
         assert max_error(a, b) < 1e-10
     assert lrcompile.stats()["triton"].backward_fallbacks == 1
+
+
+def test_the_guard_op_of_the_triton_path_returns_exact_attention_with_the_bias_true_weights():
+    """The Triton op's caller passes the causal bias's log weights too: where they underflow
+    (float32, a range of 127), its exact fallback, forward and the bias's gradient, uses them and
+    not the key weights, which are 0 for the early rows' keys."""
+    q, k, v, bias = _alibi_case(n=256, dtype=torch.float32)
+    log_weight = bias[:, :, 0] - bias.amax()  # (1, 1, n)
+    key_weight = log_weight.exp()
+    q5 = q.unsqueeze(2)
+    garbage = torch.zeros(q5.shape[:-1] + (v.shape[-1],))  # what the underflowed rows hold
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, exact = guard.guarded_output(garbage, q5, k, v, key_weight, 0.25, True, 0.01, "exact", "t", None,
+                                          log_weight)
+    assert exact.item() and lrcompile.stats()["t"].largest_error == float("inf")
+    reference = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    expected = exact_attention(*reference[:3], attn_mask=reference[3], is_causal=True)
+    assert max_error(out[:, :, 0], expected) < 1e-5
+    grad_out = torch.randn_like(expected)
+    got = torch.autograd.grad(out[:, :, 0], (q, k, v, bias), grad_out.float())
+    wanted = torch.autograd.grad(expected, reference, grad_out)
+    for name, a, b in zip("qkvm", got, wanted):
+        assert max_error(a, b) < 1e-4, name
