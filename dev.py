@@ -2,7 +2,7 @@
 """The two quick-start commands, on a machine with nothing but Python:
 
     python3 dev.py demo    # the main job: compile a model with lrcompile, print sites, error, speed
-    python3 dev.py test    # the whole test suite
+    python3 dev.py test    # the layer contracts (lint-imports), then the whole test suite
 
 Each creates (or reuses) the virtual environment .venv beside this file and installs the project
 into it, once per change of pyproject.toml. Extra arguments go to the demo or to pytest.
@@ -19,6 +19,9 @@ VENV = ROOT / ".venv"
 # Pinned here, not in pyproject.toml: this resolves to a local CPU wheel, while an unpinned torch
 # would pull a multi-GB CUDA build. The package itself accepts a range.
 TORCH = "torch==2.13.0"
+# The transformers release the suite is run against (the dev extra accepts a range, README
+# "Tested with" gives the oldest and newest tried); pinned so a new release cannot change a CI run.
+TRANSFORMERS = "transformers==5.25.0"
 PYTEST_NO_TESTS = 5
 
 
@@ -28,13 +31,16 @@ def ensure_environment() -> Path:
         print(f"creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
     stamp = VENV / ".lrcompile-installed"
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    pins = [TORCH, TRANSFORMERS]
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + " ".join(pins).encode()).hexdigest()
     if not stamp.exists() or stamp.read_text() != wanted:
-        print(f"installing {TORCH} and lrcompile[dev,bench] into {VENV}", flush=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        print(f"installing {TORCH}, then lrcompile[dev,bench] with {TRANSFORMERS}, into {VENV}: about three "
+              f"minutes the first time, seconds after that (pip's progress follows)", flush=True)
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "on"]
         subprocess.run(pip + [TORCH], check=True)
-        subprocess.run(pip + ["-e", f"{ROOT}[dev,bench]", TORCH], check=True, cwd=ROOT)
+        subprocess.run(pip + ["-e", f"{ROOT}[dev,bench]", *pins], check=True, cwd=ROOT)
         stamp.write_text(wanted)
+        print(f"installed; later runs reuse {VENV} until pyproject.toml changes", flush=True)
     return python
 
 
@@ -46,6 +52,11 @@ def main(argv: list[str]) -> int:
     command, args = argv[0], argv[1:]
     if command == "demo":
         return subprocess.run([str(python), "-m", "lrcompile.demo", *args], cwd=ROOT).returncode
+    # The layers (pyproject.toml [tool.importlinter]) first: a broken contract fails the run.
+    layers = subprocess.run([str(VENV / "bin" / "lint-imports")], cwd=ROOT).returncode
+    if layers:
+        print("dev.py: lint-imports found an import that breaks the layers; see the contracts above", file=sys.stderr)
+        return layers
     code = subprocess.run([str(python), "-m", "pytest", *args], cwd=ROOT).returncode
     if code == PYTEST_NO_TESTS:
         print("dev.py: pytest collected no tests; that is a failure, not a pass", file=sys.stderr)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from lrcompile import lowrank_attention
-from lrcompile.bench import write_results_section
-from lrcompile.polynomial import NotPositiveError, exp_polynomial
+from lrcompile.bench.command import write_results_section
+from lrcompile.math.polynomial import NotPositiveError, exp_polynomial
 from lrcompile.reference import exact_attention, random_attention_inputs
 
 RANGES = (0.5, 1.0, 2.0, 4.0)

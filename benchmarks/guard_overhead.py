@@ -28,9 +28,9 @@ from tqdm import tqdm  # noqa: E402
 
 import lrcompile  # noqa: E402
 from lrcompile import lowrank_attention  # noqa: E402
-from lrcompile.machine import machine_description  # noqa: E402
-from lrcompile.results import write_results_section  # noqa: E402
-from lrcompile.timing import interleaved_runs, median, training_step_times  # noqa: E402
+from lrcompile.bench.machine import machine_description  # noqa: E402
+from lrcompile.bench.results import write_results_section  # noqa: E402
+from lrcompile.bench.timing import interleaved_runs, median, training_step_times  # noqa: E402
 from lrcompile.reference import random_attention_inputs  # noqa: E402
 
 SECTION = "guard-overhead"

@@ -1,7 +1,7 @@
 """What each layer of the CPU implementation buys: the same op on its three paths, side by side.
 
-    c_sweep     the chunk loops in C, one head per thread (lrcompile/csrc/sweeps.h): the default
-    c_kernels   the torch sweep (lrcompile/factored.py), heads split over Python threads, calling
+    c_sweep     the chunk loops in C, one head per thread (lrcompile/kernels/csrc/sweeps.h): the default
+    c_kernels   the torch sweep (lrcompile/kernels/reference.py), heads split over Python threads, calling
                 the C feature maps and in-chunk blocks
     torch       torch operations only (LRCOMPILE_NATIVE=0, or no C compiler)
     sdpa        F.scaled_dot_product_attention, the baseline
@@ -29,11 +29,13 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lrcompile import bench, lowrank_attention, native  # noqa: E402
-from lrcompile.machine import machine_description  # noqa: E402
-from lrcompile.results import write_results_section  # noqa: E402
-from lrcompile.timing import interleaved_runs, median, progress_bar  # noqa: E402
-from lrcompile.features import feature_dim  # noqa: E402
+from lrcompile import lowrank_attention  # noqa: E402
+from lrcompile.bench import command as bench  # noqa: E402
+from lrcompile.kernels import cpu  # noqa: E402
+from lrcompile.bench.machine import machine_description  # noqa: E402
+from lrcompile.bench.results import write_results_section  # noqa: E402
+from lrcompile.bench.timing import interleaved_runs, median, progress_bar  # noqa: E402
+from lrcompile.math.features import feature_dim  # noqa: E402
 
 SECTION = "kernel-paths"
 PATHS = ("sdpa", "c_sweep", "c_kernels", "torch")
@@ -42,15 +44,15 @@ PATHS = ("sdpa", "c_sweep", "c_kernels", "torch")
 @contextlib.contextmanager
 def path(name: str):
     """Make lowrank_attention take one path for the duration."""
-    saved = native.sweep, native.enabled
+    saved = cpu.sweep, cpu.enabled
     if name == "c_kernels":
-        native.sweep = lambda *args, **kwargs: None
+        cpu.sweep = lambda *args, **kwargs: None
     elif name == "torch":
-        native.enabled = lambda: False
+        cpu.enabled = lambda: False
     try:
         yield
     finally:
-        native.sweep, native.enabled = saved
+        cpu.sweep, cpu.enabled = saved
 
 
 def step(name: str, q, k, v, grad_out, causal: bool):
@@ -152,8 +154,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
-    if native.library() is None:
-        parser.error(f"the C kernels are unavailable here ({native.status()}): nothing to compare")
+    if cpu.library() is None:
+        parser.error(f"the C kernels are unavailable here ({cpu.status()}): nothing to compare")
     print(f"kernel_paths: {machine_description()}", flush=True)
     rows = time_paths(args)
     layouts = state_layouts(args.head_dim, args.chunk, args.repeats)

@@ -22,7 +22,7 @@ the peak above the model, its optimizer state and the inputs.
     python benchmarks/model_speed.py --n 256 512 --repeats 1 --results /tmp/R.md --plot /tmp/m.png --json /tmp/m.json
     python benchmarks/model_speed.py --device cuda          # n = 2048, 8192, 32768, bfloat16 autocast
 
-On CUDA a step is timed with CUDA events (lrcompile.timing), --dtype bfloat16 runs it under
+On CUDA a step is timed with CUDA events (lrcompile.bench.timing), --dtype bfloat16 runs it under
 autocast, and the section, plot and JSON get a _cuda suffix; --memory (resident memory) is CPU only.
 
 Writes the model-speed section of benchmarks/RESULTS.md, benchmarks/model_speed.png and
@@ -41,15 +41,15 @@ from pathlib import Path
 
 import torch
 
-from lrcompile import bench
-from lrcompile.machine import machine_description, machine_info
-from lrcompile.peak_memory import peak_growth, run_child
-from lrcompile.plots import GIB, memory_plot_path, plot_lines
-from lrcompile.results import write_results_section
-from lrcompile.scaling import crossover, loglog_slope
-from lrcompile.timing import StepClock, interleaved_runs, median, progress_bar
+from lrcompile.bench import methods
+from lrcompile.bench.machine import machine_description, machine_info
+from lrcompile.bench.peak_memory import peak_growth, run_child
+from lrcompile.bench.plots import GIB, memory_plot_path, plot_lines
+from lrcompile.bench.results import write_results_section
+from lrcompile.bench.scaling import crossover, loglog_slope
+from lrcompile.bench.timing import StepClock, interleaved_runs, median, progress_bar
 from lrcompile.models import build
-from lrcompile.policy import Policy
+from lrcompile.compile.policy import Policy
 
 HERE = Path(__file__).resolve().parent
 
@@ -117,7 +117,7 @@ class Trainer:
     tokens: torch.Tensor  # (batch, n)
     targets: torch.Tensor  # (batch, n)
     method: str
-    record: bench.RewriteRecord | None = None
+    record: methods.RewriteRecord | None = None
     dtype: str = "float32"
 
     def __call__(self) -> tuple[float]:
@@ -141,10 +141,10 @@ def make_trainer(method: str, n: int, args) -> Trainer:
     if method == "inductor":
         backend = "inductor"
     elif method == "lrcompile":
-        record = bench.RewriteRecord()
+        record = methods.RewriteRecord()
         backend = record.backend(Policy(degree=args.degree, cost_model=False, on_inaccurate="allow"))
     elif method == "lrcompile_default":
-        record = bench.RewriteRecord()
+        record = methods.RewriteRecord()
         backend = record.backend(Policy(degree=args.degree))
     else:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")

@@ -1,11 +1,11 @@
 """Op-level speed of lowrank_attention against exact attention, at the configurations of the issues.
 
-CPU (default): runs `lrcompile.bench` twice, d = 64 with degree 2 (r = 2145) and d = 32 with
+CPU (default): runs `lrcompile bench` (lrcompile.bench) twice, d = 64 with degree 2 (r = 2145) and d = 32 with
 degree 3 (r = 6545): heads 4, batch 1, float32, n = 1024 .. 32768, non-causal and causal, forward
 and forward+backward, methods sdpa, math, inductor, lowrank, lowrank_compiled side by side in one
 process. The low-rank methods run the factored algorithm (LRCOMPILE_ALGORITHM=factored, unless
 set otherwise): the one the cost model's FLOPs and calibration describe; below its switch length
-the op itself would compute a call directly (lrcompile.direct; benchmarks/short_sequences.py).
+the op itself would compute a call directly (lrcompile.ops.algorithm; benchmarks/short_sequences.py).
 
 CUDA (--device cuda): d = 64, degree 2, 16 heads, batch 1, n = 1024 .. 65536, bfloat16 and float32,
 methods sdpa (flash where the dtype has it), inductor (exact attention compiled), lowrank_triton
@@ -28,10 +28,10 @@ Writes (paths for CUDA get a _cuda suffix, and its RESULTS.md section is op-spee
     python benchmarks/op_speed.py --device cpu --n 64 128 --repeats 1 --dtypes float32 --configurations 64:2 \\
         --methods sdpa lowrank_torch lowrank_triton --results /tmp/R.md --plot /tmp/op.png --json /tmp/op.json
 
---calibrate stores the calibrations in this machine's cache (lrcompile.calibration), keyed by the
+--calibrate stores the calibrations in this machine's cache (lrcompile.compile.calibration), keyed by the
 machine and the kernel implementation each low-rank method ran; --calibration-path writes them
-elsewhere instead (lrcompile/reference_calibration.json when measuring the reference machine).
-Options other than those below go to lrcompile.bench unchanged (--n, --repeats, --warmup, --methods,
+elsewhere instead (lrcompile/compile/reference_calibration.json when measuring the reference machine).
+Options other than those below go to `lrcompile bench` unchanged (--n, --repeats, --warmup, --methods,
 --causal, --memory, --compiled-max-n, ...); see `python -m lrcompile.bench --help`.
 """
 
@@ -46,12 +46,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from lrcompile import bench, calibrate, calibration, direct  # noqa: E402
-from lrcompile.bench_report import format_report, mask_name  # noqa: E402
-from lrcompile.machine import describe_key  # noqa: E402
-from lrcompile.plots import memory_plot_path, plot_memory, plot_times  # noqa: E402
-from lrcompile.results import write_results_section  # noqa: E402
-from lrcompile.timing import progress_bar  # noqa: E402
+from lrcompile.bench import calibrate  # noqa: E402
+from lrcompile.bench import command as bench  # noqa: E402
+from lrcompile.bench import methods  # noqa: E402
+from lrcompile.compile import calibration  # noqa: E402
+from lrcompile.ops import algorithm  # noqa: E402
+from lrcompile.bench.report import format_report, mask_name  # noqa: E402
+from lrcompile.compile.machine import describe_key  # noqa: E402
+from lrcompile.bench.plots import memory_plot_path, plot_memory, plot_times  # noqa: E402
+from lrcompile.bench.results import write_results_section  # noqa: E402
+from lrcompile.bench.timing import progress_bar  # noqa: E402
 
 SECTION = {"cpu": "op-speed", "cuda": "op-speed-cuda"}
 CONFIGURATIONS = {"cpu": ("64:2", "32:3"), "cuda": ("64:2",)}  # head_dim:degree, as the issues ask
@@ -73,7 +77,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--configurations", nargs="+", default=None, metavar="D:DEGREE",
                         help="head dimension and polynomial degree per configuration (default: CPU 64:2 32:3, "
                              "CUDA 64:2)")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=tuple(bench.DTYPES),
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=tuple(methods.DTYPES),
                         help="one run per dtype (default: CPU float32, CUDA bfloat16 float32)")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/op_speed[_cuda].png")
@@ -120,7 +124,7 @@ def target_lines(results: list[dict]) -> list[str]:
     for result in results:
         dtype, matmul_rate = result["settings"]["dtype"], result["matmul"]["gflops"] * 1e9
         rows = {(r["method"], r["n"], r["causal"]): r for r in result["rows"]}
-        for method in (m for m in result["settings"]["methods"] if m in bench.LOWRANK_METHODS):
+        for method in (m for m in result["settings"]["methods"] if m in methods.LOWRANK_METHODS):
             for (causal, n), target in TARGETS.items():
                 row, sdpa = rows.get((method, n, causal)), rows.get(("sdpa", n, causal))
                 if row is None or sdpa is None or row["total_s"] is None or sdpa["total_s"] is None:
@@ -147,7 +151,7 @@ def results_markdown(results: list[dict], args, forwarded: list[str]) -> str:
         f"`{command}` on {device}{machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads)"
         f"{')' if device else ''}, torch {machine['torch']}, {machine['date']}; lrcompile CPU kernels: "
         f"{machine['cpu_kernels']}. Every number below was measured in that run, except those labelled as coming "
-        f"from the FLOP model (`lrcompile.cost`).",
+        f"from the FLOP model (`lrcompile.math.flops`).",
     ]
     for result in results:
         settings = result["settings"]
@@ -172,7 +176,7 @@ def main(argv=None):
         return
     # the factored algorithm unless the caller set one (module docstring); for these runs only, as
     # main() also runs inside other processes (the tests)
-    with direct.algorithm_forced(os.environ.get("LRCOMPILE_ALGORITHM") or "factored"):
+    with algorithm.algorithm_forced(os.environ.get("LRCOMPILE_ALGORITHM") or "factored"):
         results = [bench.run(run_args) for run_args in runs]
     args.json.write_text(json.dumps(results, indent=1))
     plot_times(results, str(args.plot))

@@ -1,15 +1,15 @@
 """Time to build each polynomial and its proven error bound, uncached, and degree_for over all degrees.
 
 The policy calls `degree_for` (degree="auto") on real score ranges, so every (degree, B,
-approximation) must be proven in well under a second (DESIGN.md, section 2).
+approximation) must be proven in well under a second (docs/design.md, section 2).
 
     python benchmarks/polynomial_speed.py
 """
 
 import time
 
-from lrcompile import polynomial
-from lrcompile.polynomial import APPROXIMATIONS, MAX_DEGREE, NotPositiveError, degree_for, exp_polynomial
+from lrcompile.math import polynomial
+from lrcompile.math.polynomial import APPROXIMATIONS, MAX_DEGREE, NotPositiveError, degree_for, exp_polynomial
 
 RANGES = (0.5, 1.0, 2.0, 4.0, 9.6, 20.0, 40.0, 75.0, 100.0)
 

@@ -4,7 +4,7 @@ and against SDPA, side by side.
     sdpa      F.scaled_dot_product_attention (exact softmax), the scale
     before    lowrank_attention(..., on_inaccurate="allow") with LRCOMPILE_ALGORITHM=factored: the
               factored sweeps at every length, as before the direct algorithm existed
-    after     the same call as the op chooses (lrcompile.direct.uses_direct): direct below the
+    after     the same call as the op chooses (lrcompile.ops.algorithm.uses_direct): direct below the
               crossover, factored above
 
 One training step each (forward, then backward of a fixed grad_out), methods round-robin within
@@ -15,9 +15,9 @@ every repeat, medians; ratios are to SDPA of the same run.
     python benchmarks/short_sequences.py --calibrate     # the direct/factored rate ratio
 
 --calibrate times the direct and the factored algorithm alone (both forced) at growing n, finds
-where they cross, and reports the rate ratio that puts lrcompile.direct's FLOP rule there:
+where they cross, and reports the rate ratio that puts lrcompile.ops.algorithm's FLOP rule there:
 at the crossover the times are equal, so rate_direct / rate_factored = direct FLOPs / factored
-FLOPs. DIRECT_RATE_RATIO in lrcompile/direct.py is set from it by hand.
+FLOPs. DIRECT_RATE_RATIO in lrcompile/ops/algorithm.py is set from it by hand.
 
 Writes the short-sequences section (and with --calibrate the direct-calibration section) of
 benchmarks/RESULTS.md.
@@ -38,8 +38,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lrcompile import bench, cost, direct, lowrank_attention  # noqa: E402
-from lrcompile.attention import default_chunk_size  # noqa: E402
+from lrcompile import lowrank_attention  # noqa: E402
+from lrcompile.bench.machine import machine_description  # noqa: E402
+from lrcompile.bench.results import write_results_section  # noqa: E402
+from lrcompile.bench.timing import interleaved_runs, median, training_step_times  # noqa: E402
+from lrcompile.math import flops  # noqa: E402
+from lrcompile.ops import algorithm  # noqa: E402
+from lrcompile.ops.attention import default_chunk_size  # noqa: E402
 from lrcompile.reference import random_attention_inputs  # noqa: E402
 
 SECTION = "short-sequences"
@@ -81,17 +86,17 @@ def time_methods(names, n, head_dim, causal, args, bar) -> dict:
     q, k, v = random_attention_inputs(args.batch, args.heads, n, n, head_dim, score_range=2.0,
                                       dtype=torch.float32, seed=n + head_dim)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(n + 1))
-    steps = {name: (lambda f=method(name, args.degree, causal): bench.training_step_times(f, q, k, v, grad_out))
+    steps = {name: (lambda f=method(name, args.degree, causal): training_step_times(f, q, k, v, grad_out))
              for name in names}
     previous = os.environ.get("LRCOMPILE_ALGORITHM")
     try:
-        runs = bench.interleaved_runs(steps, args.warmup, args.repeats, on_run=lambda _name: bar.update())
+        runs = interleaved_runs(steps, args.warmup, args.repeats, on_run=lambda _name: bar.update())
     finally:
         if previous is None:
             os.environ.pop("LRCOMPILE_ALGORITHM", None)
         else:
             os.environ["LRCOMPILE_ALGORITHM"] = previous
-    return {name: tuple(bench.median([times[i] for times in runs[name]["runs"]]) for i in (0, 1)) for name in names}
+    return {name: tuple(median([times[i] for times in runs[name]["runs"]]) for i in (0, 1)) for name in names}
 
 
 def measure(args) -> list[dict]:
@@ -101,7 +106,7 @@ def measure(args) -> list[dict]:
         for n, head_dim, causal in configurations:
             times = time_methods(METHODS, n, head_dim, causal, args, bar)
             chunk = default_chunk_size(head_dim, args.degree, causal)
-            chosen = "direct" if direct.uses_direct(n, n, head_dim, head_dim, 1, args.degree, causal, chunk, "cpu") \
+            chosen = "direct" if algorithm.uses_direct(n, n, head_dim, head_dim, 1, args.degree, causal, chunk, "cpu") \
                 else "factored"
             rows.append(dict(n=n, head_dim=head_dim, causal=causal, chosen=chosen, **times))
     return rows
@@ -113,7 +118,7 @@ def markdown(args, rows: list[dict]) -> str:
         f"forced, `LRCOMPILE_ALGORITHM=factored`) and after (the op's choice) against "
         f"`F.scaled_dot_product_attention`, batch {args.batch} x {args.heads} heads, float32, score range 2, one "
         f"training step (forward, backward), median of {args.repeats} interleaved runs, ratios to SDPA of the same "
-        f"run, {bench.machine_description()}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (other "
+        f"run, {machine_description()}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (other "
         f"processes share the cores). Command: `python benchmarks/short_sequences.py"
         f"{'' if args.threads is None else f' --threads {args.threads}'}`.",
         "",
@@ -149,8 +154,8 @@ def calibrate(args) -> list[dict]:
             crossing = _crossover(ratios)
             entry = dict(head_dim=head_dim, causal=causal, chunk=chunk, measured=ratios, crossover=crossing)
             if crossing is not None:
-                direct_flops = cost.direct_flops(crossing, crossing, head_dim, head_dim, 1, causal)
-                factored = cost.lowrank_flops(crossing, crossing, head_dim, head_dim, 1, causal, args.degree, chunk)
+                direct_flops = flops.direct_flops(crossing, crossing, head_dim, head_dim, 1, causal)
+                factored = flops.lowrank_flops(crossing, crossing, head_dim, head_dim, 1, causal, args.degree, chunk)
                 entry["rate_ratio"] = direct_flops / factored
             results.append(entry)
     return results
@@ -169,8 +174,8 @@ def calibration_markdown(args, results) -> str:
     lines = [
         f"Direct / factored calibration: both algorithms of `lowrank_attention(..., degree={args.degree})` forced, "
         f"one training step, batch {args.batch} x {args.heads} heads, float32, median of {args.repeats} interleaved "
-        f"runs, {bench.machine_description()}. The rate ratio is direct FLOPs / factored FLOPs "
-        f"(`lrcompile.cost`) at the measured crossover. Command: `python benchmarks/short_sequences.py --calibrate`.",
+        f"runs, {machine_description()}. The rate ratio is direct FLOPs / factored FLOPs "
+        f"(`lrcompile.math.flops`) at the measured crossover. Command: `python benchmarks/short_sequences.py --calibrate`.",
         "",
         "| d | mask | chunk | direct time / factored time at n | crossover n | rate ratio |",
         "|---|---|---|---|---|---|",
@@ -195,7 +200,7 @@ def main(argv=None):
         text = markdown(args, measure(args))
         section = SECTION if args.threads is None else f"{SECTION}-{args.threads}-threads"
     print(text)
-    bench.write_results_section(args.results, section, text)
+    write_results_section(args.results, section, text)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def auto_degree(model, tokens) -> dict[str, lrcompile.Report]:
 def guard(model, tokens, q_scale: float) -> dict[str, dict]:
     print("== max_error and on_inaccurate: the run-time accuracy guard")
     # Random weights give scores below about 0.2, where degree 2 is accurate and the guard has
-    # nothing to catch. Trained models reach 8 to 67 (DESIGN.md, section 2); a wider query
+    # nothing to catch. Trained models reach 8 to 67 (docs/design.md, section 3); a wider query
     # projection stands in for them here.
     with torch.no_grad():
         for block in model.transformer.h:

@@ -1,8 +1,8 @@
-"""The `lrcompile` command: explain, check, bench, calibrate (DESIGN section 7).
+"""The `lrcompile` command: explain, check, bench, calibrate (docs/design.md, "The command line").
 
     lrcompile explain gpt2 [--graph]        the site table (and the graphs)
     lrcompile check nanogpt --degree 4      output and gradient error vs exact float64, degrees 1..4
-    lrcompile bench --n 1024 4096 --plot bench.png
+    lrcompile bench --n 1024 4096 --plot results/bench.png
     lrcompile calibrate [--device cuda]     measure this machine for the cost model (under a minute)
 
 MODEL is a built-in name (nanogpt, gpt2, bert, llama) or path/to/file.py:factory.
@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from lrcompile.compiler import compile_graph
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy
+from lrcompile.compile.report import explain
 from lrcompile.models import BUILT_IN, first_tensor, load_model
-from lrcompile.policy import Policy
-from lrcompile.report import explain
 
 
 def main(argv=None) -> int:
@@ -42,12 +42,12 @@ def main(argv=None) -> int:
                                    "AOTAutograd with eager kernels (the same graphs, no code generation: faster)")
 
     bench_parser = commands.add_parser("bench", help="time and memory of exact vs low-rank attention over n")
-    from lrcompile import bench
+    from lrcompile.bench import command as bench
     bench.add_arguments(bench_parser)
 
     calibrate_parser = commands.add_parser(
         "calibrate", help="measure where low-rank overtakes exact attention here; the cost model then uses it")
-    from lrcompile import calibrate
+    from lrcompile.bench import calibrate
     calibrate.add_arguments(calibrate_parser)
 
     args = parser.parse_args(argv)
@@ -104,10 +104,15 @@ def _check(args) -> int:
     inner = None
     if args.compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager as inner
+    compiler = "Inductor" if inner is None else "AOTAutograd with eager kernels"
     print(f"{args.model}: error of the rewritten model against exact attention, float64, "
-          f"relative (Frobenius) | max over entries relative to the largest exact entry")
-    print(f"{'degree':>6}  {'output':>22}  {'worst gradient (parameter)':>40}")
+          f"relative (Frobenius) | max over entries relative to the largest exact entry.\n"
+          f"Each degree compiles the model anew with {compiler} and runs a forward and backward: "
+          f"tens of seconds per degree on a CPU{'' if inner else ' (--compiler aot_eager is faster)'}.",
+          flush=True)
+    print(f"{'degree':>6}  {'output':>22}  {'worst gradient (parameter)':>40}", flush=True)
     for degree in range(1, args.degree + 1):
+        print(f"{degree:>6}  compiling and running ...", end="\r", flush=True)
         torch._dynamo.reset()
         candidate = copy.deepcopy(model).double()
         policy = Policy(degree=degree, approximation=args.approximation, cost_model=False, on_inaccurate="allow")
@@ -121,18 +126,18 @@ def _check(args) -> int:
             try:
                 out, grads = _output_and_gradients(torch.compile(candidate, backend=recording_backend), inputs)
             except Exception as error:  # noqa: BLE001 - report and go on with the next degree
-                print(f"{degree:>6}  failed: {type(error).__name__}: {error}")
+                print(f"{degree:>6}  failed: {type(error).__name__}: {error}", flush=True)
                 continue
         decisions = [decision for rewrite in rewrites for _, decision in rewrite.decisions]
         if not any(decision.rewrite for decision in decisions):
             reason = decisions[0].reason if decisions else "no attention site found"
-            print(f"{degree:>6}  no site rewritten: {reason}")
+            print(f"{degree:>6}  no site rewritten: {reason}", flush=True)
             continue
         worst_name, worst = max(((name, _relative(grads[name], g)) for name, g in exact_grads.items()),
                                 key=lambda item: item[1][0])
         output_error = _relative(out, exact_out)
         print(f"{degree:>6}  {output_error[0]:>10.2e} | {output_error[1]:>9.2e}  "
-              f"{worst[0]:>10.2e} | {worst[1]:>9.2e} ({worst_name})")
+              f"{worst[0]:>10.2e} | {worst[1]:>9.2e} ({worst_name})", flush=True)
     print("\nper-parameter gradient error at the highest degree:")
     for name, grad in exact_grads.items():
         print(f"  {name:60s} {_relative(grads[name], grad)[0]:.2e}")

@@ -7,7 +7,7 @@
    minute, stored in the user's cache for every later run) rather than show a default policy that
    keeps every site exact.
 1. The op: lowrank_attention on a long sequence, its error against exact attention and its time
-   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.timing).
+   against F.scaled_dot_product_attention, forward + backward, timed interleaved (lrcompile.bench.timing).
 2. A model: a 4-layer GPT compiled with backend="lrcompile" (default policy): the site report,
    the error of its logits against the exact model, and its training-step time against the same
    model compiled by Inductor with exact attention, interleaved. The sequence length is raised
@@ -21,11 +21,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lrcompile import calibration, cost, lowrank_attention, native
-from lrcompile.attention import default_chunk_size
-from lrcompile.polynomial import exp_polynomial
+from lrcompile import lowrank_attention
+from lrcompile.bench.timing import StepClock, interleaved_runs, median, progress_bar, training_step_times
+from lrcompile.compile import calibration, cost_model
+from lrcompile.kernels import cpu
+from lrcompile.math.polynomial import exp_polynomial
+from lrcompile.ops.attention import default_chunk_size
+from lrcompile.ops.guard import reset_stats, stats
 from lrcompile.reference import random_attention_inputs
-from lrcompile.timing import StepClock, interleaved_runs, median, progress_bar, training_step_times
 
 MODEL_HEADS, MODEL_HEAD_DIM = 4, 16  # lrcompile.models.nanogpt
 LONGEST_MODEL_N = 8192  # beyond it, Inductor's exact model materialises several GiB of weights per layer
@@ -36,7 +39,7 @@ def ensure_calibrated(batch_heads: int) -> calibration.Lookup:
     implementation = calibration.implementation_for("cpu", batch_heads)
     found = calibration.lookup("cpu", implementation)
     if found.calibration is None:
-        from lrcompile.calibrate import calibrate, summary
+        from lrcompile.bench.calibrate import calibrate, summary
 
         print(f"== {found.description}.\n   Calibrating first: `lrcompile calibrate` (under a minute; kept for "
               f"later runs)", flush=True)
@@ -47,9 +50,11 @@ def ensure_calibrated(batch_heads: int) -> calibration.Lookup:
     return found
 
 
-def interleaved_medians(steps: dict, repeats: int = 3) -> dict:
-    """{name: median seconds of the whole step}, steps timed round-robin after one warm-up each."""
-    with progress_bar()(total=len(steps) * (1 + repeats), desc="timing", unit="run") as progress:
+def interleaved_medians(steps: dict, what: str, repeats: int = 3) -> dict:
+    """{name: median seconds of the whole step}, steps timed round-robin after one warm-up each;
+    the progress bar says `what` is timed."""
+    description = f"timing {what}: {' vs '.join(steps)}"
+    with progress_bar()(total=len(steps) * (1 + repeats), desc=description, unit="run") as progress:
         runs = interleaved_runs(steps, warmup=1, repeats=repeats, on_run=lambda _: progress.update())
     return {name: median([times[-1] for times in measured["runs"]]) for name, measured in runs.items()}
 
@@ -60,11 +65,15 @@ def op_demo(n, heads, head_dim, score_range):
     q, k, v = random_attention_inputs(1, heads, n, n, head_dim, score_range=score_range, attained=True,
                                       dtype=torch.float32, seed=0)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    bound = exp_polynomial(2, score_range).output_error_factor
     for causal in (False, True):
+        mask = "causal" if causal else "non-causal"
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
-        approx = lowrank_attention(q, k, v, is_causal=causal)
-        error = (approx.double() - exact).abs().max().item()
-        bound = exp_polynomial(2, score_range).output_error_factor * v.abs().max().item()
+        reset_stats()
+        label = f"demo {mask}"
+        approx = lowrank_attention(q, k, v, is_causal=causal, on_inaccurate="exact", site_label=label)
+        guard = stats()[label]
+        error = (approx.double() - exact).abs().max().item() / v.abs().max().item()
         steps = {
             "sdpa": functools.partial(training_step_times,
                                       functools.partial(F.scaled_dot_product_attention, is_causal=causal),
@@ -72,30 +81,41 @@ def op_demo(n, heads, head_dim, score_range):
             "lowrank": functools.partial(training_step_times,
                                          functools.partial(lowrank_attention, is_causal=causal), q, k, v, grad_out),
         }
-        seconds = interleaved_medians(steps)
-        print(f"  {'causal    ' if causal else 'non-causal'}  max |error| {error:.2e} (bound {bound:.2e})   "
-              f"forward+backward: SDPA {seconds['sdpa'] * 1e3:7.1f} ms, lowrank {seconds['lowrank'] * 1e3:7.1f} ms, "
-              f"speed-up x{seconds['sdpa'] / seconds['lowrank']:.2f}")
+        seconds = interleaved_medians(steps, f"the op, {mask}")
+        verdict = "sent to exact attention" if guard.fallbacks else "passed"
+        print(f"  {mask:10}  measured max |error| / max |v| {error:.2e}; accuracy guard: estimated "
+              f"{guard.largest_error:.2e}, {verdict} (max_error 0.01)\n"
+              f"              forward+backward: SDPA {seconds['sdpa'] * 1e3:7.1f} ms, lowrank "
+              f"{seconds['lowrank'] * 1e3:7.1f} ms, speed-up x{seconds['sdpa'] / seconds['lowrank']:.2f}")
+    print(f"  {bound_sentence(bound, score_range)}")
+
+
+def bound_sentence(bound: float, score_range: float) -> str:
+    """The worst-case bound on |error| / max |v|, or why it says nothing here."""
+    if bound < 1:
+        return f"worst-case bound for scores in [-{score_range:g}, {score_range:g}]: {bound:.2e} of max |v|"
+    return (f"(the worst-case bound for scores in [-{score_range:g}, {score_range:g}] is {bound:.2g} of max |v|: "
+            f"vacuous, since no output can be off by more than max |v| anyway; it assumes every score sits where "
+            f"the polynomial is worst, which random inputs do not. The measured error and the guard are what count.)")
 
 
 def model_length(requested: int, found: calibration.Lookup) -> int | None:
     """The model demo's sequence length: `requested`, or the power of two from which this machine's
     calibration rewrites the model's causal sites if that is longer; None if that is beyond reach."""
     chunk = default_chunk_size(MODEL_HEAD_DIM, 2, True)
-    crossover = cost.crossover_length(MODEL_HEAD_DIM, MODEL_HEAD_DIM, True, 2, chunk,
-                                      ratio=found.calibration.rate_ratio(True, MODEL_HEADS),
-                                      shortest_crossover=found.calibration.shortest_crossover)
+    crossover = cost_model.crossover_length(MODEL_HEAD_DIM, MODEL_HEAD_DIM, True, 2, chunk,
+                                            ratio=found.calibration.rate_ratio(True, MODEL_HEADS),
+                                            shortest_crossover=found.calibration.shortest_crossover_for(True))
     if crossover is None or crossover > LONGEST_MODEL_N:
         return None
     return max(requested, 2 ** math.ceil(math.log2(crossover)))
 
 
 def model_demo(n, found):
-    from lrcompile.compiler import backend
-    from lrcompile.guard import reset_stats, stats
+    from lrcompile.compile.backend import backend
     from lrcompile.models import nanogpt
-    from lrcompile.policy import Policy
-    from lrcompile.report import explain
+    from lrcompile.compile.policy import Policy
+    from lrcompile.compile.report import explain
 
     policy, length = Policy(), model_length(n, found)
     if length is None:
@@ -138,7 +158,7 @@ def model_demo(n, found):
             return clock.seconds_since_first()
         return run
 
-    seconds = interleaved_medians({"inductor": step(exact), "lrcompile": step(ours)})
+    seconds = interleaved_medians({"inductor": step(exact), "lrcompile": step(ours)}, "the model's training step")
     print(f"  training step (forward + backward, interleaved): Inductor exact {seconds['inductor'] * 1e3:.0f} ms, "
           f"lrcompile {seconds['lrcompile'] * 1e3:.0f} ms, speed-up x{seconds['inductor'] / seconds['lrcompile']:.2f}")
 
@@ -152,7 +172,7 @@ def main():
     parser.add_argument("--model-n", type=int, default=4096, help="sequence length of the model demo (at least)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"lrcompile CPU kernels: {native.status()}; {torch.get_num_threads()} torch threads\n")
+    print(f"lrcompile CPU kernels: {cpu.status()}; {torch.get_num_threads()} torch threads\n")
     found = ensure_calibrated(MODEL_HEADS)
     op_demo(args.n, args.heads, args.head_dim, args.score_range)
     model_demo(args.model_n, found)

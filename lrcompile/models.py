@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         batch, n, channels = x.shape
         q, k, v = self.c_attn(x).split(channels, dim=2)
         q, k, v = (t.view(batch, n, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Dropout on the attention weights keeps the site exact in training (DESIGN.md section 5).
+        # Dropout on the attention weights keeps the site exact in training (docs/design.md section 4).
         drop = self.attn_dropout is not None and self.training
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout.p if drop else 0.0,
@@ -141,12 +141,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None):
-        """idx, targets: (B, n) token ids."""
+    def forward(self, idx, targets=None, position_offset: int = 0):
+        """idx, targets: (B, n) token ids, at positions position_offset.. (a rank's slice of the
+        sequence under context parallelism, lrcompile.ops.context_parallel)."""
         n = idx.shape[1]
-        if n > self.config.block_size:
-            raise ValueError(f"sequence of length {n} is longer than block_size {self.config.block_size}")
-        positions = torch.arange(n, device=idx.device)
+        if position_offset + n > self.config.block_size:
+            raise ValueError(f"positions up to {position_offset + n} are beyond block_size {self.config.block_size}")
+        positions = torch.arange(position_offset, position_offset + n, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for block in self.h:
             x = block(x)

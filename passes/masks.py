@@ -43,6 +43,7 @@ import torch
 import torch.fx
 
 from passes.constants import CannotEvaluate, ConstantFolder, concrete
+from passes.mutation import mutation_reason
 from passes.graph_walk import (
     BROADCAST, CAST, LOGICAL_AND, LOGICAL_NOT, LOGICAL_OR, MASKED_FILL, WHERE, WHERE_METHOD, ADD,
     SUBTRACT, describe, dtype_of, is_number, match, shape_label, shape_of,
@@ -316,7 +317,7 @@ def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder
 
 def _guard_checked_range(scores_shape: tuple, checked: list[dict]) -> None:
     """Install shape guards keeping (n_q, n_k) within the sizes the class was proven at: bool() of a
-    SymBool records a guard in the shape environment (as lrcompile.policy's thresholds do), so a
+    SymBool records a guard in the shape environment (as lrcompile.compile.policy's thresholds do), so a
     length outside recompiles, and the mask is classified again there. No upper guard where no
     larger size could be checked (past _LARGEST_CHECKED_PATTERN entries, or past what the mask can
     be built at, e.g. a causal buffer's length): there the class is taken to hold, as it must be
@@ -335,6 +336,11 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
                   is_causal: bool = False) -> MaskClassification:
     """Classify the terms masking scores of `scores_shape` (..., n_q, n_k); `is_causal` from SDPA."""
     leaves = [leaf for term in terms for leaf in _split(term, folder)]
+    # the terms as the scores read them, and what they split into: either may be written in place
+    for leaf in [*terms, *leaves]:
+        mutated = _mutation_across_bodies(leaf.node, folder) if isinstance(leaf.node, torch.fx.Node) else ""
+        if mutated:
+            return MaskClassification("general", False, (), f"mask is general: {mutated}")
     constant = [leaf for leaf in leaves if folder.is_constant(leaf.node)]
     runtime = [leaf for leaf in leaves if not folder.is_constant(leaf.node)]
 
@@ -392,6 +398,27 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
     else:
         kind = "causal" if causal else "none"
     return MaskClassification(kind, causal, tuple(key_padding))
+
+
+def _mutation_across_bodies(node: torch.fx.Node, folder: ConstantFolder) -> str:
+    """mutation_reason for `node`, and for what the enclosing graph passes to the body placeholders it
+    is computed from (a checkpointed layer gets its mask built, and changed, outside it)."""
+    reason = mutation_reason(node)
+    if reason or folder.enclosing is None:
+        return reason
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for passed in folder.bindings.get(current, ()):
+            if isinstance(passed, torch.fx.Node):
+                reason = _mutation_across_bodies(passed, folder.enclosing)
+                if reason:
+                    return reason
+        pending.extend(current.all_input_nodes)
+    return ""
 
 
 def _is_bias(leaf: MaskTerm, folder: ConstantFolder) -> bool:

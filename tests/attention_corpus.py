@@ -1,4 +1,4 @@
-"""A corpus of small attention modules, one per spelling the passes must handle (DESIGN.md §5).
+"""A corpus of small attention modules, one per spelling the passes must handle (docs/design.md §4).
 
 Each module writes its attention the way real code does; `CASES` pairs it with example inputs and
 what `find_attention_sites` must report. The tests in `test_passes_*.py` run every case through

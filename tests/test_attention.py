@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import attention_inputs, max_error
-import lrcompile.kernels
 from lrcompile import lowrank_attention
-from lrcompile.features import feature_dim
-from lrcompile.polynomial import exp_polynomial
+from lrcompile.kernels import cpu, selector
+from lrcompile.math.features import feature_dim
+from lrcompile.math.polynomial import exp_polynomial
 from lrcompile.reference import exact_attention, polynomial_attention
 
 CASES = {
@@ -71,10 +71,10 @@ def run_case(case, dtype=torch.float64):
 
 @pytest.fixture(params=["c_sweep", "c_kernels", "torch"])
 def kernels(request, monkeypatch):
-    """Every implementation of the sweeps: all in C (lrcompile.native.Sweep); the torch sweep
+    """Every implementation of the sweeps: all in C (lrcompile.kernels.cpu.Sweep); the torch sweep
     calling the C feature maps and in-chunk blocks; torch operations only."""
     if request.param == "c_kernels":
-        monkeypatch.setattr(lrcompile.kernels, "sweep", lambda *args, **kwargs: "torch")
+        monkeypatch.setattr(cpu, "runs_c_sweep", lambda *args, **kwargs: False)
     elif request.param == "torch":
         monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
     return request.param
@@ -213,7 +213,7 @@ class LargestAllocation(TorchDispatchMode):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
-    from lrcompile.factored import factored_attention, factored_attention_backward
+    from lrcompile.ops.factored_op import factored_attention, factored_attention_backward
 
     n, head_dim, chunk = 4096, 8, 256
     r = feature_dim(head_dim, 2)
@@ -223,8 +223,8 @@ def test_no_tensor_grows_like_n_squared_or_n_times_r(is_causal, monkeypatch):
     # the op's own implementation here, on this thread, with the torch sweep (the C sweep's peak
     # memory is checked in test_native.py).
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    monkeypatch.setattr(lrcompile.kernels, "sweep", lambda *args, **kwargs: "torch")
-    implementation = lrcompile.kernels.select("cpu", torch.float32, 2, head_dim, head_dim)  # C feature maps if built
+    monkeypatch.setattr(cpu, "runs_c_sweep", lambda *args, **kwargs: False)
+    implementation = selector.select("cpu", torch.float32, 2, head_dim, head_dim)  # C feature maps if built
     with LargestAllocation() as mode:
         out, denominator, state, _ = factored_attention._init_fn(q.unsqueeze(2), k, v, None, *config, 0.0, "allow", "test",
                                                                  implementation)
@@ -282,9 +282,9 @@ def test_scores_beyond_the_given_bound_warn():
 @pytest.mark.parametrize("guard", [(0.01, "allow"), (0.0, "exact")])  # the second always falls back
 @pytest.mark.parametrize("implementation", ["c", "torch"])
 def test_custom_ops_pass_torch_library_opcheck(is_causal, guard, implementation):
-    from lrcompile.factored import factored_attention
+    from lrcompile.ops.factored_op import factored_attention
 
-    if implementation == "c" and lrcompile.kernels.why_not("c", "cpu", torch.float64, 2, 4, 4):
+    if implementation == "c" and selector.why_not("c", "cpu", torch.float64, 2, 4, 4):
         pytest.skip("C kernels unavailable")
     q, k, v = attention_inputs(1, 2, 9, 9, 4)
     q5 = q.detach().reshape(1, 2, 1, 9, 4).requires_grad_()

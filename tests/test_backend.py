@@ -10,10 +10,10 @@ from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
 from attention_corpus import CASES, CASES_BY_NAME, CausalAndKeyPadding, NanoGptCausal
-from lrcompile.compiler import UnsupportedSiteError, compile_graph
+from lrcompile.compile.backend import UnsupportedSiteError, compile_graph
 from lrcompile.models import CausalSelfAttention
-from lrcompile.policy import Policy
-from lrcompile.polynomial import exp_polynomial
+from lrcompile.compile.policy import Policy
+from lrcompile.math.polynomial import exp_polynomial
 
 SUPPORTED = [case for case in CASES if case.expected.supported and all(case.expected.supported)]
 KEPT = [case for case in CASES if case.expected.supported and not all(case.expected.supported)]
@@ -145,7 +145,7 @@ def test_a_failing_rewrite_falls_back_to_the_original_graph_with_a_warning(monke
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr("lrcompile.compiler.replace_attention_site", broken)
+    monkeypatch.setattr("lrcompile.compile.backend.replace_attention_site", broken)
     module, inputs = CASES[9].build()
     compiled = torch.compile(module, backend=traced_backend(Policy(**FORCE)))
     with pytest.warns(UserWarning, match=r"lrcompile: rewriting failed .*replacing site \w+ \(root\) failed: simulated failure"):

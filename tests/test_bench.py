@@ -1,4 +1,4 @@
-"""lrcompile.bench: smoke runs at tiny n (one repeat), and the arithmetic of its report."""
+"""lrcompile.bench (`lrcompile bench`): smoke runs at tiny n (one repeat), and the arithmetic of its report."""
 
 import argparse
 import json
@@ -7,10 +7,10 @@ import math
 import pytest
 
 import lrcompile
-from lrcompile import bench
-from lrcompile.peak_memory import run_child
-from lrcompile.results import write_results_section
-from lrcompile.scaling import crossover, loglog_slope
+from lrcompile.bench import command as bench
+from lrcompile.bench.peak_memory import run_child
+from lrcompile.bench.results import write_results_section
+from lrcompile.bench.scaling import crossover, loglog_slope
 
 
 def bench_args(*argv):
@@ -133,7 +133,7 @@ def test_the_module_runs_as_a_script(tmp_path):
 
 
 def test_a_cuda_run_reports_the_byte_model_rate():
-    from lrcompile.bench_report import table_lines
+    from lrcompile.bench.report import table_lines
 
     result = bench.run(bench_args("--n", "32", "--repeats", "1", "--methods", "sdpa", "lowrank", "--causal", "no"))
     assert "GB/s (byte model)" not in table_lines(result)[0]

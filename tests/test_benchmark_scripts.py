@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lrcompile import calibration
+from lrcompile.compile import calibration
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -63,3 +63,51 @@ def test_the_cuda_run_defaults_to_the_sizes_and_methods_of_the_issue(op_speed):
     assert runs[0].n == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert runs[0].methods == ["sdpa", "inductor", "lowrank_triton", "lowrank_torch"]
     assert runs[0].time_limit_s == 200 and args.json.name == "op_speed_cuda.json"  # 2 dtypes within 8 minutes
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return script("gpu_check")
+
+
+def test_gpu_check_runs_its_steps_at_tiny_sizes_on_the_cpu_into_one_folder(gpu_check, tmp_path, capsys):
+    """The GPU run's plumbing, checked where there is no GPU: each step's log and one JSON with every
+    step's results in the folder given; the CUDA tests are recorded as skipped, not as passed."""
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--steps", "tests", "autotune", "timings"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = result["steps"]
+    assert steps["tests"]["status"].startswith("skipped: the CUDA tests need CUDA")
+    assert steps["autotune"]["status"] == "passed" and steps["timings"]["status"] == "passed"
+    assert {(row["head_dim"], row["degree"], row["causal"]) for row in steps["autotune"]["rows"]} == {
+        (d, g, c) for d, g in gpu_check.SIZES["cpu"]["configurations"] for c in (False, True)}
+    assert all(row["best"] in row["timed"] and len(row["timed"]) == len(gpu_check.AUTOTUNE_SPACE)
+               for row in steps["autotune"]["rows"])
+    assert all(row["ours_ms"] > 0 and row["flash_ms"] > 0 for row in steps["timings"]["rows"])
+    table = json.loads((tmp_path / "triton_tuning.json").read_text())  # what the kernels read on that device
+    assert table["device"] == "cpu" and len(table["choices"]) == len(steps["autotune"]["rows"])
+    assert result["passed"] is True and result["device"] == "cpu"
+    assert "speed-up" in (tmp_path / "timings.log").read_text() and (tmp_path / "autotune.log").exists()
+
+
+def test_gpu_check_records_a_step_past_its_budget_as_skipped(gpu_check, tmp_path):
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--steps", "timings", "--budget-s", "0"]) == 0
+    status = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["timings"]["status"]
+    assert status.startswith("skipped:") and "budget" in status
+
+
+@pytest.mark.slow
+def test_gpu_check_trains_llama_and_gpt2_one_step_with_every_site_rewritten_on_the_cpu(gpu_check, tmp_path,
+                                                                                     fresh_dynamo):
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--steps", "models"]) == 0
+    models = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["models"]["models"]
+    assert set(models) == {"llama", "gpt2"}
+    for record in models.values():
+        assert len(record["sites"]) == 2 and all(site["calls"] == 1 for site in record["sites"].values())
+        assert record["problems"] == [] and abs(record["loss"] - record["exact_loss"]) < 0.1 * record["exact_loss"]
+
+
+def test_gpu_check_without_cuda_says_so_and_writes_nothing(gpu_check, tmp_path, capsys):
+    if gpu_check.torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    assert gpu_check.main(["--out", str(tmp_path / "run")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -1,12 +1,13 @@
-"""lrcompile.calibrate: the fit of measured runs, and `lrcompile calibrate` writing what the policy then uses."""
+"""lrcompile.bench.calibrate: the fit of measured runs, and `lrcompile calibrate` writing what the policy then uses."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from lrcompile import calibrate, calibration
+from lrcompile.bench import calibrate
+from lrcompile.compile import calibration
 from lrcompile.cli import main
-from lrcompile.policy import Policy, decide
+from lrcompile.compile.policy import Policy, decide
 
 
 def long_site(n=10**6, heads=2):
@@ -82,24 +83,24 @@ def test_calibrate_on_the_command_line(tmp_path, monkeypatch, capsys):
     assert "crossover with SDPA" in out
 
 
-def test_the_shipped_reference_calibration_is_what_its_saved_run_implies():
+def test_the_shipped_reference_calibration_is_what_its_saved_run_implies(on_the_reference_machine):
     import json
     from pathlib import Path
 
     saved = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "op_speed.json").read_text())
     (entry,) = calibrate.calibration_from(saved)
-    (reference,) = calibration.read(calibration.REFERENCE_PATH)
+    reference = on_the_reference_machine
     assert entry["key"]["name"] == reference["key"]["name"] and entry["batch_heads"] == reference["batch_heads"]
     for field in ("non_causal", "causal", "shortest_crossover"):
         assert entry[field] == pytest.approx(reference[field], rel=1e-12)
 
 
 def test_calibration_times_the_factored_algorithm_whose_flops_the_cost_model_counts(monkeypatch):
-    from lrcompile import direct
+    from lrcompile.ops import algorithm
 
     chosen = []
-    uses_direct = direct.uses_direct
-    monkeypatch.setattr(direct, "uses_direct", lambda *args: chosen.append(uses_direct(*args)) or chosen[-1])
+    uses_direct = algorithm.uses_direct
+    monkeypatch.setattr(algorithm, "uses_direct", lambda *args: chosen.append(uses_direct(*args)) or chosen[-1])
     assert uses_direct(128, 128, 64, 64, 1, 2, False, 512, "cpu")  # left alone, the op would go direct
     calibrate.measure(sizes=(128,), repeats=1, heads=1, progress_factory=lambda **kwargs: _Silent())
     assert chosen and not any(chosen)

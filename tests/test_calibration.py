@@ -1,4 +1,4 @@
-"""lrcompile.calibration: a calibration applies only to the machine and kernel path it was measured on."""
+"""lrcompile.compile.calibration: a calibration applies only to the machine and kernel path it was measured on."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrcompile
-from lrcompile import calibration, machine
+from lrcompile.compile import calibration, machine
 from lrcompile.models import gpt2
 
 
@@ -44,11 +44,9 @@ def test_a_calibration_of_other_threads_or_another_kernel_path_is_not_applied(ow
     assert calibration.lookup("cpu", "c").calibration is None
 
 
-def test_the_reference_calibration_applies_on_the_reference_machine_only(own_file, monkeypatch):
-    (reference,) = calibration.read(calibration.REFERENCE_PATH)
+def test_the_reference_calibration_applies_on_the_reference_machine_only(own_file, request):
     assert calibration.lookup("cpu", "c").calibration is None  # own_file is empty; this is not the reference
-    monkeypatch.setattr(machine, "cpu_name", lambda: reference["key"]["name"])
-    monkeypatch.setattr(machine.torch, "get_num_threads", lambda: reference["key"]["threads"])
+    request.getfixturevalue("on_the_reference_machine")
     found = calibration.lookup("cpu", "c")
     assert found.calibration is not None and found.description.startswith("the reference machine's calibration")
 
@@ -101,8 +99,8 @@ def test_the_policy_uses_the_implementation_the_call_will_run(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
     assert calibration.implementation_for("cpu", 4) == "torch"
     monkeypatch.delenv("LRCOMPILE_KERNELS")
-    from lrcompile import kernels
-    cuda = "triton" if not kernels.why_not("triton", "cuda", torch.float32, 2, 64, 64) else "torch"
+    from lrcompile.kernels import selector
+    cuda = "triton" if not selector.why_not("triton", "cuda", torch.float32, 2, 64, 64) else "torch"
     assert calibration.implementation_for("cuda", 4) == cuda
-    hybrid = kernels.Choice("c", "torch")
+    hybrid = selector.Choice("c", "torch")
     assert calibration.key_implementation(hybrid) == "c-hybrid"

@@ -1,7 +1,9 @@
 """lrcompile.demo: on a machine without its own calibration it calibrates first, then shows rewritten sites."""
 
-from lrcompile import calibrate, calibration, demo
-from lrcompile.machine import machine_key
+from lrcompile import demo
+from lrcompile.bench import calibrate
+from lrcompile.compile import calibration
+from lrcompile.compile.machine import machine_key
 
 
 def measured(shortest, ratio=0.9):
@@ -35,3 +37,18 @@ def test_the_model_demo_runs_where_this_machines_calibration_rewrites(tmp_path, 
         calibration.save(measured(shortest))
         found = calibration.lookup("cpu", calibration.implementation_for("cpu", demo.MODEL_HEADS))
         assert demo.model_length(requested, found) == expected
+
+
+def test_on_the_reference_machine_the_demo_uses_the_shipped_calibration_without_measuring(
+        on_the_reference_machine, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LRCOMPILE_CALIBRATION", str(tmp_path / "calibration.json"))
+    calls = []
+    monkeypatch.setattr(calibrate, "calibrate", lambda *args, **kwargs: calls.append(args))
+    found = demo.ensure_calibrated(demo.MODEL_HEADS)
+    assert calls == [] and found.calibration is not None
+    assert "cost model: the reference machine's calibration" in capsys.readouterr().out
+
+
+def test_the_demo_quotes_the_worst_case_bound_only_where_it_says_something():
+    assert "vacuous" not in demo.bound_sentence(0.02, 0.5) and "2.00e-02" in demo.bound_sentence(0.02, 0.5)
+    assert "vacuous" in demo.bound_sentence(1.6, 1.0)

@@ -1,4 +1,4 @@
-"""lrcompile.direct: the direct algorithm (C and torch) is the polynomial attention of the factored
+"""lrcompile.ops.algorithm and the direct kernels: the direct algorithm (C and torch) is the polynomial attention of the factored
 one, forward and every gradient, and the op and the policy choose it as documented.
 
 References are float64 (lrcompile.reference.polynomial_attention, quadratic and independent of
@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch._dynamo.backends.debugging import aot_eager
 
-from lrcompile import calibration, cost, direct, native
-from lrcompile.attention import default_chunk_size, lowrank_attention
-from lrcompile.compiler import compile_graph
-from lrcompile.policy import Policy, decide
-from lrcompile.polynomial import exp_polynomial
+from lrcompile.compile import calibration
+from lrcompile.kernels import cpu
+from lrcompile.math import flops
+from lrcompile.ops import algorithm as choice
+from lrcompile.ops.attention import default_chunk_size, lowrank_attention
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy, decide
+from lrcompile.math.polynomial import exp_polynomial
 from lrcompile.reference import polynomial_attention, random_attention_inputs
 
 SCORE_RANGE = 2.0
@@ -31,10 +34,10 @@ def implementation(request, monkeypatch):
     """The direct algorithm forced, in C (the fused kernel) or in torch operations."""
     monkeypatch.setenv("LRCOMPILE_ALGORITHM", "direct")
     if request.param == "c":
-        if native.library() is None:
-            pytest.skip(f"no C kernels here: {native.status()}")
+        if cpu.library() is None:
+            pytest.skip(f"no C kernels here: {cpu.status()}")
     else:
-        monkeypatch.setattr(direct.Direct, "native_kernel", lambda self, q, k, scale: None)
+        monkeypatch.setattr(cpu, "direct_kernel", lambda *args: None)
     return request.param
 
 
@@ -124,12 +127,12 @@ def test_rows_with_no_key_to_attend_to_are_zero_and_send_nothing_back_like_facto
 
 
 def test_c_kernel_and_torch_core_agree_in_float32(monkeypatch):
-    if native.library() is None:
-        pytest.skip(f"no C kernels here: {native.status()}")
+    if cpu.library() is None:
+        pytest.skip(f"no C kernels here: {cpu.status()}")
     monkeypatch.setenv("LRCOMPILE_ALGORITHM", "direct")
     q, k, v = random_attention_inputs(2, 4, 70, 70, 16, score_range=SCORE_RANGE, kv_heads=2, dtype=torch.float32)
     in_c = gradients(lowrank_attention(q, k, v, is_causal=True, degree=DEGREE, enable_gqa=True), (q, k, v), 3)
-    monkeypatch.setattr(direct.Direct, "native_kernel", lambda self, q, k, scale: None)
+    monkeypatch.setattr(cpu, "direct_kernel", lambda *args: None)
     in_torch = gradients(lowrank_attention(q, k, v, is_causal=True, degree=DEGREE, enable_gqa=True), (q, k, v), 3)
     for got, want in zip((in_c[0], *in_c[1]), (in_torch[0], *in_torch[1])):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -143,9 +146,9 @@ def test_the_op_switches_at_the_crossover_and_both_sides_compute_the_same_functi
     monkeypatch.delenv("LRCOMPILE_ALGORITHM", raising=False)
     head_dim = 8
     chunk = 32  # small, so that the crossover is a short length
-    switch = direct.crossover_length(head_dim, head_dim, causal, DEGREE, chunk)
-    assert direct.uses_direct(switch - 1, switch - 1, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
-    assert not direct.uses_direct(switch, switch, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
+    switch = choice.crossover_length(head_dim, head_dim, causal, DEGREE, chunk)
+    assert choice.uses_direct(switch - 1, switch - 1, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
+    assert not choice.uses_direct(switch, switch, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
     for n in (switch - 1, switch):
         q, k, v = random_attention_inputs(2, 2, n, n, head_dim, score_range=SCORE_RANGE)
         results = {}
@@ -162,26 +165,26 @@ def test_the_op_switches_at_the_crossover_and_both_sides_compute_the_same_functi
 def test_the_rule_prefers_direct_for_short_and_factored_for_long_sequences():
     for head_dim, causal in ((32, False), (64, False), (32, True), (64, True)):
         chunk = default_chunk_size(head_dim, DEGREE, causal)
-        assert direct.uses_direct(256, 256, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
-        assert not direct.uses_direct(32768, 32768, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
+        assert choice.uses_direct(256, 256, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
+        assert not choice.uses_direct(32768, 32768, head_dim, head_dim, 1, DEGREE, causal, chunk, "cpu")
 
 
 def test_a_device_without_a_measured_rate_ratio_keeps_the_factored_algorithm(monkeypatch):
     monkeypatch.delenv("LRCOMPILE_ALGORITHM", raising=False)
-    assert direct.uses_direct(64, 64, 32, 32, 1, DEGREE, False, 128, "cpu")
-    assert not direct.uses_direct(64, 64, 32, 32, 1, DEGREE, False, 128, "cuda")
+    assert choice.uses_direct(64, 64, 32, 32, 1, DEGREE, False, 128, "cpu")
+    assert not choice.uses_direct(64, 64, 32, 32, 1, DEGREE, False, 128, "cuda")
 
 
 def test_direct_flops_count_the_visible_pairs():
-    assert cost.direct_flops(10, 10, 4, 4, 1, False) == 100 * 2 * (16 + 15)
-    assert cost.direct_flops(10, 10, 4, 4, 1, True) == 55 * 2 * (16 + 15)
-    assert cost.direct_flops(10, 4, 4, 4, 1, True) == (10 + 6 * 4) * 2 * (16 + 15)  # rows past n_k see all
+    assert flops.direct_flops(10, 10, 4, 4, 1, False) == 100 * 2 * (16 + 15)
+    assert flops.direct_flops(10, 10, 4, 4, 1, True) == 55 * 2 * (16 + 15)
+    assert flops.direct_flops(10, 4, 4, 4, 1, True) == (10 + 6 * 4) * 2 * (16 + 15)  # rows past n_k see all
 
 
 def test_a_forced_algorithm_must_be_one_of_the_known(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_ALGORITHM", "quadratic")
     with pytest.raises(ValueError, match="LRCOMPILE_ALGORITHM must be one of"):
-        direct.forced_algorithm()
+        choice.forced_algorithm()
 
 
 def test_a_compiled_model_under_allow_computes_short_sites_directly_with_the_eager_values(monkeypatch, fresh_dynamo):
@@ -189,7 +192,7 @@ def test_a_compiled_model_under_allow_computes_short_sites_directly_with_the_eag
     polynomial attention directly, with the values and gradients of the eager op."""
     monkeypatch.delenv("LRCOMPILE_ALGORITHM", raising=False)
     q, k, v = random_attention_inputs(2, 2, 16, 16, 8, score_range=SCORE_RANGE, dtype=torch.float32)
-    assert direct.uses_direct(16, 16, 8, 8, 1, DEGREE, True, default_chunk_size(8, DEGREE, True), "cpu")
+    assert choice.uses_direct(16, 16, 8, 8, 1, DEGREE, True, default_chunk_size(8, DEGREE, True), "cpu")
 
     def attend(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -215,8 +218,8 @@ def site(n, causal=False, device="cpu"):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_when_the_polynomial_is_the_model_short_sites_are_rewritten_not_kept_exact(causal):
-    if native.library() is None:
-        pytest.skip(f"the CPU calibration needs the C kernels: {native.status()}")
+    if cpu.library() is None:
+        pytest.skip(f"the CPU calibration needs the C kernels: {cpu.status()}")
     short = calibration.lookup("cpu", "c").calibration.shortest_crossover // 8  # conftest's calibration
     assert not decide(site(short, causal), Policy()).rewrite  # approximating softmax: exact is kept below
     decision = decide(site(short, causal), Policy(on_inaccurate="allow"))

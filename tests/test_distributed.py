@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import lrcompile
-import lrcompile.compiler
+import lrcompile.compile.backend
 from attention_corpus import SdpaIsCausal
 
 WORLD_SIZE, BATCH, SEQ, STEPS, LR = 2, 4, 16, 3, 0.1
@@ -65,8 +65,8 @@ def train(model, compiled, x, on_step=None):
 
 def counting_rewrites(counts: list):
     """rewrite_graph, appending the number of rewritten sites of each graph to `counts` (the
-    backend looks rewrite_graph up by name, so installing this in lrcompile.compiler counts them)."""
-    original = lrcompile.compiler.rewrite_graph
+    backend looks rewrite_graph up by name, so installing this in lrcompile.compile.backend counts them)."""
+    original = lrcompile.compile.backend.rewrite_graph
 
     def counting(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -83,7 +83,7 @@ def worker(rank: int, port: int, out_dir: str):
                             timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     try:
         counts = []
-        lrcompile.compiler.rewrite_graph = counting_rewrites(counts)  # this child process only
+        lrcompile.compile.backend.rewrite_graph = counting_rewrites(counts)  # this child process only
         model = make_model()
         ddp = DistributedDataParallel(model)
         compiled = torch.compile(ddp, backend=lrcompile.backend(policy()))
@@ -117,7 +117,7 @@ def test_ddp_gradients_agree_across_ranks_and_with_one_process_on_the_whole_batc
                                start_method="spawn")
     try:  # the single process on the whole batch, while the ranks run
         counts = []
-        monkeypatch.setattr(lrcompile.compiler, "rewrite_graph", counting_rewrites(counts))
+        monkeypatch.setattr(lrcompile.compile.backend, "rewrite_graph", counting_rewrites(counts))
         torch._dynamo.reset()
         single = make_model()
         history = train(single, torch.compile(single, backend=lrcompile.backend(policy())), batch())

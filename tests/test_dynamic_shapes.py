@@ -1,5 +1,5 @@
 """Dynamic shapes: a rewrite decided on symbolic sizes holds for every length its guards admit, and
-survives Dynamo's automatic-dynamic recompile and decoding with a KV cache (DESIGN section 6)."""
+survives Dynamo's automatic-dynamic recompile and decoding with a KV cache (docs/design.md section 5)."""
 
 import pytest
 import torch
@@ -8,8 +8,8 @@ from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
-from lrcompile.compiler import compile_graph
-from lrcompile.policy import Policy
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy
 
 LENGTHS = (64, 128, 300, 96, 512)
 MIN_SEQ_LEN = 256

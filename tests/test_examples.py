@@ -163,6 +163,7 @@ def test_train_char_gpt_learns_shakespeare_with_every_site_rewritten_and_cross_e
     out = capsys.readouterr().out
     assert result["sites"]["degree 2"] == {"sites": 1, "rewritten": 1, "feature_dim": [153], "reasons_kept": []}
     assert "degree 2: 1 of 1 attention sites rewritten" in out
+    assert "12 steps is a smoke run" in out and "--steps 4000" in out  # says where the comparison is
     assert sum(result["site_calls"].values()) >= 12  # the training steps really ran the low-rank op
     for run in result["runs"].values():
         curve = [point["val_bits_per_char"] for point in run["curve"]]

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lrcompile
-from lrcompile.export import export
+from lrcompile.compile.export import export
 from lrcompile.reference import exact_attention
 
 

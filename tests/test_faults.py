@@ -1,8 +1,8 @@
-"""Injected failures in each stage of the backend: the model still compiles and runs (DESIGN section 6:
+"""Injected failures in each stage of the backend: the model still compiles and runs (docs/design.md section 5:
 "a rewrite that fails for any reason falls back to compiling the original graph, with a warning").
 
 Stages: finding the sites (passes.find_attention_sites), replacing one (passes.replace_attention_site),
-compiling the rewritten graph (the inner compiler), and the CPU kernels (lrcompile.native: the C
+compiling the rewritten graph (the inner compiler), and the CPU kernels (lrcompile.kernels.cpu: the C
 build fails, or library() raises). After every fault: the output is the one the policy promises,
 there is exactly one warning however often the model is called, and the user's module is the one
 they passed in (same parameters, buffers, state_dict and forward; still right when run eagerly).
@@ -20,9 +20,9 @@ from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
 from attention_corpus import NanoGptCausal
-from lrcompile import native
-from lrcompile.compiler import compile_graph
-from lrcompile.policy import Policy
+from lrcompile.kernels import cpu
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy
 
 FORCE = Policy(cost_model=False)  # rewrite every eligible site
 TORCH_COMPILE_MARKS = {"_is_torch_compile"}  # set on the module by torch.compile itself, whatever the backend
@@ -115,7 +115,7 @@ def test_a_failing_site_search_compiles_the_original_graph_and_warns_once(model,
     def broken(gm):
         raise RuntimeError("simulated failure in find_attention_sites")
 
-    monkeypatch.setattr("lrcompile.compiler.find_attention_sites", broken)
+    monkeypatch.setattr("lrcompile.compile.backend.find_attention_sites", broken)
     expected, before = eager(model, x), snapshot(model)
     out, messages = run_three_times(torch.compile(model, backend=backend(FORCE)), x)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
@@ -128,7 +128,7 @@ def test_a_failing_site_search_warning_names_the_module_it_was_searching(model, 
     def broken(gm):
         raise RuntimeError("simulated failure in find_attention_sites")
 
-    monkeypatch.setattr("lrcompile.compiler.find_attention_sites", broken)
+    monkeypatch.setattr("lrcompile.compile.backend.find_attention_sites", broken)
     _, messages = run_three_times(torch.compile(model, backend=backend(FORCE)), x)
     assert len(messages) == 1 and "attn" in messages[0], messages
 
@@ -137,7 +137,7 @@ def test_a_failing_replacement_compiles_the_original_graph_and_warns_once_naming
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure in replace_attention_site")
 
-    monkeypatch.setattr("lrcompile.compiler.replace_attention_site", broken)
+    monkeypatch.setattr("lrcompile.compile.backend.replace_attention_site", broken)
     expected, before = eager(model, x), snapshot(model)
     out, messages = run_three_times(torch.compile(model, backend=backend(FORCE)), x)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
@@ -163,24 +163,76 @@ def test_a_failing_compile_of_the_rewritten_graph_compiles_the_original_and_name
     assert_untouched(model, before, x, expected)
 
 
+def _fails_with_the_rewrite(gm, example_inputs):
+    if "lowrank_attention" in gm.code:
+        raise RuntimeError("simulated failure compiling lowrank_attention's kernels")
+    return aot_eager(gm, example_inputs)
+
+
+def test_a_failing_compile_of_the_rewritten_graph_is_counted_per_site_in_stats(model, x):
+    lrcompile.reset_stats()
+    run_three_times(torch.compile(model, backend=backend(FORCE, inner=_fails_with_the_rewrite)), x)
+    counters = lrcompile.stats()
+    assert [label.split(":")[0] for label in counters] == ["attn"]
+    (site,) = counters.values()
+    assert site.compile_failures == 1 and site.calls == 0
+    assert "RuntimeError: simulated failure compiling lowrank_attention's kernels" in site.compile_error
+    lrcompile.reset_stats()
+    assert lrcompile.stats() == {}
+
+
+def test_a_failing_compile_of_the_rewritten_graph_raises_when_inaccurate_sites_must(model, x):
+    """Policy(on_inaccurate="error") promises never to run anything but the rewrite silently."""
+    compiled = torch.compile(model, backend=backend(Policy(cost_model=False, on_inaccurate="error"),
+                                                    inner=_fails_with_the_rewrite))
+    with pytest.raises(Exception, match="RewriteCompileError.*compiling the rewritten graph failed") as raised:
+        compiled(x)
+    chain, error = [], raised.value  # Dynamo wraps what a backend raises
+    while error is not None and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    assert any(isinstance(error, lrcompile.RewriteCompileError) for error in chain), chain
+    assert "simulated failure compiling" in str(raised.value)
+
+
+def test_explain_reports_a_site_whose_rewritten_graph_fails_to_compile_as_kept_with_the_error(model, x, monkeypatch):
+    """explain compiles the graphs whose kernels Inductor compiles itself (Triton, on CUDA), as the
+    backend would; here the CPU kernels stand in for them and the compile fails."""
+    from lrcompile.compile import report
+
+    def failing_compile(gm, example_inputs):
+        raise RuntimeError("simulated: Both operands must be same dtype. Got fp64 and fp32")
+
+    monkeypatch.setattr(report, "COMPILE_CHECKED_IMPLEMENTATIONS", ("c", "torch", "triton"))
+    monkeypatch.setattr(report, "_inductor_compile", failing_compile)
+    lrcompile.reset_stats()
+    explained = lrcompile.explain(model, x, policy=FORCE)
+    (site,) = explained.sites
+    assert not site.rewritten and site.implementation == ""
+    assert "compiling the rewritten graph failed" in site.reason and "Got fp64 and fp32" in site.reason
+    assert "kept exact" in str(explained) and "Got fp64 and fp32" in str(explained)
+    assert lrcompile.stats()[site.label].compile_failures == 1
+    lrcompile.reset_stats()
+
+
 # ---------------------------------------------------------------------------------------------
 # The CPU kernels
 
 
 @pytest.fixture
 def kernels_that_fail_to_build(monkeypatch, tmp_path):
-    """lrcompile.native as on a machine where the C compiler fails: an empty cache, a build that
+    """lrcompile.kernels.cpu as on a machine where the C compiler fails: an empty cache, a build that
     raises, and no library loaded yet in this process. Returns the real native state, to compare."""
-    native.library()
-    real_state = dict(native._state)
+    cpu.library()
+    real_state = dict(cpu._state)
 
     def failing_build(compiler, path):
         raise RuntimeError("simulated: cc failed on kernels.c")
 
     monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("LRCOMPILE_NATIVE", raising=False)
-    monkeypatch.setattr(native, "_build", failing_build)
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(cpu, "_build", failing_build)
+    monkeypatch.setattr(cpu, "_state", {})
     return real_state
 
 
@@ -188,14 +240,14 @@ def test_a_failed_kernel_build_runs_the_same_polynomial_with_torch_operations_an
         model, x, kernels_that_fail_to_build, monkeypatch):
     expected_eager, before = eager(model, x), snapshot(model)
     out, messages = run_three_times(torch.compile(model, backend=backend(FORCE)), x)
-    assert native.library() is None and "simulated: cc failed" in native.status()
+    assert cpu.library() is None and "simulated: cc failed" in cpu.status()
     assert len(messages) == 1 and "native CPU kernels unavailable" in messages[0], messages
     assert "simulated: cc failed" in messages[0]
     assert not torch.equal(out, expected_eager)  # really rewritten: degree 2 is not exact
     assert_untouched(model, before, x, expected_eager)
 
     if kernels_that_fail_to_build.get("library") is not None:  # the same function on the C path
-        monkeypatch.setattr(native, "_state", kernels_that_fail_to_build)
+        monkeypatch.setattr(cpu, "_state", kernels_that_fail_to_build)
         torch._dynamo.reset()
         out_c, _ = run_three_times(torch.compile(model, backend=backend(FORCE)), x)
         torch.testing.assert_close(out, out_c, rtol=1e-10, atol=1e-10)
@@ -220,11 +272,11 @@ def test_without_kernels_the_calibrated_cost_model_keeps_exact_attention_and_say
 
 
 def test_a_kernel_library_that_raises_while_deciding_falls_back_with_a_warning(model, x, monkeypatch):
-    """Policy() asks native.library() while deciding (the cost model is calibrated for the C kernels)."""
+    """Policy() asks cpu.library() while deciding (the cost model is calibrated for the C kernels)."""
     def raising():
         raise AttributeError("simulated: kernels.so has no symbol features_f64")
 
-    monkeypatch.setattr(native, "library", raising)
+    monkeypatch.setattr(cpu, "library", raising)
     expected, before = eager(model, x), snapshot(model)
     out, messages = run_three_times(torch.compile(model, backend=backend(Policy())), x)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
@@ -243,15 +295,15 @@ def test_a_kernel_library_that_raises_at_run_time_never_breaks_the_forward(model
         def __getattr__(self, name):
             raise AttributeError(f"simulated: kernels.so has no symbol {name}")
 
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setattr(native.ctypes, "CDLL", Damaged)
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu.ctypes, "CDLL", Damaged)
     compiler = aot_eager if inner == "aot_eager" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
             out = torch.compile(model, backend=backend(FORCE, inner=compiler))(x)
     assert torch.isfinite(out).all()
-    assert native.library() is None and "AttributeError: simulated" in native.status()
+    assert cpu.library() is None and "AttributeError: simulated" in cpu.status()
 
 
 # ---------------------------------------------------------------------------------------------

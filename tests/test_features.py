@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from lrcompile.features import feature_dim, monomial_table, monomials, monomials_backward
-from lrcompile.polynomial import exp_polynomial
+from lrcompile.math.features import feature_dim, monomial_table, monomials, monomials_backward
+from lrcompile.math.polynomial import exp_polynomial
 
 
 @pytest.mark.parametrize("head_dim, degree", [(1, 3), (3, 2), (5, 4), (8, 3), (64, 2)])
@@ -51,7 +51,7 @@ def test_explicit_backward_matches_autograd(head_dim, degree):
 
 @pytest.mark.parametrize("head_dim, degree", [(3, 1), (4, 2), (5, 3), (3, 5), (64, 2)])
 def test_eager_slices_and_traced_gathers_agree(head_dim, degree):
-    from lrcompile.features import (_gathered_monomials_backward_t, _gathered_monomials_t, monomials_backward_t,
+    from lrcompile.math.features import (_gathered_monomials_backward_t, _gathered_monomials_t, monomials_backward_t,
                                     monomials_t)
 
     table = monomial_table(head_dim, degree)

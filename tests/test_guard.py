@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import lrcompile
 from conftest import attention_inputs, max_error
-from lrcompile import guard, lowrank_attention
+from lrcompile import lowrank_attention
+from lrcompile.ops import guard
 from lrcompile.reference import exact_attention
 
 

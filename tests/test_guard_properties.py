@@ -14,7 +14,7 @@ Most examples call the op directly (`lowrank_attention`, a fraction of a second 
 compiles modules with the backend (AOTAutograd with eager kernels, so the backward op runs as it
 does under Inductor). Examples are derandomized, so CI sees the same ones every run.
 
-Metrics, against float64 SDPA: the output by the guard's own (lrcompile.guard.relative_error, every
+Metrics, against float64 SDPA: the output by the guard's own (lrcompile.ops.guard.relative_error, every
 row); a gradient by its relative Frobenius error. The guard estimates from sampled rows, so the
 true value over every row may exceed the estimate a little: SLACK x max_error is allowed.
 """
@@ -33,8 +33,8 @@ from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
 import lrcompile
-from lrcompile import guard
-from lrcompile.compiler import compile_graph
+from lrcompile.compile.backend import compile_graph
+from lrcompile.ops import guard
 
 MAX_ERROR = 0.01
 SLACK = 2.0

@@ -1,4 +1,4 @@
-"""lrcompile.kernels: which implementation runs a call, LRCOMPILE_KERNELS, and every implementation
+"""lrcompile.kernels.selector: which implementation runs a call, LRCOMPILE_KERNELS, and every implementation
 held to the float64 reference.
 
 Inputs are fresh random tensors with scores within |x| <= 2 (lrcompile.reference); the reference is
@@ -16,18 +16,20 @@ import pytest
 import torch
 
 import lrcompile
-from lrcompile import attention, guard, kernels, native
-from lrcompile.kernels import KernelConfig, KernelUnavailableError
+from lrcompile.kernels import cpu, selector
+from lrcompile.kernels.interface import KernelConfig
+from lrcompile.kernels.selector import KernelUnavailableError
+from lrcompile.ops import attention, guard
 from lrcompile.models import gpt2
 from lrcompile.reference import polynomial_attention, random_attention_inputs
 
 TAYLOR_2 = (1.0, 1.0, 0.5)
-needs_c = pytest.mark.skipif(not native.enabled() or native.library() is None, reason="C kernels unavailable")
+needs_c = pytest.mark.skipif(not cpu.enabled() or cpu.library() is None, reason="C kernels unavailable")
 
 
 @pytest.fixture(autouse=True)
 def _no_forced_kernels(monkeypatch):
-    monkeypatch.delenv(kernels.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.delenv(selector.ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
@@ -37,49 +39,49 @@ def _no_forced_kernels(monkeypatch):
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_calls_run_the_c_kernels(dtype):
-    assert kernels.select("cpu", dtype, 2, 8, 8) == "c"
+    assert selector.select("cpu", dtype, 2, 8, 8) == "c"
 
 
 def test_cpu_calls_run_the_torch_sweep_without_the_c_kernels(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
-    assert kernels.select("cpu", torch.float32, 2, 8, 8) == "torch"
+    assert selector.select("cpu", torch.float32, 2, 8, 8) == "torch"
 
 
 def test_cuda_calls_run_triton_where_its_kernels_apply_else_the_torch_sweep():
     pytest.importorskip("triton")
-    assert kernels.select("cuda", torch.float32, 2, 64, 64) == "triton"
-    assert kernels.select("cuda", torch.float64, 2, 64, 64) == "torch"  # Triton accumulates in float32
-    assert kernels.select("cuda", torch.float32, 3, 64, 64) == "torch"  # degree 3 not written in Triton
-    assert kernels.select("cuda", torch.float32, 2, 256, 64) == "torch"
+    assert selector.select("cuda", torch.float32, 2, 64, 64) == "triton"
+    assert selector.select("cuda", torch.float64, 2, 64, 64) == "torch"  # Triton accumulates in float32
+    assert selector.select("cuda", torch.float32, 3, 64, 64) == "torch"  # degree 3 not written in Triton
+    assert selector.select("cuda", torch.float32, 2, 256, 64) == "torch"
 
 
 def test_other_devices_run_the_torch_sweep():
-    assert kernels.select("meta", torch.float32, 2, 8, 8) == "torch"
+    assert selector.select("meta", torch.float32, 2, 8, 8) == "torch"
 
 
 @needs_c
 def test_the_c_sweep_runs_where_heads_fill_the_threads():
-    assert kernels.sweep("c", heads=4, dtype=torch.float64, threads=2) == "c"
-    assert kernels.sweep("c", heads=3, dtype=torch.float64, threads=2) == "torch"  # a core idle a third of the time
-    assert kernels.sweep("c", heads=1, dtype=torch.float64, threads=2) == "torch"  # multi-threaded torch products
-    assert kernels.sweep("c", heads=1, dtype=torch.float64, threads=1) == "c"
-    assert kernels.sweep("torch", heads=4, dtype=torch.float64, threads=2) == "torch"
+    assert selector.sweep("c", heads=4, dtype=torch.float64, threads=2) == "c"
+    assert selector.sweep("c", heads=3, dtype=torch.float64, threads=2) == "torch"  # a core idle a third of the time
+    assert selector.sweep("c", heads=1, dtype=torch.float64, threads=2) == "torch"  # multi-threaded torch products
+    assert selector.sweep("c", heads=1, dtype=torch.float64, threads=1) == "c"
+    assert selector.sweep("torch", heads=4, dtype=torch.float64, threads=2) == "torch"
 
 
 @needs_c
 def test_choice_names_the_slower_cpu_path():
     torch.set_num_threads(2)
-    assert kernels.choose("cpu", torch.float32, 2, 8, 8, heads=1).label == "c features, torch sweep"
-    assert kernels.choose("cpu", torch.float32, 2, 8, 8, heads=4).label == "c"
+    assert selector.choose("cpu", torch.float32, 2, 8, 8, heads=1).label == "c features, torch sweep"
+    assert selector.choose("cpu", torch.float32, 2, 8, 8, heads=4).label == "c"
 
 
 def test_a_choice_says_why_a_device_does_not_run_its_own_kernels(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
-    choice = kernels.choose("cpu", torch.float32, 2, 8, 8, heads=4)
+    choice = selector.choose("cpu", torch.float32, 2, 8, 8, heads=4)
     assert (choice.implementation, choice.label) == ("torch", "torch")
     assert choice.reason.startswith("the C kernels are unavailable (torch operations (LRCOMPILE_NATIVE=0)")
     monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
-    assert kernels.choose("cpu", torch.float32, 2, 8, 8, heads=4).reason == "LRCOMPILE_KERNELS=torch"
+    assert selector.choose("cpu", torch.float32, 2, 8, 8, heads=4).reason == "LRCOMPILE_KERNELS=torch"
 
 
 # ---- LRCOMPILE_KERNELS --------------------------------------------------------------------------
@@ -88,24 +90,24 @@ def test_a_choice_says_why_a_device_does_not_run_its_own_kernels(monkeypatch):
 @pytest.mark.parametrize("value, expected", [("torch", "torch"), ("TORCH ", "torch"), ("", None)])
 def test_the_variable_forces_an_implementation(monkeypatch, value, expected):
     monkeypatch.setenv("LRCOMPILE_KERNELS", value)
-    assert kernels.forced() == expected
+    assert selector.forced() == expected
     if expected:
-        assert kernels.select("cpu", torch.float32, 2, 8, 8) == expected
+        assert selector.select("cpu", torch.float32, 2, 8, 8) == expected
 
 
 @needs_c
 def test_the_variable_is_read_at_every_selection(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
-    assert kernels.select("cpu", torch.float64, 2, 8, 8) == "torch"
+    assert selector.select("cpu", torch.float64, 2, 8, 8) == "torch"
     monkeypatch.setenv("LRCOMPILE_KERNELS", "c")
-    assert kernels.select("cpu", torch.float64, 2, 8, 8) == "c"
+    assert selector.select("cpu", torch.float64, 2, 8, 8) == "c"
 
 
 def test_an_invalid_value_names_the_variable_and_the_accepted_ones(monkeypatch):
     monkeypatch.setenv("LRCOMPILE_KERNELS", "cuda")
     accepted = r"LRCOMPILE_KERNELS='cuda' is not an implementation; accepted: c, triton, torch"
     with pytest.raises(ValueError, match=accepted):
-        kernels.select("cpu", torch.float32, 2, 8, 8)
+        selector.select("cpu", torch.float32, 2, 8, 8)
     q = torch.randn(1, 1, 4, 2)
     with pytest.raises(ValueError, match="LRCOMPILE_KERNELS"):
         lrcompile.lowrank_attention(q, q, q)
@@ -123,7 +125,7 @@ def test_an_implementation_that_cannot_run_the_call_is_an_error_naming_the_varia
         pytest.importorskip("triton")
     monkeypatch.setenv("LRCOMPILE_KERNELS", value)
     with pytest.raises(KernelUnavailableError, match=f"LRCOMPILE_KERNELS={value} cannot run this call: .*{message}"):
-        kernels.select(device, dtype, degree, 8, 8)
+        selector.select(device, dtype, degree, 8, 8)
 
 
 def test_forcing_c_without_the_library_says_why(monkeypatch):
@@ -219,7 +221,7 @@ TRITON_FORCED = """
 import torch
 
 import lrcompile
-from lrcompile import triton_kernels
+from lrcompile.kernels import triton as triton_kernels
 from lrcompile.reference import exact_attention, polynomial_attention, random_attention_inputs
 
 calls = []
@@ -298,7 +300,7 @@ def test_a_site_the_forced_implementation_cannot_run_is_kept_with_the_reason(mon
 def test_the_cost_model_keeps_cpu_sites_that_would_run_the_torch_sweep(monkeypatch):
     from types import SimpleNamespace
 
-    from lrcompile.policy import Policy, decide
+    from lrcompile.compile.policy import Policy, decide
 
     monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
     site = SimpleNamespace(name="softmax", module_path="h.0", supported=True, reason="", replacement=None,
@@ -319,7 +321,7 @@ def _site(device, n=4096, d=64):
 
 @needs_c
 def test_the_policy_picks_the_kernels_by_the_sites_device():
-    from lrcompile.policy import Policy, decide
+    from lrcompile.compile.policy import Policy, decide
 
     cpu = decide(_site("cpu"), Policy(cost_model=False, causal_chunk=64))
     assert cpu.config == KernelConfig("c", TAYLOR_2, 64, 0.01, "exact", "h.0:softmax")
@@ -334,7 +336,7 @@ def test_the_policy_picks_the_kernels_by_the_sites_device():
 @needs_c
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_a_rewritten_cpu_site_runs_the_c_op_with_the_policys_config():
-    from lrcompile.compiler import rewrite_graph
+    from lrcompile.compile.backend import rewrite_graph
 
     model, inputs = gpt2(n=32)
     graphs = []

@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from conftest import attention_inputs
-from lrcompile import factored, lowrank_attention
-from lrcompile.features import feature_dim
-from lrcompile.memory_budget import DEFAULT_MEMORY_BUDGET, MemoryBudgetError, check_memory_budget, state_bytes
+from lrcompile import lowrank_attention
+from lrcompile.kernels import reference
+from lrcompile.math.features import feature_dim
+from lrcompile.math.memory_budget import DEFAULT_MEMORY_BUDGET, MemoryBudgetError, check_memory_budget, state_bytes
 
 
 def test_degree_whose_states_exceed_the_memory_budget_is_refused_before_allocating(monkeypatch):
     def no_table(*args):
         raise AssertionError("the monomial table was built before the budget check")
 
-    monkeypatch.setattr(factored, "monomial_table", no_table)
+    monkeypatch.setattr(reference, "monomial_table", no_table)
     q, k, v = (torch.randn(1, 2, 16, 64) for _ in range(3))
     with pytest.raises(MemoryBudgetError, match=r"degree 12 at head_dim 64 has r = C\(64\+12, 12\)") as error:
         lowrank_attention(q, k, v, degree=12)

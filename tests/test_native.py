@@ -1,4 +1,4 @@
-"""lrcompile.native: the C kernels against the torch evaluation and autograd, float64 references.
+"""lrcompile.kernels.cpu: the C kernels against the torch evaluation and autograd, float64 references.
 
 The kernels must build on this project's machines (CI included): a build that silently fell back
 to torch would hide a broken kernel behind a slower but correct path.
@@ -15,18 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrcompile import native
-from lrcompile.features import FeatureMap, monomial_table, monomials
-from lrcompile.polynomial import exp_polynomial
+from lrcompile.kernels import cpu, reference
+from lrcompile.kernels.cpu import CFeatureMap
+from lrcompile.math.features import FeatureMap, monomial_table, monomials
+from lrcompile.math.polynomial import exp_polynomial
 
 SHAPES = [(1, 3), (4, 1), (5, 4), (8, 3), (16, 2), (64, 2)]  # (head_dim, degree)
 
 
 def test_native_kernels_build_here():
-    if not native.enabled():
+    if not cpu.enabled():
         pytest.skip("LRCOMPILE_NATIVE=0")
-    assert native.library() is not None, native.status()
-    assert native.status().startswith("native C kernels")
+    assert cpu.library() is not None, cpu.status()
+    assert cpu.status().startswith("native C kernels")
 
 
 def random_rows(batch, rows, head_dim, dtype, stride_pad=0, seed=0):
@@ -45,7 +46,7 @@ def test_native_features_equal_the_monomials_times_coefficients(head_dim, degree
         if with_coefficients else None
     rows = random_rows(3, 70, head_dim, dtype, stride_pad=3)  # 70 rows: a full tile and a partial one
     out = torch.full((3, table.feature_dim + 2, 80), float("nan"), dtype=dtype)[:, :table.feature_dim, 5:75]
-    FeatureMap(table, coefficients, rows, in_c=True)(rows, out)
+    CFeatureMap(table, coefficients, rows)(rows, out)
     expected = monomials(rows.double(), table) * (1 if coefficients is None else coefficients.double())
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), expected.mT, rtol=tolerance, atol=tolerance)
@@ -61,7 +62,7 @@ def test_native_feature_backward_is_the_autograd_vector_jacobian_product(head_di
     features = monomials(rows, table) * (1 if coefficients is None else coefficients)
     (expected,) = torch.autograd.grad(features, rows, grad.mT)
     out = torch.empty(2, 70, head_dim + 4, dtype=torch.float64)[..., 1:head_dim + 1]
-    FeatureMap(table, coefficients, rows, in_c=True).backward(rows.detach(), grad, out)
+    CFeatureMap(table, coefficients, rows).backward(rows.detach(), grad, out)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -78,7 +79,7 @@ def test_native_causal_block_is_the_masked_polynomial_and_its_derivative(offset,
     polynomial = sum(c[m] * scores**m for m in range(len(c)))
     derivative = sum(m * c[m] * scores ** (m - 1) for m in range(1, len(c)))
     got_scores, got_grad = scores.to(dtype, copy=True), grad.to(dtype, copy=True)
-    native.causal_block(got_scores, got_grad, offset, groups, coefficients)
+    cpu.causal_block(got_scores, got_grad, offset, groups, coefficients)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got_scores.double(), polynomial * mask, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(got_grad.double(), grad * mask * derivative, rtol=tolerance, atol=tolerance)
@@ -88,30 +89,31 @@ def test_kernels_refuse_rows_without_unit_last_stride():
     table = monomial_table(4, 2)
     rows = torch.randn(2, 8, 4).mT.contiguous().mT  # (2, 8, 4) with stride 8 along the last axis
     with pytest.raises(ValueError, match="unit last stride"):
-        FeatureMap(table, None, rows, in_c=True)(rows, torch.empty(2, table.feature_dim, 8))
+        CFeatureMap(table, None, rows)(rows, torch.empty(2, table.feature_dim, 8))
 
 
 def test_feature_maps_run_in_c_only_where_the_call_runs_the_c_kernels():
-    table = monomial_table(4, 2)
-    assert FeatureMap(table, None, torch.empty(1), in_c=True).native is not None
-    assert FeatureMap(table, None, torch.empty(1)).native is None
+    q, coefficients = torch.empty(1, 1, 1, 8, 4), (1.0, 1.0, 0.5)
+    assert isinstance(cpu.CSweeps(q, coefficients, 1.0, False, 8).phi, cpu.CFeatureMap)
+    assert type(reference.Sweeps(q, coefficients, 1.0, False, 8).phi) is FeatureMap
+    assert type(cpu.CSweeps(q, (1.0,), 1.0, False, 8).phi) is FeatureMap  # degree 0: a constant, in torch
 
 
 @pytest.mark.parametrize("name, mirror", [("problem", "Problem"), ("direct_problem", "DirectProblem")])
 def test_a_struct_whose_ctypes_mirror_differs_from_the_c_side_is_refused(monkeypatch, name, mirror):
-    class Widened(getattr(native, mirror)):  # a field added in Python only
-        _fields_ = [("extra", native.ctypes.c_int64)]
+    class Widened(getattr(cpu, mirror)):  # a field added in Python only
+        _fields_ = [("extra", cpu.ctypes.c_int64)]
 
-    assert native.library() is not None
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setitem(native._STRUCT_MIRRORS, name, Widened)
-    with pytest.raises(native.NativeLayoutError, match=rf"lrc_{name} is \d+ bytes but its ctypes mirror native.Widened is"):
-        native.library()
+    assert cpu.library() is not None
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setitem(cpu._STRUCT_MIRRORS, name, Widened)
+    with pytest.raises(cpu.NativeLayoutError, match=rf"lrc_{name} is \d+ bytes but its ctypes mirror cpu.Widened is"):
+        cpu.library()
 
 
 def test_an_unwritable_cache_falls_back_to_a_temporary_directory_and_says_so(monkeypatch, tmp_path):
-    assert native.library() is not None
-    built = Path(native.status().rsplit("; ", 1)[1].rstrip(")"))  # "native C kernels (compiler; path)"
+    assert cpu.library() is not None
+    built = Path(cpu.status().rsplit("; ", 1)[1].rstrip(")"))  # "native C kernels (compiler; path)"
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     temporary = tmp_path / "tmp"
@@ -119,11 +121,11 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory_and_says_so(mon
     fallback.mkdir(parents=True, mode=0o700)
     shutil.copy(built, fallback / built.name)  # the same build: found there instead of compiled again
     monkeypatch.setenv("LRCOMPILE_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created
-    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(temporary))
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(cpu.tempfile, "gettempdir", lambda: str(temporary))
+    monkeypatch.setattr(cpu, "_state", {})
     with pytest.warns(UserWarning, match=f"kernel cache {blocker / 'cache'} cannot be written .* in {fallback} instead"):
-        assert native.library() is not None
-    assert native.status().endswith(f"{fallback / built.name})")
+        assert cpu.library() is not None
+    assert cpu.status().endswith(f"{fallback / built.name})")
 
 
 def _run_fresh_python(code, **environment):
@@ -134,13 +136,14 @@ def _run_fresh_python(code, **environment):
 def test_without_a_working_compiler_the_torch_path_computes_the_same_and_says_why(tmp_path):
     code = """
 import warnings, torch
-from lrcompile import native, lowrank_attention
+from lrcompile import lowrank_attention
+from lrcompile.kernels import cpu
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
     out = lowrank_attention(q, k, v, is_causal=True, chunk_size=16)
-print(native.status())
+print(cpu.status())
 print([str(w.message) for w in caught])
 print(float(out.abs().sum()))
 """
@@ -156,7 +159,7 @@ print(float(out.abs().sum()))
 
 
 def test_the_built_library_is_reused_from_the_cache(tmp_path):
-    code = "from lrcompile import native; native.library(); print(native.status())"
+    code = "from lrcompile.kernels import cpu; cpu.library(); print(cpu.status())"
     first = _run_fresh_python(code, LRCOMPILE_CACHE_DIR=str(tmp_path))
     assert first.returncode == 0, first.stderr
     built = list(tmp_path.glob("kernels-*.so"))
@@ -187,7 +190,7 @@ def test_the_c_sweep_gives_the_same_result_on_one_thread_or_two(is_causal):
 @pytest.mark.slow
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_the_c_sweep_peak_memory_stays_below_one_n_by_r_block(is_causal):
-    from lrcompile.peak_memory import run_child
+    from lrcompile.bench.peak_memory import run_child
 
     n, head_dim = 32768, 64  # two heads, two threads: the C sweep
     child = run_child(["-m", "lrcompile.bench"], ["--memory-child", json.dumps(dict(

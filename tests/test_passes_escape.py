@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.backends.debugging import aot_eager
 
-from lrcompile.compiler import compile_graph
-from lrcompile.policy import Policy
+from lrcompile.compile.backend import compile_graph
+from lrcompile.compile.policy import Policy
 from passes import find_attention_sites, replace_attention_site
 
 POLICY = Policy(degree=4, cost_model=False)

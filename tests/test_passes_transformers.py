@@ -186,8 +186,8 @@ def compile_recording(model, inputs, backend_of_graph):
 
 @pytest.mark.parametrize("name, implementation", CAUSAL_LMS, ids=map("-".join, CAUSAL_LMS))
 def test_site_paths_are_the_models_named_modules_and_select_sites(name, implementation):
-    from lrcompile.compiler import rewrite_graph
-    from lrcompile.policy import Policy
+    from lrcompile.compile.backend import rewrite_graph
+    from lrcompile.compile.policy import Policy
 
     torch.manual_seed(0)
     model = causal_lm(name, implementation).eval()

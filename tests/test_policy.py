@@ -3,9 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lrcompile import calibration, cost
-from lrcompile.policy import Policy, decide, unmatched_patterns
-from lrcompile.polynomial import degree_for, exp_polynomial
+from lrcompile.compile import calibration, cost_model
+from lrcompile.compile.policy import Policy, decide, unmatched_patterns
+from lrcompile.math.polynomial import degree_for, exp_polynomial
 
 
 def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason="", device="cpu"):
@@ -114,11 +114,11 @@ def test_min_seq_len_keeps_short_sequences():
 def this_machine(causal=False):
     """The calibration in use (conftest installs the reference's as this machine's): ratio and shortest n."""
     applied = calibration.lookup("cpu", "c").calibration
-    return dict(ratio=applied.rate_ratio(causal), shortest_crossover=applied.shortest_crossover)
+    return dict(ratio=applied.rate_ratio(causal), shortest_crossover=applied.shortest_crossover_for(causal))
 
 
 def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
-    crossover = cost.crossover_length(64, 64, False, 2, **this_machine())
+    crossover = cost_model.crossover_length(64, 64, False, 2, **this_machine())
     short = decide(site(n=crossover // 2), Policy())
     assert not short.rewrite and f"about n = {crossover}" in short.reason
     assert decide(site(n=crossover * 2), Policy()).rewrite
@@ -127,11 +127,26 @@ def test_cost_model_keeps_exact_where_it_is_cheaper_and_names_the_crossover():
 
 def test_below_the_shortest_measured_crossover_exact_attention_is_kept_whatever_the_flops():
     shortest = this_machine()["shortest_crossover"]
-    flops_alone = cost.crossover_length(16, 16, False, 2, ratio=this_machine()["ratio"])
-    assert 0 < flops_alone < shortest and cost.crossover_length(16, 16, False, 2, **this_machine()) == shortest
+    flops_alone = cost_model.crossover_length(16, 16, False, 2, ratio=this_machine()["ratio"])
+    assert 0 < flops_alone < shortest and cost_model.crossover_length(16, 16, False, 2, **this_machine()) == shortest
     kept = decide(site(n=shortest - 1, d=16), Policy())
     assert not kept.rewrite and "below the shortest crossover measured" in kept.reason
     assert decide(site(n=shortest, d=16), Policy()).rewrite
+
+
+def test_a_causal_site_is_measured_against_the_causal_crossover_not_the_non_causal_one():
+    """Causal attention crosses over later (SDPA skips the masked half): the reference machine measured
+    n = 2068 non-causal and 3993 causal at d = 64, and a causal site's reason must quote the latter."""
+    non_causal, causal = this_machine(False)["shortest_crossover"], this_machine(True)["shortest_crossover"]
+    assert non_causal < causal
+    kept = decide(site(n=(non_causal + causal) // 2, d=16, causal=True), Policy())
+    assert not kept.rewrite and f"(n = {causal})" in kept.reason and "causal attention" in kept.reason
+    assert decide(site(n=(non_causal + causal) // 2, d=16, causal=False), Policy()).rewrite
+
+
+def test_the_reasons_name_both_the_policy_field_and_the_command_line_flag_that_force_the_rewrite():
+    kept = decide(site(n=64), Policy())
+    assert "Policy(cost_model=False)" in kept.reason and "--no-cost-model" in kept.reason
 
 
 def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():
@@ -143,9 +158,9 @@ def test_a_device_the_cost_model_was_not_calibrated_for_keeps_exact_attention():
 
 
 def test_without_the_c_kernels_the_c_calibration_does_not_apply(monkeypatch):
-    from lrcompile import native
+    from lrcompile.kernels import cpu
 
-    monkeypatch.setattr(native, "enabled", lambda: False)  # the torch path is several times slower
+    monkeypatch.setattr(cpu, "enabled", lambda: False)  # the torch path is several times slower
     kept = decide(site(n=10**6), Policy())
     assert not kept.rewrite and "not calibrated" in kept.reason and "implementation 'torch'" in kept.reason
 
@@ -168,8 +183,8 @@ def test_fewer_heads_than_threads_leave_the_c_sweep_cores_idle(monkeypatch):
 
 def test_crossover_falls_with_head_dim_and_rises_with_degree():
     ratio = this_machine()["ratio"]
-    assert cost.crossover_length(16, 16, False, 2, ratio=ratio) < cost.crossover_length(64, 64, False, 2, ratio=ratio)
-    assert cost.crossover_length(32, 32, False, 2, ratio=ratio) < cost.crossover_length(32, 32, False, 3, ratio=ratio)
+    assert cost_model.crossover_length(16, 16, False, 2, ratio=ratio) < cost_model.crossover_length(64, 64, False, 2, ratio=ratio)
+    assert cost_model.crossover_length(32, 32, False, 2, ratio=ratio) < cost_model.crossover_length(32, 32, False, 3, ratio=ratio)
 
 
 def test_auto_degree_is_the_smallest_meeting_the_tolerance_for_the_measured_range():

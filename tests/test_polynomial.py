@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import sympy
 
-from lrcompile import polynomial
-from lrcompile.polynomial import MAX_DEGREE, NotPositiveError, degree_for, exp_polynomial
+from lrcompile.math import polynomial
+from lrcompile.math.polynomial import MAX_DEGREE, NotPositiveError, degree_for, exp_polynomial
 
 # Small ranges, where errors are tiny, and the score ranges of real models (B = 10 .. 75), where
 # low degrees miss by orders of magnitude and Chebyshev interpolants are often not positive.
@@ -192,7 +192,7 @@ def test_bad_arguments_are_rejected_with_what_is_accepted(kwargs, message):
 
 
 def test_only_even_taylor_polynomials_need_no_bound():
-    from lrcompile.polynomial import needs_bound, polynomial_without_bound
+    from lrcompile.math.polynomial import needs_bound, polynomial_without_bound
 
     assert [needs_bound(g, "taylor") for g in (1, 2, 3, 4)] == [True, False, True, False]
     assert needs_bound(2, "chebyshev") and needs_bound(4, "chebyshev")

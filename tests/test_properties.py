@@ -1,4 +1,4 @@
-"""Property tests of the backend over generated attention modules (DESIGN.md sections 2 and 5).
+"""Property tests of the backend over generated attention modules (docs/design.md sections 3 and 4).
 
 Each example is a module spelled from independent choices -- how Q Kᵀ is multiplied (matmul, @,
 bmm, einsum, SDPA), how the keys are transposed, where the scale goes, how softmax is called, how
@@ -35,7 +35,7 @@ from torch import nn
 
 import lrcompile
 from attention_corpus import CASES, repeat_kv
-from lrcompile.compiler import compile_graph
+from lrcompile.compile.backend import compile_graph
 from lrcompile.reference import polynomial_attention
 
 LONGEST = 320  # causal buffers are sliced from this size, as nanoGPT's are
@@ -379,14 +379,14 @@ def polynomial_of(example: Example) -> torch.Tensor:
 
 
 def row_errors(out, reference, v) -> torch.Tensor:
-    """The guard's metric (lrcompile.guard.relative_error) per query row: max |out - reference| over
+    """The guard's metric (lrcompile.ops.guard.relative_error) per query row: max |out - reference| over
     the row / max |v| over the row's key/value head."""
     v = v.double().repeat_interleave(out.shape[1] // v.shape[1], dim=1)  # (B, Hq, n, d_v)
     return (out.double() - reference).abs().amax(-1) / v.abs().amax((-2, -1)).clamp_min(1e-30)[..., None]
 
 
 def guard_row_errors(out, reference, v) -> torch.Tensor:
-    """The guard's metric (lrcompile.guard.relative_error) per query row: ||out_i - reference_i|| over
+    """The guard's metric (lrcompile.ops.guard.relative_error) per query row: ||out_i - reference_i|| over
     the rms row norm of the head's whole output (floored at 1e-6 of the largest reference row)."""
     out = out.double()
     scale = out.square().sum(-1).mean(-1).sqrt()  # (B, Hq)

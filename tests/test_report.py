@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lrcompile
-from lrcompile.features import feature_dim
+from lrcompile.math.features import feature_dim
 from lrcompile.models import gpt2, nanogpt
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lrcompile import lowrank_attention
-from lrcompile.polynomial import exp_polynomial
+from lrcompile.math.polynomial import exp_polynomial
 
 DEGREE = 10
 SCORE_RANGE = 0.5

@@ -1,10 +1,11 @@
-"""lrcompile.threads: heads on separate cores give the single-threaded result."""
+"""lrcompile.kernels.threads: heads on separate cores give the single-threaded result."""
 
 import pytest
 import torch
 
 from conftest import attention_inputs
-from lrcompile import lowrank_attention, native, threads
+from lrcompile import lowrank_attention
+from lrcompile.kernels import cpu, threads
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -16,12 +17,12 @@ def test_heads_split_across_threads_give_the_single_thread_result(is_causal, mon
         out = lowrank_attention(q, k, v, is_causal=is_causal, chunk_size=32)
         return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
-    monkeypatch.setattr(native, "sweep", lambda *args, **kwargs: None)  # the torch sweep, which splits here
+    monkeypatch.setattr(cpu, "sweep", lambda *args, **kwargs: None)  # the torch sweep, which splits here
     monkeypatch.setenv("LRCOMPILE_ALGORITHM", "factored")  # n = 150 would be computed directly
     calls = []
     split = threads.split_heads
     monkeypatch.setattr(threads, "split_heads", lambda fn, *t: calls.append(torch.get_num_threads()) or split(fn, *t))
-    monkeypatch.setattr("lrcompile.factored.split_heads", threads.split_heads)
+    monkeypatch.setattr("lrcompile.kernels.reference.split_heads", threads.split_heads)
     torch.set_num_threads(2)
     together = run()
     torch.set_num_threads(1)

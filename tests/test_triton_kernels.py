@@ -1,4 +1,4 @@
-"""The Triton kernels (lrcompile.triton_kernels) against the torch sweep and a float64 quadratic reference.
+"""The Triton kernels (lrcompile.kernels.triton) against the torch sweep and a float64 quadratic reference.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors, calling the launchers
 `forward` / `backward` directly: under the interpreter wrap_triton cannot be traced, and the
@@ -14,10 +14,10 @@ a fresh process that sets the variable (and LRCOMPILE_KERNELS=triton) before any
 Every kernel result is held to the float64 quadratic reference (lrcompile.reference) on fresh
 random inputs seeded per case, scores within |x| <= 2: forward, dq, dk, dv and d key-weights, at
 1e-5 (outputs) and 1e-4 (gradients) relative to the largest entry for float32 inputs, and at the
-half dtypes' own rounding (HALF_TOLERANCE) for bfloat16 and float16. The interpreter computes
-tl.dot in float32 whatever input_precision says: the tf32_products fixture rounds the operands of
-the half inputs' tf32 products as tensor cores do, and the CUDA tests at the end of this file
-hold the hardware to CUDA_TOLERANCE.
+half dtypes' own rounding (HALF_TOLERANCE) for bfloat16 and float16. Half inputs' tile products
+take half operands, which multiply exactly in float32, so the interpreter's products are the
+tensor cores' up to summation order; the CUDA tests at the end of this file hold the hardware to
+CUDA_TOLERANCE.
 """
 
 import inspect
@@ -37,9 +37,11 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from lrcompile import factored, triton_kernels  # noqa: E402
-from lrcompile.triton_kernels import _slice_factors  # noqa: E402
-from lrcompile.features import monomial_table  # noqa: E402
+from lrcompile.kernels import operands  # noqa: E402
+from lrcompile.kernels import triton as triton_kernels  # noqa: E402
+from lrcompile.ops import factored_op  # noqa: E402
+from lrcompile.kernels.triton import _slice_factors  # noqa: E402
+from lrcompile.math.features import monomial_table  # noqa: E402
 from lrcompile.reference import polynomial_attention, random_attention_inputs  # noqa: E402
 
 TAYLOR_2 = [1.0, 1.0, 0.5]
@@ -55,8 +57,10 @@ def _kernels_run_here() -> bool:
 
 KERNELS_RUN_HERE = _kernels_run_here()
 needs_kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1 could be set; "
-                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process runs this test")
+    not KERNELS_RUN_HERE, reason="not skipped, moved: runs in the fresh interpreter process of "
+                                 "test_kernels_pass_under_the_interpreter_in_a_fresh_process, which fails unless "
+                                 "every one of these passes (TRITON_INTERPRET=1 must be set before triton is "
+                                 "imported, and this process imported it first)")
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE or os.environ.get("TRITON_INTERPRET") == "1",
@@ -64,7 +68,7 @@ needs_kernels = pytest.mark.skipif(
 def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-         "-k", "not fresh_process and not compile_to_cubin"],
+         "-k", "not fresh_process and not compile_to_cubin and not argument_types_inductor"],
         # LRCOMPILE_ALGORITHM=factored: the torch op these kernels are compared with (state included)
         # would compute such short CPU calls directly, without a state
         cwd=Path(__file__).resolve().parents[1],
@@ -73,11 +77,12 @@ def test_kernels_pass_under_the_interpreter_in_a_fresh_process():
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, result.stdout[-4000:]  # every kernel test ran
+    print(f"interpreter process: {summary}")  # the count the skips in this process stand for (pytest -s, -rP)
 
 
 @pytest.fixture(autouse=True)
 def _torch_sweep(monkeypatch):
-    """The torch sweep, not the C one, is the reference every kernel is held to (DESIGN §8)."""
+    """The torch sweep, not the C one, is the reference every kernel is held to (docs/design.md §6)."""
     monkeypatch.setenv("LRCOMPILE_NATIVE", "0")
 
 
@@ -100,31 +105,10 @@ def _relative_error(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
-def tf32_products(monkeypatch):
-    """Under the interpreter, tl.dot(input_precision="tf32") rounds its float32 operands to tf32
-    (10-bit mantissa, nearest even) as tensor cores do; the interpreter alone multiplies in float32.
-    On CUDA the hardware does it and this fixture changes nothing."""
-    if torch.cuda.is_available():
-        return
-    from triton._C.libtriton import ir
-    from triton.runtime import interpreter
-
-    exact_dot = interpreter.InterpreterBuilder.create_dot
-
-    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if input_precision == ir.INPUT_PRECISION.TF32:
-            a, b = (interpreter.TensorHandle(interpreter._round_f32_to_tf32(x.data), x.dtype)
-                    if x.dtype == triton.language.float32 else x for x in (a, b))
-        return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
-
-
 def _torch_sweep_values(q, k, v, key_weight, coefficients, scale, causal, chunk_size, grad_out):
-    out, denominator, state, exact = factored.factored_attention(
+    out, denominator, state, exact = factored_op.factored_attention(
         q, k, v, key_weight, coefficients, scale, causal, chunk_size, 0.0, "allow", "test")
-    grads = factored.factored_attention_backward(
+    grads = factored_op.factored_attention_backward(
         grad_out, q, k, v, key_weight, out, denominator, state, exact, coefficients, scale, causal, chunk_size,
         key_weight is not None)
     return out, denominator, grads
@@ -240,7 +224,7 @@ def test_state_is_the_slice_layout_by_enumeration(causal, degree):
     head_dim, value_dim, scale = 5, 3, 0.5
     q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True, seed=40 + degree)
     state = triton_kernels.forward(q, k, v, key_weight, POLYNOMIALS[degree], scale, causal, 16)[2]
-    k_centred = factored.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
+    k_centred = operands.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
     weighted = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).double() * key_weight.double().unsqueeze(-1)
     expected = _slice_features(k_centred, degree).mT @ weighted
     assert state.shape == (1, 1, triton_kernels.state_rows(head_dim, degree), value_dim + 1)
@@ -273,7 +257,7 @@ def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
     head_dim, value_dim = 4, 3
     q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True)
     state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16)[2]
-    symmetric = factored.factored_attention(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16, 0.0, "allow", "test")[2]
+    symmetric = factored_op.factored_attention(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16, 0.0, "allow", "test")[2]
     table = monomial_table(head_dim, 2)
     d = head_dim
     full_rows = [d * (d + 1)] + [d * d + b for b in range(d)]
@@ -286,19 +270,20 @@ def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
     assert _relative_error(state[:, :, lower], state[:, :, upper]) < 1e-6  # (a, b) and (b, a): one monomial
 
 
-# Half-precision inputs against float64 on the same (rounded) inputs. Accumulation is float32; the
-# tile products round their operands to tf32 (2^-11 relative, emulated under the interpreter by
-# the tf32_products fixture) and each result is rounded to the input dtype (bfloat16 2^-9,
-# float16 2^-12 relative). Gradients cancel, so their errors are taken against the largest entry
-# with room for that: 1e-2 for bfloat16, 5e-3 for float16.
-HALF_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+# Half-precision inputs against float64 on the same (rounded) inputs. The operands stay in the
+# input dtype into every tile product, which accumulates in float32: q', k', W^ and G^ are each
+# rounded once to it, and so are the features formed from them and the float32 states where a
+# product takes them as an operand (bfloat16 2^-9, float16 2^-12 relative, as on tensor cores;
+# the interpreter multiplies the rounded operands exactly in float32). Gradients cancel, so their
+# errors are taken against the largest entry with room for that: 2e-2 for bfloat16 (the worst
+# case seen, causal dq, is 1.4e-2), 5e-3 for float16.
+HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 @needs_kernels
 @pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
 @pytest.mark.parametrize("dtype", HALF_TOLERANCE, ids=str)
-@pytest.mark.usefixtures("tf32_products")
 def test_half_precision_inputs_accumulate_in_float32(dtype, causal, degree):
     head_dim, value_dim, scale, chunk_size = 4, 5, 0.5, 12
     coefficients = POLYNOMIALS[degree]
@@ -313,6 +298,26 @@ def test_half_precision_inputs_accumulate_in_float32(dtype, causal, degree):
     assert all(grad.dtype == dtype for grad in grads)
     assert _relative_error(out, exact_out) < HALF_TOLERANCE[dtype]
     _assert_gradients_close(grads, exact_grads, key_weight, HALF_TOLERANCE[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_ops_pass_opcheck_with_a_grouped_query_view(dtype, causal):
+    """Schema, fake kernel (sizes and strides) and autograd registration of both Triton ops, on
+    GQA's grouped query layout as the rewrite hands it: a view of a transposed (B, n, H, d) projection."""
+    generator = torch.Generator().manual_seed(70 + causal)
+    q = torch.randn(1, 20, 4, 4, generator=generator).to(DEVICE, dtype).transpose(1, 2).unflatten(1, (2, 2))
+    k, v = (torch.randn(1, 20, 2, 4, generator=generator).to(DEVICE, dtype).transpose(1, 2) for _ in range(2))
+    key_weight = (0.5 + torch.rand(1, 2, 20, generator=generator)).to(DEVICE, dtype)
+    args = (POLYNOMIALS[2], 0.5, causal, 8)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, key_weight)]
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention.default, (*leaves, *args), test_utils=utils)
+    out, denominator, state = torch.ops.lrcompile.triton_factored_attention(q, k, v, key_weight, *args)
+    grad_out = torch.randn(1, 20, 2, 2, 4, generator=generator).to(DEVICE, dtype).permute(0, 2, 3, 1, 4)
+    torch.library.opcheck(torch.ops.lrcompile.triton_factored_attention_backward.default,
+                          (grad_out, q, k, v, key_weight, out, denominator, state, *args, True), test_utils=utils)
 
 
 UNSUPPORTED = {  # (coefficients, head_dim, dtype): what `supports` refuses, and the torch sweep then runs
@@ -336,6 +341,36 @@ def test_unsupported_calls_fall_back_to_the_torch_sweep(unsupported, causal):
     assert torch.equal(out, sweep_out)
     for grad, sweep_grad in zip(grads, sweep_grads):
         assert torch.equal(grad, sweep_grad)
+
+
+def test_causal_kernels_chunk_at_least_256_rows_on_cuda_and_as_the_site_says_elsewhere():
+    """On CUDA the per-chunk states would take n / C r (d_v + 1) floats: the kernels coarsen the
+    chunk (the same function at any chunk, as the layouts above check with chunks of 8 to 32)."""
+    assert triton_kernels.kernel_chunk(64, torch.device("cuda")) == triton_kernels.CUDA_MIN_CHUNK == 256
+    assert triton_kernels.kernel_chunk(512, torch.device("cuda")) == 512
+    assert triton_kernels.kernel_chunk(12, torch.device("cpu")) == 12
+
+
+def test_the_state_kernel_splits_long_rows_only_where_heads_and_slices_leave_a_gpu_idle():
+    cuda = torch.device("cuda")
+    assert triton_kernels._rows_per_split(65536, 8 * 65, 64, cuda) == 32768  # B H n_slices = 520 programs: 2 splits
+    assert triton_kernels._rows_per_split(65536, 16 * 65 * 4, 64, cuda) == 65536  # enough programs: none
+    assert triton_kernels._rows_per_split(4096, 1 * 65, 64, cuda) == 2048  # splits stay >= MIN_ROWS_PER_SPLIT
+    assert triton_kernels._rows_per_split(40, 5, 16, torch.device("cpu")) == 32  # interpreted: the tests split
+
+
+def test_tiles_timed_on_a_gpu_are_used_on_that_gpu_only(tmp_path, monkeypatch):
+    from lrcompile.kernels import triton_tuning
+
+    rows = [{"head_dim": 64, "degree": 2, "dtype": "torch.bfloat16", "causal": True,
+             "best": {"block": 32, "chunk": 512, "ms": 1.0}}]
+    monkeypatch.setenv(triton_tuning.ENVIRONMENT_VARIABLE, str(tmp_path / "tuning.json"))
+    triton_tuning.record(rows, "NVIDIA H200", tmp_path / "tuning.json")
+    assert triton_tuning.choice(64, 2, torch.bfloat16, True, "NVIDIA H200") == {"block": 32, "chunk": 512, "ms": 1.0}
+    assert triton_tuning.choice(64, 2, torch.bfloat16, True, "NVIDIA H100") is None  # timed elsewhere
+    assert triton_tuning.choice(64, 2, torch.bfloat16, False, "NVIDIA H200") is None  # not timed
+    assert triton_kernels.kernel_chunk(64, torch.device("cuda"), 512) == 512
+    triton_tuning._load.cache_clear()
 
 
 def test_supports_says_what_it_refuses():
@@ -373,21 +408,22 @@ def _compiled_kernels():
     """Every kernel with the constants a launch on CUDA gives it: degree 2 at d = d_v = 64 with
     float32 inputs, and degree 3 at its limit d = 32 with d_v = 128 and half inputs."""
     launches = [triton_kernels._Launch(64, 64, 2, (1.0, 1.0, 0.5, 0.0), 64, "tf32x3"),
-                triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "tf32")]
+                triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "bf16")]
     kernels = []
     for launch in launches:
-        rows = launch.slice_constants(rows_only=True)
+        rows, polynomial = launch.slice_constants(rows_only=True), launch.polynomial()
         kernels += [
             (triton_kernels._state_kernel, rows),
-            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=False)),
-            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=False, GRADIENT=True)),
-            (triton_kernels._apply_state_kernel, dict(rows, STORE_U=True, GRADIENT=True)),
-            (triton_kernels._block_forward_kernel, launch.constants()),
-            (triton_kernels._sweep_forward_kernel, launch.slice_constants()),
-            (triton_kernels._block_query_backward_kernel, launch.constants()),
-            (triton_kernels._block_key_backward_kernel, launch.constants()),
-            (triton_kernels._sweep_backward_kernel, launch.slice_constants()),
+            (triton_kernels._block_forward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels._block_query_backward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels._block_key_backward_kernel, dict(launch.constants(), **polynomial)),
         ]
+        for chunked in (False, True):
+            kernels += [(triton_kernels._apply_state_kernel,
+                         dict(rows, **polynomial, STORE_U=store_u, GRADIENT=gradient, CHUNKED=chunked,
+                              ACCUMULATE=chunked))
+                        for store_u, gradient in ((True, False), (False, True), (True, True))]
+            kernels.append((triton_kernels._chunk_states_kernel, dict(rows, REVERSE=chunked, STORE_TOTAL=not chunked)))
     return kernels
 
 
@@ -408,10 +444,110 @@ def test_kernels_compile_to_cubin_for_sm90():
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
             else:
-                signature[name] = "fp32" if name in ("c0", "c1", "c2", "c3") else "i32"
+                signature[name] = "i32"
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+class _LaunchRecorder:
+    """Stands in for wrap_triton: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __call__(self, kernel):
+        return _RecordedKernel(kernel, self.launches)
+
+
+class _RecordedKernel:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def _launches_of_one_call(monkeypatch, dtype, degree, causal, groups):
+    """Every kernel launch (kernel, args, kwargs) of one forward and one backward on CUDA-sized tiles,
+    recorded from the launchers on meta tensors (sizes only: nothing runs)."""
+    launches = []
+    monkeypatch.setattr(triton_kernels, "wrap_triton", _LaunchRecorder(launches))
+    head_dim = CUDA_HEAD_DIM[degree]
+    n, value_dim = 300, 64
+    q = torch.empty(1, 2, groups, n, head_dim, device="meta", dtype=dtype)
+    k, v = torch.empty(1, 2, n, head_dim, device="meta", dtype=dtype), torch.empty(1, 2, n, value_dim, device="meta",
+                                                                                   dtype=dtype)
+    key_weight = torch.empty(1, 2, n, device="meta", dtype=dtype)
+    block = triton_kernels._block_size(torch.device("cuda"), head_dim, value_dim)
+    coefficients, scale = POLYNOMIALS[degree], 1 / math.sqrt(head_dim)
+    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, 64, block)
+    triton_kernels.backward(torch.empty_like(out), q, k, v, key_weight, out, denominator, state, coefficients, scale,
+                            causal, 64, True, block)
+    return launches
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+def inductor_signature(kernel, args, kwargs):
+    """(signature, constexprs) as Inductor types a user-defined kernel's arguments when it compiles
+    a graph holding it (torch._inductor.codegen.triton_utils.signature_of): tensors as pointers to
+    their dtype, Python floats as fp64, bools as i1, an int equal to 1 as a constexpr, other ints
+    as i32, and the launch's keyword constants as constexprs."""
+    signature, constexprs = {}, {}
+    for name, value in inspect.signature(kernel.fn).bind(*args, **kwargs).arguments.items():
+        if name in kwargs:
+            signature[name], constexprs[name] = "constexpr", kwargs[name]
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, float):
+            signature[name] = "fp64"
+        elif isinstance(value, int) and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif isinstance(value, int):
+            signature[name] = "i32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {name} = {value!r}")
+    return signature, constexprs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() and KERNELS_RUN_HERE,
+                    reason="the kernels are interpreted in this process: nothing to compile")
+@pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
+@pytest.mark.parametrize("dtype, degree", [(torch.bfloat16, 2), (torch.float32, 3)], ids=["bfloat16_degree_2",
+                                                                                         "float32_degree_3"])
+def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inductor_gives(monkeypatch, dtype, degree,
+                                                                                        causal):
+    """Inductor compiles our kernels with its own signature: Python floats typed fp64 (on a device
+    with fp64), pointers typed by their tensors' dtype. A float argument then makes fp64 products
+    that tl.dot refuses ("Both operands must be same dtype"), which only a compile with those types
+    shows: every kernel a GQA call launches, forward and backward, with the arguments it gets.
+    With bfloat16 inputs every kernel's products run on the tensor cores (mma/wgmma on bf16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launches = _launches_of_one_call(monkeypatch, dtype, degree, causal, groups=2)
+    assert {kernel.fn.__name__ for kernel, _, _ in launches} >= set(FORWARD_KERNELS[causal] + BACKWARD_KERNELS[causal])
+    failures = []
+    for kernel, args, kwargs in launches:
+        signature, constexprs = inductor_signature(kernel, args, kwargs)
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32))
+        except Exception as error:  # noqa: BLE001 - collect every kernel's failure
+            failures.append(f"{kernel.fn.__name__}: {type(error).__name__}: {str(error)[-300:]}")
+            continue
+        # half operands reach the tensor cores: Hopper's wgmma (or mma.sync) on bf16, not FMA loops
+        if dtype == torch.bfloat16 and not re.search(r"mma[\w.]*\.bf16", compiled.asm["ptx"]):
+            failures.append(f"{kernel.fn.__name__}: no bf16 tensor-core product in the PTX")
+    assert not failures, "\n".join(failures)
+    typed = {kernel.fn.__name__: inductor_signature(kernel, args, kwargs)[0] for kernel, args, kwargs in launches}
+    assert not [name for name, signature in typed.items() if "fp64" in signature.values()]  # no Python float
 
 
 # ---- on CUDA: the registered ops, and the kernels inside a compiled model --------------------------
@@ -421,9 +557,11 @@ def test_kernels_compile_to_cubin_for_sm90():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton_op is for CUDA sites; needs CUDA")
 CUDA_HEAD_DIM = {2: 64, 3: 32}
 # float32 inputs run tf32x3 products (float32-accurate): what remains is float32 summation over
-# n = 300 keys in a different order. bfloat16 inputs run one tf32 product (10-bit mantissa) and
-# round every result to bfloat16 (2^-9 relative): 2e-2 of the largest entry leaves a factor 5.
-CUDA_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}  # (out, gradients)
+# n = 300 keys in a different order. bfloat16 inputs go into bfloat16 tensor-core products, whose
+# operands (features, G^, the float32 states) are rounded to bfloat16 (2^-9 relative), as under the
+# interpreter, where HALF_TOLERANCE's worst case is 1.4e-2 (causal dq); 3e-2 for gradients leaves a
+# factor 2 (not yet measured on a GPU).
+CUDA_TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 3e-2)}  # (out, gradients)
 
 
 def _cuda_case(dtype, degree, causal, seed):
@@ -479,9 +617,10 @@ def test_triton_op_registration_and_compiled_calls_on_cuda(dtype, degree, causal
 
 
 FORWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
-                   True: ("_block_forward_kernel", "_sweep_forward_kernel")}
+                   True: ("_block_forward_kernel", "_chunk_states_kernel", "_apply_state_kernel")}
 BACKWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
-                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_sweep_backward_kernel")}
+                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_chunk_states_kernel",
+                           "_apply_state_kernel")}
 INDUCTOR_KERNEL = re.compile(r"def triton_(poi|per|red)_\w+\(")  # Inductor's names for the Triton it generates
 
 
