@@ -1,4 +1,4 @@
-"""Property tests of the accuracy guard (DESIGN §2, "approximate softmax"; issue P10).
+"""Property tests of the accuracy guard (docs/design.md §3, "approximate softmax"; issue P10).
 
 Under Policy(on_inaccurate="exact") every result must be within max_error of exact attention, its
 output and its gradients alike, or have been sent to exact attention; and lrcompile.stats() must
