@@ -20,7 +20,7 @@ models.py (the built-in models) and reference.py (float64 references for tests) 
 """
 
 from lrcompile.compile.backend import RewriteCompileError, UnsupportedSiteError, backend
-from lrcompile.compile.export import export
+from lrcompile.compile.export import export, load
 from lrcompile.compile.policy import Policy
 from lrcompile.compile.report import Report, Site, explain
 from lrcompile.math.features import feature_dim
@@ -32,5 +32,5 @@ from lrcompile.ops.guard import InaccurateAttentionError, SiteStats, reset_stats
 __all__ = [
     "ContextParallelError", "InaccurateAttentionError", "Policy", "Report", "RewriteCompileError", "Site", "SiteStats",
     "UnsupportedSiteError", "backend", "context_parallel_attention", "degree_for", "exp_polynomial", "explain",
-    "export", "feature_dim", "lowrank_attention", "reset_stats", "stats",
+    "export", "feature_dim", "load", "lowrank_attention", "reset_stats", "stats",
 ]

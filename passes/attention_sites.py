@@ -99,7 +99,8 @@ class AttentionSite:
     query_shape: tuple        # canonical (..., Hq, n_q, d); symbolic sizes as strings
     key_shape: tuple          # canonical (..., Hk, n_k, d), un-repeated when GQA was detected
     value_shape: tuple        # canonical (..., Hk, n_k, d_v)
-    mask: str                 # "none" | "causal" | "key_padding" | "causal+key_padding" | "general"
+    mask: str                 # "none" | "causal" | "key_padding" | "causal+key_padding" | "key_bias" |
+                              # "causal+key_bias" | "general" (passes.masks.KINDS)
     is_causal: bool
     scale: float | None       # the softmax scale when it is a number; None: SDPA's default
     supported: bool           # True: replace_attention_site reproduces it exactly

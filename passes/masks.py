@@ -1,4 +1,5 @@
-"""Classify the mask of an attention site as none, causal, key_padding, causal+key_padding or general.
+"""Classify the mask of an attention site as none, causal, key_padding, causal+key_padding, key_bias,
+causal+key_bias or general.
 
 The mask reaches a site as *terms* (what the matcher in `attention_sites.py` collected): a boolean
 whose True means attend (`where(m, s, -inf)`, SDPA's bool `attn_mask`), a boolean whose True means
@@ -20,8 +21,15 @@ that only broadcast (`expand`, `&`, `~`, `where(m, 0, -inf)`, ...). Then, per le
     mask = torch.where((ones & causal & padding).expand(2, -1, 8, 8), 0.0, finfo.min)
     scores + mask                                   => "causal+key_padding"
 
+A constant additive leaf constant along the query axis whose values are not all 0 or removed (at or
+below MASKED_BELOW: -inf, finfo.min, -1e9) is a per-key *bias* (MPT-style ALiBi), not padding: the
+kind says `key_bias` (`causal+key_bias`), and the leaf is passed on with the key-padding terms, as
+a float mask (the replacement's op must then weight every row's keys exactly, causal rows included).
+
 With dynamic shapes a constant leaf is computed at the traced sizes and checked again at other
-sizes of the same symbols; the classification must agree at every size that can be computed.
+sizes of the same symbols (n + 3, n/2, n/4, ... and 2n .. 16n); the classification must agree at
+every size that can be computed, and shape guards then keep the compiled graph to the range of
+sizes checked: a length outside it recompiles, and the mask is proven again there.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from passes.graph_walk import (
 # An additive value at or below this removes a key: exp(-1e4) is 0 in float32 and float64 alike.
 MASKED_BELOW = -1e4
 
-KINDS = ("none", "causal", "key_padding", "causal+key_padding", "general")
+KINDS = ("none", "causal", "key_padding", "causal+key_padding", "key_bias", "causal+key_bias", "general")
 
 # Forms of a mask term: how its value enters the scores.
 ATTEND = "attend"        # bool, True keeps the key
@@ -283,10 +291,17 @@ _LARGEST_CHECKED_PATTERN = 1 << 24
 
 
 def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder) -> list[dict]:
-    """Size assignments besides the traced one, to re-check a mask that depends on symbolic sizes."""
+    """Size assignments besides the traced one, to re-check a mask that depends on symbolic sizes:
+    n + 3, a ladder n/2, n/4, ... down to 2, and 2n, 4n, 8n, 16n while a pattern has at most
+    _LARGEST_CHECKED_PATTERN entries, so that a class that changes past some length (a sliding
+    window of W keys is causal up to n = W) is seen to change wherever W lies in the range the
+    guard then covers (`_guard_checked_range`)."""
     traced = folder.traced_sizes
+    changes = [lambda n: n + 3]
+    changes += [lambda n, f=2 ** i: max(2, n // f) for i in range(1, 13)]
+    changes += [lambda n, f=2 ** i: n * f for i in range(1, 5)]
     alternatives = []
-    for change in (lambda n: 2 * n, lambda n: max(2, n // 2), lambda n: n + 3):
+    for change in changes:
         sizes = dict(traced)
         for symbol in symbols:
             if symbol in sizes:
@@ -295,9 +310,26 @@ def _other_sizes(symbols: frozenset, scores_shape: tuple, folder: ConstantFolder
             n_q, n_k = (concrete(size, sizes) for size in scores_shape[-2:])
         except CannotEvaluate:
             continue
-        if sizes != traced and n_q * n_k <= _LARGEST_CHECKED_PATTERN:
+        if sizes != traced and sizes not in alternatives and n_q * n_k <= _LARGEST_CHECKED_PATTERN:
             alternatives.append(sizes)
     return alternatives
+
+
+def _guard_checked_range(scores_shape: tuple, checked: list[dict]) -> None:
+    """Install shape guards keeping (n_q, n_k) within the sizes the class was proven at: bool() of a
+    SymBool records a guard in the shape environment (as lrcompile.compile.policy's thresholds do), so a
+    length outside recompiles, and the mask is classified again there. No upper guard where no
+    larger size could be checked (past _LARGEST_CHECKED_PATTERN entries, or past what the mask can
+    be built at, e.g. a causal buffer's length): there the class is taken to hold, as it must be
+    for a model that runs at such lengths without recompiling at every new one."""
+    traced = checked[0]
+    for size in scores_shape[-2:]:
+        if not isinstance(size, torch.SymInt):
+            continue
+        values = [concrete(size, sizes) for sizes in checked]
+        bool(size >= min(values))
+        if max(values) > concrete(size, traced):
+            bool(size <= max(values))
 
 
 def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFolder,
@@ -331,9 +363,10 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
         return MaskClassification("general", False, (), f"mask is general: {verdict.reason}")
 
     # With dynamic shapes the constant part is a function of the sizes: check it at other sizes too.
-    symbols = frozenset().union(*(folder.size_symbols(leaf.node) for leaf in constant))
+    mask_symbols = symbols = frozenset().union(*(folder.size_symbols(leaf.node) for leaf in constant))
     if symbols or is_causal:
         symbols |= _shape_symbols_of(scores_shape)
+    checked = [folder.traced_sizes]
     for sizes in _other_sizes(symbols, scores_shape, folder):
         try:
             other = _classify_constants(constant, scores_shape, is_causal, folder, sizes)
@@ -343,6 +376,9 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
             return MaskClassification("general", False, (), (
                 f"mask is general: it is {verdict.kind} at the traced sizes but {other.kind} at other "
                 f"sizes ({ {str(k): v for k, v in sizes.items()} })"))
+        checked.append(sizes)
+    if mask_symbols:  # SDPA's is_causal alone is tril at every size: nothing to guard
+        _guard_checked_range(scores_shape, checked)
 
     key_padding = list(runtime)
     if verdict.kind == "key_padding":
@@ -356,7 +392,9 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
                     and leaf.form in (ADDITIVE, SUBTRACTED) and _is_bias(leaf, folder)]
     causal = verdict.kind == "causal"
     if key_padding:
-        kind = "causal+key_padding" if causal else "key_padding"
+        keys = "key_bias" if any(leaf in constant and leaf.form in (ADDITIVE, SUBTRACTED) and _is_bias(leaf, folder)
+                                 for leaf in key_padding) else "key_padding"
+        kind = f"causal+{keys}" if causal else keys
     else:
         kind = "causal" if causal else "none"
     return MaskClassification(kind, causal, tuple(key_padding))

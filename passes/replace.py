@@ -34,7 +34,7 @@ import torch.fx
 
 from passes.attention_sites import AttentionSite, Replacement, TensorRecipe
 from passes.escape import dead_uses, is_pure, live_nodes
-from passes.graph_walk import dtype_of, example_value
+from passes.graph_walk import dtype_of, example_value, shape_of
 from passes.higher_order import import_value, module_holding
 from passes.masks import ADDITIVE, ATTEND, MASKED, MaskTerm
 
@@ -139,7 +139,7 @@ def _key_padding_mask(graph: torch.fx.Graph, plan: Replacement, dtype: torch.dty
             additive_dtypes.append(dtype_of(node))
     boolean = _join(graph, operator.and_, booleans)
     if not additive:
-        return boolean
+        return _at_least_2d(graph, boolean, plan.mask_terms)
     if boolean is not None:
         additive.append(graph.call_function(torch.where, (boolean, 0.0, float("-inf"))))
         additive_dtypes.append(torch.get_default_dtype())
@@ -148,7 +148,18 @@ def _key_padding_mask(graph: torch.fx.Graph, plan: Replacement, dtype: torch.dty
     mask_dtype = functools.reduce(torch.promote_types, additive_dtypes) if None not in additive_dtypes else None
     if dtype is not None and mask_dtype != dtype:
         mask = graph.call_method("to", (mask, dtype))
-    return mask
+    return _at_least_2d(graph, mask, plan.mask_terms)
+
+
+def _at_least_2d(graph: torch.fx.Graph, mask: torch.fx.Node | None, terms) -> torch.fx.Node | None:
+    """SDPA's attn_mask has a query axis: a (n_k,) key mask, which broadcast in the original
+    `masked_fill`, becomes (1, n_k)."""
+    if mask is None:
+        return None
+    shapes = [shape_of(term.node) if isinstance(term.node, torch.fx.Node) else () for term in terms]
+    if all(shape is not None and len(shape) >= 2 for shape in shapes):
+        return mask
+    return graph.call_function(torch.atleast_2d, (mask,))
 
 
 def _join(graph: torch.fx.Graph, op: Callable, nodes: list) -> torch.fx.Node | None:

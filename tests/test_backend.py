@@ -272,3 +272,26 @@ def test_an_unknown_inductor_option_is_named():
     compiled = torch.compile(module, backend="lrcompile", options={"no_such_option": True})
     with pytest.raises(Exception, match="unknown Inductor option 'no_such_option'"):
         compiled(*inputs)
+
+
+class QueryBiasedLayers(torch.nn.Module):
+    """Four attention layers with a bias varying along queries: every site is kept exact."""
+
+    def forward(self, x):
+        n = x.shape[-2]
+        bias = -(torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().float()
+        for _ in range(4):
+            x = torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=bias)
+        return x
+
+
+def test_on_unsupported_warn_warns_once_per_site_across_recompiles():
+    torch._dynamo.reset()
+    module = QueryBiasedLayers()
+    compiled = torch.compile(module, backend=lrcompile.backend(Policy(on_unsupported="warn", **FORCE)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (16, 24, 40):  # the second length recompiles (automatic dynamic)
+            compiled(torch.randn(1, 2, n, 8))
+    kept = [w for w in caught if "kept exact" in str(w.message)]
+    assert len(kept) == 4, [str(w.message) for w in kept]

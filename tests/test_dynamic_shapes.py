@@ -121,3 +121,45 @@ def test_generate_with_a_kv_cache_rewrites_every_decoding_step(name):
     decisions = [(site.key_shape, decision) for result in results for site, decision in result.decisions]
     assert any(isinstance(key_shape[-2], str) for key_shape, _ in decisions)  # a symbolic cache length
     assert [decision.reason for _, decision in decisions] == [""] * len(decisions)
+
+
+class SlidingWindow(nn.Module):
+    """A hand-written sliding window of `width` keys: causal while n <= width, a window beyond."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+
+    def forward(self, q, k, v):
+        positions = torch.arange(q.shape[-2])
+        distance = positions[:, None] - positions[None, :]
+        keep = (distance >= 0) & (distance < self.width)
+        return (q @ k.transpose(-2, -1) / 4).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def _window_reference(q, k, v, width):
+    positions = torch.arange(q.shape[-2])
+    distance = positions[:, None] - positions[None, :]
+    keep = (distance >= 0) & (distance < width)
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep, scale=0.25)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("checked_up_to", [None, 96])
+def test_a_sliding_window_is_never_dropped_across_recompiles(dynamic, checked_up_to, monkeypatch):
+    """The issue's W = 100, called at 32 and 40 (automatic dynamic, or dynamic=True) and later past W:
+    the mask is re-proven over a ladder of lengths, and a shape guard keeps the compiled graph to the
+    lengths proven (checked_up_to: a ladder cut short, so that 130 and 180 lie beyond it and recompile)."""
+    from passes import masks
+
+    if checked_up_to is not None:
+        monkeypatch.setattr(masks, "_LARGEST_CHECKED_PATTERN", checked_up_to ** 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(SlidingWindow(100), backend=lrcompile.backend(Policy(cost_model=False, degree=4)),
+                             dynamic=dynamic)
+    generator = torch.Generator().manual_seed(0)
+    for n in (32, 40, 101, 130, 180):
+        q, k, v = (0.3 * torch.randn(1, 2, n, 16, generator=generator) for _ in range(3))
+        expected = _window_reference(q, k, v, 100)
+        out = compiled(q, k, v)
+        assert (out.double() - expected).abs().max() < 1e-5, n  # exact attention (or degree 4 where causal)

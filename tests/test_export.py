@@ -71,3 +71,40 @@ def test_export_rejects_what_torch_export_rejects():
         export(SelfAttention(), torch.randn(1, 4, 32))
     with pytest.raises(TypeError, match="lrcompile.Policy"):
         export(SelfAttention(), (torch.randn(1, 4, 32),), policy={"degree": 2})
+
+
+def test_export_with_dynamic_shapes_spanning_the_direct_factored_switch():
+    """d = 16, degree 2: the direct algorithm below n = 1151, the factored one above. A Dim across
+    that switch exports (the factored algorithm at every length) and runs at both ends."""
+    from torch.export import Dim
+    from lrcompile.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=2048, n_layer=1, n_head=2, n_embd=32)).eval()
+    tokens = Dim("tokens", min=2, max=2047)
+    program = export(model, (torch.randint(0, 256, (1, 16)),), policy=lrcompile.Policy(cost_model=False, degree=2),
+                     dynamic_shapes=({1: tokens},))
+    assert "torch.ops.lrcompile.factored_attention.default" in program.graph_module.code
+    for n in (8, 1300):
+        idx = torch.randint(0, 256, (1, n))
+        with torch.no_grad():
+            assert (program.module()(idx) - model(idx)).abs().max().item() < 1e-4
+
+
+def test_a_saved_program_loads_with_lrcompile_load_and_names_lrcompile_without_it(inputs, tmp_path):
+    """torch.export.load in a process that never imported lrcompile fails (torch gives no hook to
+    import it), naming the lrcompile op; lrcompile.load registers the ops and loads."""
+    import subprocess
+    import sys
+
+    x, mask = inputs
+    model = SelfAttention()
+    program = export(model, (x,), {"mask": mask}, policy=lrcompile.Policy(cost_model=False, degree=4))
+    path = tmp_path / "program.pt2"
+    torch.export.save(program, path)
+    bare = subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(path)!r})"],
+                          capture_output=True, text=True)
+    assert bare.returncode != 0 and "torch.ops.lrcompile.factored_attention" in bare.stderr
+    loaded = lrcompile.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(x, mask=mask), program.module()(x, mask=mask))

@@ -145,9 +145,9 @@ def implementation_spy(monkeypatch):
     seen = []
     original = attention.factored_attention
 
-    def spy(*args):
-        seen.append(args[-1])
-        return original(*args)
+    def spy(*args, **kwargs):
+        seen.append(args[11])  # implementation: after q, k, v, key_weight, the polynomial and the guard's settings
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(attention, "factored_attention", spy)
     return seen

@@ -81,3 +81,29 @@ def test_factored_attention_and_its_backward_pass_opcheck_in_every_layout(layout
     torch.library.opcheck(factored.factored_attention_backward,
                           (grad, q, k, v, key_weight, out, denominator, state, exact, TAYLOR_2, 0.5, causal, 4,
                            key_weight is not None, "torch"))
+
+
+@pytest.mark.parametrize("algorithm", ["factored", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["gqa_key_padding", "cross"])
+def test_the_ops_pass_opcheck_with_a_causal_bias_log_weights_and_a_fixed_algorithm(layout, dtype, algorithm):
+    # the arguments the guard's backward check and a causal float mask add: log_key_weight (with a
+    # removed key, -inf), the polynomial's coefficients for the gradient check, a fixed algorithm
+    q, k, v, key_weight = _inputs(layout, dtype, seed=5)
+    log_key_weight = torch.where(key_weight > 0, key_weight.log(), float("-inf"))
+    settings = (TAYLOR_2, 0.5, True, 4, 1e9, "exact", "test:layouts", "torch")
+    out, denominator, state, exact = factored.factored_attention(q, k, v, key_weight, *settings, log_key_weight,
+                                                                 algorithm)
+    assert state.shape[-2] == (0 if algorithm == "direct" else 15)  # C(4 + 2, 2) features
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, key_weight, log_key_weight)]
+    torch.library.opcheck(factored.factored_attention, (*leaves[:4], *settings, leaves[4], algorithm))
+    grad = _output_like(q, v.shape[-1], dtype, torch.Generator().manual_seed(6))
+    torch.library.opcheck(factored.factored_attention_backward,
+                          (grad, q, k, v, key_weight, out, denominator, state, exact, TAYLOR_2, 0.5, True, 4, True,
+                           "torch", log_key_weight, 1e9, "exact", "test:layouts", algorithm))
+    guard_out = _output_like(q, v.shape[-1], dtype, torch.Generator().manual_seed(7))
+    torch.library.opcheck(guard.guarded_output, (guard_out.detach().requires_grad_(), *leaves[:4], 0.5, True, 1e9,
+                                                 "exact", "test:layouts", TAYLOR_2, leaves[4]))
+    torch.library.opcheck(guard.guarded_output_backward,
+                          (grad, q, k, v, key_weight, torch.tensor(False), 0.5, True, True, TAYLOR_2, 1e9, "exact",
+                           "test:layouts", log_key_weight))

@@ -100,14 +100,14 @@ class PerKeyBias(Heads):
         return (q @ k.transpose(-2, -1) + self.bias).softmax(-1) @ v
 
 
-def test_constant_per_key_bias_is_key_padding_and_replaced_exactly():
+def test_constant_per_key_bias_is_a_key_bias_and_replaced_exactly():
     module, inputs = PerKeyBias().double().eval(), (x(),)
 
     site = only_site(module, *inputs)
     with torch.no_grad():
         replaced = torch.compile(module, backend=replacing_backend())(*inputs)
 
-    assert site.mask == "key_padding"
+    assert site.mask == "key_bias"
     torch.testing.assert_close(replaced, module(*inputs))
 
 
@@ -142,3 +142,35 @@ def test_dynamic_shapes_keep_causal_masks_causal(name):
 
     assert [site.mask for graph in graphs for site in graph.sites] == list(CASES_BY_NAME[name].expected.masks)
     assert any(not isinstance(size, int) for size in graphs[0].sites[0].query_shape)
+
+
+class OneDimensionalKeyMask(Heads):
+    """`scores.masked_fill(~m, -inf)` with m of shape (n,): broadcast over batch, heads and queries."""
+
+    def attend(self, q, k, v):
+        keep = torch.arange(q.shape[-2]) % 3 != 1
+        return (q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def test_a_one_dimensional_key_mask_is_passed_on_with_a_query_axis():
+    """SDPA (and so the replacement's signature) wants attn_mask of at least 2 dimensions."""
+    module, inputs = OneDimensionalKeyMask().double().eval(), (x(),)
+    site = only_site(module, *inputs)
+    with torch.no_grad():
+        replaced = torch.compile(module, backend=replacing_backend())(*inputs)
+    assert site.mask == "key_padding"
+    torch.testing.assert_close(replaced, module(*inputs))
+
+
+def test_explain_reads_a_one_dimensional_runtime_key_mask():
+    import lrcompile
+
+    class Masked(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return (q @ k.transpose(-2, -1) / 4).masked_fill(~m, float("-inf")).softmax(-1) @ v
+
+    q, k, v = (0.2 * torch.randn(1, 2, 96, 16) for _ in range(3))
+    m = torch.arange(96) % 4 != 0
+    report = lrcompile.explain(Masked(), q, k, v, m, policy=lrcompile.Policy(cost_model=False, degree=4))
+    (site,) = report.sites
+    assert site.mask == "key_padding" and site.rewritten and site.measured_error < 1e-3

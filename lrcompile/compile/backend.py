@@ -218,12 +218,19 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy: Policy, meas
     return result
 
 
+# Sites already warned about under on_unsupported="warn", per policy object: a recompile (a new
+# shape, automatic dynamic) finds the same sites again, and warning again would say nothing new.
+_WARNED_UNSUPPORTED: set[tuple[int, str, str, str]] = set()
+
+
 def _on_unsupported(site: AttentionSite, policy: Policy):
     message = f"attention site {site.name} in {site.module_path or 'the root module'} kept exact: {site.reason}"
     if policy.on_unsupported == "error":
         raise UnsupportedSiteError(message)
-    if policy.on_unsupported == "warn":
-        warnings.warn(f"lrcompile: {message}", stacklevel=3)
+    key = (id(policy), site.module_path, site.name, site.reason)
+    if policy.on_unsupported == "warn" and key not in _WARNED_UNSUPPORTED:
+        _WARNED_UNSUPPORTED.add(key)
+        warnings.warn(f"lrcompile: {message} (warned once per site)", stacklevel=3)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -31,7 +31,8 @@ class Site:
     module: str                 # module path, e.g. "transformer.h.0.attn" ("<root>" for the model itself)
     rewritten: bool
     reason: str                 # why kept; "" when rewritten
-    mask: str                   # none | causal | key_padding | causal+key_padding | general
+    mask: str                   # passes.masks.KINDS: none | causal | key_padding | causal+key_padding |
+                                # key_bias | causal+key_bias | general
     degree: int | None
     feature_dim: int | None     # r = C(d + g, g)
     spelling: str = ""          # sdpa | matmul+softmax | einsum+softmax | ...
@@ -44,7 +45,7 @@ class Site:
     flops_lowrank: float | None = None
     notes: str = ""
     label: str = ""                       # "module:node", the key of lrcompile.stats()
-    measured_error: float | None = None   # max |out - exact| / max|v| on the example inputs, every row
+    measured_error: float | None = None   # the guard's metric (lrcompile.ops.guard) on the example inputs, every row
     guard_falls_back: bool | None = None  # the guard's estimate on those inputs exceeds max_error, so
                                           # a call like it returns exact under on_inaccurate="exact"
     implementation: str = ""              # what runs a rewritten site's calls (lrcompile.kernels.selector): "c",
@@ -275,7 +276,8 @@ def format_report(report: Report) -> str:
     out.append("")
     out.append("score range: largest |s q.k| measured on the example inputs (keys centred when non-causal); "
                "error bound: max |out - exact| / max |v| implied by the polynomial's relative error on that "
-               "range; measured error: the same quantity measured on the example inputs, every row; "
+               "range; measured error: the accuracy guard's metric, max over rows of "
+               "||out_i - exact_i|| / rms_j ||out_j|| per head, measured on the example inputs, every row; "
                "implementation: the kernels a rewritten site runs (LRCOMPILE_KERNELS forces one); "
                "GFLOP: forward + backward, whole call.")
     return "\n".join(out)

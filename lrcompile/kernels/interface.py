@@ -38,6 +38,7 @@ class KernelConfig(NamedTuple):
     max_error: float = 0.01             # the accuracy guard (lrcompile.ops.guard)
     on_inaccurate: str = "allow"
     site_label: str = "lowrank_attention"
+    algorithm: str = "auto"             # "auto" (lrcompile.ops.algorithm's cost rule per call) | "direct" | "factored"
 
     @property
     def degree(self) -> int:

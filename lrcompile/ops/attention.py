@@ -112,9 +112,12 @@ def lowrank_attention(
     if head_dim == 0:  # no features: every score is 0, which one zero coordinate computes
         q5, k4 = (torch.cat([t, t.new_zeros(t.shape[:-1] + (1,))], -1) for t in (q5, k4))
     q5, k4, v4 = q5.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
-    key_weight = None
+    key_weight = log_key_weight = None
     if mask3 is not None:
         key_weight, peak = key_weights(mask3, compute_dtype)
+        if mask3.is_floating_point() and is_causal:
+            # Causal rows see different peaks of the bias: the guard needs log w itself (guard.weights_underflow).
+            log_key_weight = mask3.to(compute_dtype) - torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
         if mask3.is_floating_point():
             absorbed = _scores_absorbed(peak, q5, k4, scale)  # (B, 1)
             q5 = q5.masked_fill(absorbed[:, :, None, None, None], 0.0)
@@ -126,26 +129,28 @@ def lowrank_attention(
     else:
         selector.check(config.implementation, q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
 
-    out, denominator = _factored(config, q5, k4, v4, key_weight, scale, bool(is_causal))
+    out, denominator, exact = _factored(config, q5, k4, v4, key_weight, scale, bool(is_causal), log_key_weight)
     if is_causal and mask3 is not None and mask3.is_floating_point():
-        out = _rows_without_weight(out, denominator, v4, torch.isfinite(mask3))
+        # exact attention already averages such rows; the kernel's denominator says nothing about them
+        out = torch.where(exact, out, _rows_without_weight(out, denominator, v4, torch.isfinite(mask3)))
     return layout.restore(out).to(q.dtype)
 
 
-def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: bool):
-    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q)) from the op `config.implementation` runs on,
-    guarded (lrcompile.ops.guard) either way."""
+def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: bool, log_key_weight=None):
+    """(out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), exact ()) from the op `config.implementation`
+    runs on, guarded (lrcompile.ops.guard) either way; exact is True where the guard returned exact attention."""
     coefficients = list(config.coefficients)
     if config.implementation == "triton":
         # the Triton kernels' own op (imports triton only where it runs); the guard composed after it
         out, denominator, _ = selector.kernels_for("triton").forward(q, k, v, key_weight, config, scale, causal)
-        out, _ = guard.guarded_output(out, q, k, v, key_weight, scale, causal, config.max_error,
-                                      config.on_inaccurate, config.site_label)
-        return out, denominator
-    out, denominator, _, _ = factored_attention(q, k, v, key_weight, coefficients, scale, causal, config.chunk_size,
-                                                config.max_error, config.on_inaccurate, config.site_label,
-                                                config.implementation)
-    return out, denominator
+        out, exact = guard.guarded_output(out, q, k, v, key_weight, scale, causal, config.max_error,
+                                          config.on_inaccurate, config.site_label, coefficients, log_key_weight)
+        return out, denominator, exact
+    out, denominator, _, exact = factored_attention(q, k, v, key_weight, coefficients, scale, causal,
+                                                    config.chunk_size, config.max_error, config.on_inaccurate,
+                                                    config.site_label, config.implementation, log_key_weight,
+                                                    config.algorithm)
+    return out, denominator, exact
 
 
 def _check_config_alone(config, **settings):
@@ -367,13 +372,18 @@ def _key_padding_mask(attn_mask, q, k, v, enable_gqa):
                 f"attn_mask has a query axis (shape {shape}) that cannot be checked while tracing; "
                 f"supported: {SUPPORTED_MASKS}"
             )
+        if attn_mask.is_floating_point() and attn_mask.requires_grad and attn_mask.stride(-2) != 0:
+            raise ValueError(
+                f"attn_mask requires grad and has a query axis (shape {shape}): its gradient differs per query "
+                f"row, which the factored op never forms; pass a key-padding mask of shape (..., 1, n_k), or an "
+                f"expand of one (its gradient then reaches the (..., 1, n_k) tensor exactly)")
         with torch.no_grad():
             first = attn_mask[..., :1, :]
             if not torch.equal(attn_mask, first.expand(shape)):
                 raise ValueError(
                     f"attn_mask varies along the query axis (shape {shape}); supported: {SUPPORTED_MASKS}")
-        # Equal rows: their mean has the same value, and a gradient that reaches whatever built
-        # the mask constant along queries (an expand) as SDPA's per-entry gradient does, summed.
+        # Equal rows of an expand: their mean has the same value, and a gradient that reaches the
+        # expanded (..., 1, n_k) tensor as SDPA's per-entry gradient does, summed.
         return attn_mask.mean(-2, keepdim=True) if attn_mask.is_floating_point() else first
     return attn_mask[..., :1, :]
 
