@@ -20,7 +20,7 @@ from lrcompile.kernels import selector
 from lrcompile.kernels.interface import KernelConfig
 from lrcompile.math.features import feature_dim
 from lrcompile.ops import guard
-from lrcompile.ops.algorithm import uses_direct
+from lrcompile.ops import algorithm as algorithms  # the ops' `algorithm` argument names one of them
 
 IMPLEMENTATIONS = ("c", "torch")
 
@@ -143,8 +143,8 @@ def _uses_direct(q, k, v, coefficients, causal, chunk_size, algorithm="auto") ->
     if algorithm != "auto":
         return algorithm == "direct"
     groups, n_q, head_dim = q.shape[2:]
-    return uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1, causal,
-                       chunk_size, q.device.type)
+    return algorithms.uses_direct(n_q, k.shape[-2], head_dim, v.shape[-1], groups, len(coefficients) - 1,
+                                  causal, chunk_size, q.device.type)
 
 
 def _state_rows(q, k, v, coefficients, causal, chunk_size, algorithm="auto"):
