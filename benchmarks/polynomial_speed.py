@@ -9,7 +9,7 @@ approximation) must be proven in well under a second (docs/design.md, section 2)
 import time
 
 from lrcompile.math import polynomial
-from lrcompile.math.polynomial import APPROXIMATIONS, MAX_DEGREE, NotPositiveError, degree_for, exp_polynomial
+from lrcompile.math.polynomial import APPROXIMATIONS, MAX_DEGREE, degree_for, exp_polynomial
 
 RANGES = (0.5, 1.0, 2.0, 4.0, 9.6, 20.0, 40.0, 75.0, 100.0)
 

@@ -1,6 +1,5 @@
 """The backend end to end: compiled models against eager ones, forward and parameter gradients."""
 
-import functools
 import warnings
 
 import pytest

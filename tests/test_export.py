@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import lrcompile
 from lrcompile.compile.export import export
-from lrcompile.reference import exact_attention
 
 
 class SelfAttention(nn.Module):
