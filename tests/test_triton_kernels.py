@@ -40,8 +40,8 @@ import triton.language as tl  # noqa: E402
 from lrcompile.kernels import operands  # noqa: E402
 from lrcompile.kernels import triton as triton_kernels  # noqa: E402
 from lrcompile.ops import factored_op  # noqa: E402
-from lrcompile.kernels.triton import _slice_factors  # noqa: E402
-from lrcompile.math.features import monomial_table  # noqa: E402
+from lrcompile.kernels.triton_slabs import slab_blocks  # noqa: E402
+from lrcompile.math.features import monomial_table, monomials  # noqa: E402
 from lrcompile.reference import polynomial_attention, random_attention_inputs  # noqa: E402
 
 TAYLOR_2 = [1.0, 1.0, 0.5]
@@ -188,10 +188,10 @@ def test_forward_and_gradients_match_the_torch_sweep_and_float64(layout, mask, d
 
 @needs_kernels
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-@pytest.mark.parametrize("degree, head_dim", [(2, 32), (3, 8)], ids=["degree_2_d32", "degree_3_d8"])
+@pytest.mark.parametrize("degree, head_dim", [(2, 32), (3, 32)], ids=["degree_2_d32", "degree_3_d32"])
 def test_widest_interpreted_heads_match_float64(degree, head_dim, causal):
-    """The widest heads the interpreter affords: d = 32 at degree 2, d = 8 (45 slices) at degree 3.
-    The degree-3 limit d = 32 (561 slices) takes 90 s a case interpreted; the CUDA tests below run it."""
+    """d = 32: 36 degree-2 slabs of 4 x 4 under the interpreter, and at degree 3 its limit, 120 slabs
+    of 4 x 4 x 4 (6545 rows)."""
     value_dim, chunk_size = 16, 16
     coefficients = POLYNOMIALS[degree]
     scale = 1 / math.sqrt(head_dim)
@@ -205,69 +205,65 @@ def test_widest_interpreted_heads_match_float64(degree, head_dim, causal):
     _assert_gradients_close(grads, exact_grads, key_weight, 1e-4)
 
 
-def _slice_features(x, degree):
-    """Every feature of the slice layout, in the state's row order, by enumeration (float64):
-    x~_a x~_b x_e for slices (a, b) (a <= b <= d at degree 3, b = d below), then the constant."""
-    d = x.shape[-1]
-    x_tilde = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-    pairs = [(a, b) for a in range(d + 1) for b in range(a, d + 1)] if degree == 3 else [(a, d) for a in range(d + 1)]
-    features = [(x_tilde[..., a] * x_tilde[..., b]).unsqueeze(-1) * x for a, b in pairs]
-    return torch.cat(features + [torch.ones_like(x[..., :1])], dim=-1)
-
-
 @needs_kernels
 @pytest.mark.parametrize("degree", POLYNOMIALS, ids=lambda g: f"degree_{g}")
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
-def test_state_is_the_slice_layout_by_enumeration(causal, degree):
-    """Row p d + e of the state sums x~_a x~_b k'_e W^_j over the keys, slice p = (a, b) numbered
-    row-major over the pairs: the kernels' closed-form slice numbering matches the enumeration."""
-    head_dim, value_dim, scale = 5, 3, 0.5
-    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True, seed=40 + degree)
+@pytest.mark.parametrize("head_dim", [5, 9], ids=lambda d: f"d{d}")
+def test_state_is_one_row_per_monomial_in_the_torch_sweeps_order(head_dim, causal, degree):
+    """r = C(d + g, g) rows, row f summing monomial f of k' (monomial_table's order, no coefficient)
+    times W^_j over the keys: the torch sweep's state, by enumeration in float64. d = 5 and 9
+    span two and three column blocks of a slab (INTERPRETED_SLAB_WIDTH), so off-diagonal slabs and
+    the masked doubles of the diagonal ones are both in play."""
+    value_dim, scale = 3, 0.5
+    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True, seed=40 + degree + head_dim)
     state = triton_kernels.forward(q, k, v, key_weight, POLYNOMIALS[degree], scale, causal, 16)[2]
     k_centred = operands.centre_keys(k.double(), key_weight.double(), scale, causal)[0]
     weighted = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1).double() * key_weight.double().unsqueeze(-1)
-    expected = _slice_features(k_centred, degree).mT @ weighted
-    assert state.shape == (1, 1, triton_kernels.state_rows(head_dim, degree), value_dim + 1)
+    expected = monomials(k_centred, monomial_table(head_dim, degree)).mT @ weighted
+    assert state.shape == (1, 1, math.comb(head_dim + degree, degree), value_dim + 1)
+    assert triton_kernels.state_rows(head_dim, degree) == math.comb(head_dim + degree, degree)
     assert _relative_error(state, expected) < 1e-5
+    if not causal:  # the torch sweep's own state (its causal call keeps none past the last chunk)
+        sweep_state = factored_op.factored_attention(q, k, v, key_weight, POLYNOMIALS[degree], scale, causal, 16,
+                                                     0.0, "allow", "test")[2]
+        assert _relative_error(state, sweep_state) < 1e-5
 
 
 @triton.jit
-def _slice_factors_kernel(out_ptr, d, DEGREE: tl.constexpr, D1: tl.constexpr):
-    p = tl.program_id(0)
-    a, b = _slice_factors(p, d, DEGREE, D1)
-    tl.store(out_ptr + 2 * p, a)
-    tl.store(out_ptr + 2 * p + 1, b)
+def _slab_blocks_kernel(out_ptr, n_blocks, POWER: tl.constexpr, NBP: tl.constexpr):
+    slab = tl.program_id(0)
+    first, second, third = slab_blocks(slab, n_blocks, POWER, NBP)
+    tl.store(out_ptr + 3 * slab, first)
+    tl.store(out_ptr + 3 * slab + 1, second)
+    tl.store(out_ptr + 3 * slab + 2, third)
 
 
 @needs_kernels
-@pytest.mark.parametrize("head_dim", [1, 7, 32])
-def test_degree_3_slice_numbering_is_row_major_over_the_pairs(head_dim):
-    """The closed form in _slice_factors against the enumeration, up to the degree-3 limit d = 32."""
-    pairs = [(a, b) for a in range(head_dim + 1) for b in range(a, head_dim + 1)]
-    assert len(pairs) == triton_kernels.slice_count(head_dim, 3)
-    out = torch.full((len(pairs), 2), -1, dtype=torch.int32, device=DEVICE)
-    _slice_factors_kernel[(len(pairs),)](out, head_dim, DEGREE=3, D1=triton.next_power_of_2(head_dim + 1))
-    assert out.cpu().tolist() == [list(pair) for pair in pairs]
+@pytest.mark.parametrize("power", [2, 3])
+@pytest.mark.parametrize("n_blocks", [1, 3, 8, 16])
+def test_slab_numbering_is_colex_over_the_column_blocks(n_blocks, power):
+    """slab_blocks' closed form against the enumeration: (I, J) with I <= J, or (I, J, L) with
+    I <= J <= L, in colex order (the last block slowest), as many as _Launch.slab_count says."""
+    if power == 2:
+        blocks = [(i, j, j) for j in range(n_blocks) for i in range(j + 1)]
+    else:
+        blocks = [(i, j, last) for last in range(n_blocks) for j in range(last + 1) for i in range(j + 1)]
+    assert len(blocks) == math.comb(n_blocks + power - 1, power)
+    out = torch.full((len(blocks), 3), -1, dtype=torch.int32, device=DEVICE)
+    _slab_blocks_kernel[(len(blocks),)](out, n_blocks, POWER=power, NBP=triton.next_power_of_2(n_blocks))
+    assert out.cpu().tolist() == [list(b) for b in blocks]
 
 
-@needs_kernels
-def test_degree_2_state_is_the_full_layout_of_the_symmetric_state():
-    """Row a d + b of the degree-2 state is feature k'_a k'_b (a < d), row d d + b is k'_b, the last row 1:
-    the symmetric state's monomial (i <= j) is the full layout's row i d + j."""
-    head_dim, value_dim = 4, 3
-    q, k, v, key_weight = _inputs(24, 24, head_dim, value_dim, padding=True)
-    state = triton_kernels.forward(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16)[2]
-    symmetric = factored_op.factored_attention(q, k, v, key_weight, TAYLOR_2, 0.5, False, 16, 0.0, "allow", "test")[2]
-    table = monomial_table(head_dim, 2)
-    d = head_dim
-    full_rows = [d * (d + 1)] + [d * d + b for b in range(d)]
-    for feature in range(1 + d, table.feature_dim):  # degree 2: feature = x_last * (parent = x_i)
-        i, j = table.last[table.parent[feature]], table.last[feature]
-        full_rows.append(i * d + j)
-    assert state.shape == (1, 1, triton_kernels.state_rows(d), value_dim + 1)
-    assert _relative_error(state[:, :, full_rows], symmetric) < 1e-5
-    lower, upper = [i * d + j for i in range(d) for j in range(d)], [j * d + i for i in range(d) for j in range(d)]
-    assert _relative_error(state[:, :, lower], state[:, :, upper]) < 1e-6  # (a, b) and (b, a): one monomial
+def test_the_state_has_the_symmetric_rank_at_the_issues_sizes():
+    """r = C(d + g, g): 2145 rows at d = 64, degree 2 (not d (d + 1) + 1 = 4161), 6545 at d = 32,
+    degree 3 (not 17953), and the slabs compute no more than 1.3 r' of them."""
+    assert triton_kernels.state_rows(64, 2) == 2145 and triton_kernels.state_rows(32, 3) == 6545
+    for head_dim, degree in ((64, 2), (32, 3), (128, 2)):
+        launch = triton_kernels._Launch(head_dim, 64, degree, (1.0, 1.0, 0.5, 0.1), 64, "bf16")
+        computed = sum(launch.slab_count(m) * (launch.slab_width(m) ** m if m > 1 else head_dim)
+                       for m in launch.powers) + 1
+        assert triton_kernels.state_rows(head_dim, degree) <= computed <= 1.3 * triton_kernels.state_rows(head_dim,
+                                                                                                           degree)
 
 
 # Half-precision inputs against float64 on the same (rounded) inputs. The operands stay in the
@@ -351,9 +347,9 @@ def test_causal_kernels_chunk_at_least_256_rows_on_cuda_and_as_the_site_says_els
     assert triton_kernels.kernel_chunk(12, torch.device("cpu")) == 12
 
 
-def test_the_state_kernel_splits_long_rows_only_where_heads_and_slices_leave_a_gpu_idle():
+def test_the_state_kernel_splits_long_rows_only_where_heads_and_slabs_leave_a_gpu_idle():
     cuda = torch.device("cuda")
-    assert triton_kernels._rows_per_split(65536, 8 * 65, 64, cuda) == 32768  # B H n_slices = 520 programs: 2 splits
+    assert triton_kernels._rows_per_split(65536, 8 * 37, 64, cuda) == 32768  # B H slabs = 296 programs: 2 splits
     assert triton_kernels._rows_per_split(65536, 16 * 65 * 4, 64, cuda) == 65536  # enough programs: none
     assert triton_kernels._rows_per_split(4096, 1 * 65, 64, cuda) == 2048  # splits stay >= MIN_ROWS_PER_SPLIT
     assert triton_kernels._rows_per_split(40, 5, 16, torch.device("cpu")) == 32  # interpreted: the tests split
@@ -380,7 +376,7 @@ def test_supports_says_what_it_refuses():
 
     assert reason(2, 128) is None and reason(3, 32) is None and reason(1, 128) is None
     assert reason(2, 128, dtype=torch.bfloat16) is None and reason(3, 32, dtype=torch.float16) is None
-    assert "degree 4" in reason(4, 8)
+    assert "degree 4" in reason(4, 8) and "degree 0" in reason(0, 8)
     assert "d = 33 at degree 3" in reason(3, 33) and "d <= 32 at degree 3" in reason(3, 33)
     assert "d = 129" in reason(2, 129)
     assert "d_v = 129" in reason(2, 64, value_dim=129)
@@ -411,19 +407,21 @@ def _compiled_kernels():
                 triton_kernels._Launch(32, 128, 3, (1.0, 1.0, 0.5, 0.1), 32, "bf16")]
     kernels = []
     for launch in launches:
-        rows, polynomial = launch.slice_constants(rows_only=True), launch.polynomial()
+        polynomial = launch.polynomial()
         kernels += [
-            (triton_kernels._state_kernel, rows),
-            (triton_kernels._block_forward_kernel, dict(launch.constants(), **polynomial)),
-            (triton_kernels._block_query_backward_kernel, dict(launch.constants(), **polynomial)),
-            (triton_kernels._block_key_backward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels.block_forward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels.block_query_backward_kernel, dict(launch.constants(), **polynomial)),
+            (triton_kernels.block_key_backward_kernel, dict(launch.constants(), **polynomial)),
         ]
+        for power in launch.powers:
+            kernels.append((triton_kernels.state_kernel, launch.power_constants(power)))
+            kernels += [(triton_kernels.chunk_states_kernel, dict(launch.power_constants(power), REVERSE=reverse,
+                                                                  STORE_TOTAL=not reverse)) for reverse in (False, True)]
         for chunked in (False, True):
-            kernels += [(triton_kernels._apply_state_kernel,
-                         dict(rows, **polynomial, STORE_U=store_u, GRADIENT=gradient, CHUNKED=chunked,
+            kernels += [(triton_kernels.apply_state_kernel,
+                         dict(launch.apply_constants(), STORE_U=store_u, GRADIENT=gradient, CHUNKED=chunked,
                               ACCUMULATE=chunked))
                         for store_u, gradient in ((True, False), (False, True), (True, True))]
-            kernels.append((triton_kernels._chunk_states_kernel, dict(rows, REVERSE=chunked, STORE_TOTAL=not chunked)))
     return kernels
 
 
@@ -616,11 +614,11 @@ def test_triton_op_registration_and_compiled_calls_on_cuda(dtype, degree, causal
         assert _relative_error(grad, eager_grad) < gradient_tolerance
 
 
-FORWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
-                   True: ("_block_forward_kernel", "_chunk_states_kernel", "_apply_state_kernel")}
-BACKWARD_KERNELS = {False: ("_state_kernel", "_apply_state_kernel"),
-                    True: ("_block_query_backward_kernel", "_block_key_backward_kernel", "_chunk_states_kernel",
-                           "_apply_state_kernel")}
+FORWARD_KERNELS = {False: ("state_kernel", "apply_state_kernel"),
+                   True: ("block_forward_kernel", "chunk_states_kernel", "apply_state_kernel")}
+BACKWARD_KERNELS = {False: ("state_kernel", "apply_state_kernel"),
+                    True: ("block_query_backward_kernel", "block_key_backward_kernel", "chunk_states_kernel",
+                           "apply_state_kernel")}
 INDUCTOR_KERNEL = re.compile(r"def triton_(poi|per|red)_\w+\(")  # Inductor's names for the Triton it generates
 
 
