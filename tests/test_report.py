@@ -5,8 +5,11 @@ import torch
 from torch import nn
 
 import lrcompile
+from lrcompile.math import flops
 from lrcompile.math.features import feature_dim
 from lrcompile.models import gpt2, nanogpt
+from lrcompile.ops import algorithm
+from lrcompile.ops.attention import default_chunk_size
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -72,3 +75,21 @@ def test_explain_reports_a_pattern_that_matches_no_module():
     assert "include pattern 'transformer.h.*.attn' matches no module path" in text
     assert "exclude pattern 'h.9.*' matches no module path" in text
     assert "'h.0.*' matches" not in text
+
+
+def test_lowrank_flops_are_those_of_the_algorithm_the_op_runs():
+    model, inputs = gpt2(n=32)
+    n, head_dim, query_heads = 32, 32, 2 * 4
+    chunk = default_chunk_size(head_dim, 2, True)
+    assert algorithm.uses_direct(n, n, head_dim, head_dim, 1, 2, True, chunk, "cpu")  # short: the n x n block
+    report = lrcompile.explain(model, *inputs, policy=lrcompile.Policy(cost_model=False))
+    direct = flops.direct_flops(n, n, head_dim, head_dim, query_heads, True)
+    assert [(site.algorithm, site.flops_lowrank) for site in report.sites] == [("direct", direct)] * 2
+    assert f"{direct / 1e9:.3g} direct" in str(report)
+
+    torch._dynamo.reset()
+    with algorithm.algorithm_forced("factored"):
+        report = lrcompile.explain(model, *inputs, policy=lrcompile.Policy(cost_model=False))
+    factored = flops.lowrank_flops(n, n, head_dim, head_dim, query_heads, True, 2, chunk)
+    assert [(site.algorithm, site.flops_lowrank) for site in report.sites] == [("factored", factored)] * 2
+    assert f"{factored / 1e9:.3g} factored" in str(report)

@@ -25,7 +25,7 @@ from lrcompile.math.features import feature_dim
 from lrcompile.math.memory_budget import MemoryBudgetError, check_memory_budget
 from lrcompile.math.polynomial import (APPROXIMATIONS, MAX_DEGREE, ExpPolynomial, NotPositiveError, degree_for,
                                        exp_polynomial, needs_bound, polynomial_without_bound)
-from lrcompile.ops import guard
+from lrcompile.ops import algorithm, guard
 from lrcompile.ops.attention import default_chunk_size
 from lrcompile.ops.context_parallel import resolve_group
 from lrcompile.ops.guard import ON_INACCURATE
@@ -135,7 +135,10 @@ class Decision:
     score_range: float | None = None  # the B the decision used (policy's bound or measured)
     chunk_size: int | None = None
     flops_exact: float | None = None
-    flops_lowrank: float | None = None
+    flops_lowrank: float | None = None  # the factored algorithm's: what the cost model's calibration measured
+    flops_direct: float | None = None  # set where the direct algorithm runs
+    algorithm: str = ""  # "direct" | "factored": what the op runs at this shape (lrcompile.ops.algorithm);
+                         # "" when kept, or when the lengths are symbolic (then the op decides per shape)
     kernel: selector.Choice | None = None  # the implementation (and sweep) the site's calls run
     config: KernelConfig | None = None  # what the kernel runs with, when rewritten
     context_parallel: object = None  # ops.context_parallel.ContextGroup, when the site's calls exchange states
@@ -201,7 +204,25 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
         decision.context_parallel = resolve_group(policy.context_parallel)
         # the group by name: a string is what an FX graph (and a functional collective) can hold
         decision.lowrank_kwargs["group"] = decision.context_parallel.name
+    decision.algorithm = _algorithm(decision, site, n_q, n_k, head_dim, value_dim, kv_ratio, degree, chunk)
+    if decision.algorithm == "direct":
+        decision.flops_direct = flops.direct_flops(n_q, n_k, head_dim, value_dim, batch_heads, causal)
     return decision
+
+
+def _algorithm(decision: Decision, site, n_q, n_k, head_dim, value_dim, kv_ratio, degree, chunk) -> str:
+    """The algorithm a rewritten site's calls run, as the op asks lrcompile.ops.algorithm (the
+    Triton kernels and the context-parallel exchange have only the factored one). Asked only of
+    concrete lengths: on symbolic ones the answer would install a guard on them, which export,
+    fixing the factored algorithm (lrcompile.compile.export), must not get."""
+    if decision.kernel.implementation == "triton" or decision.context_parallel is not None:
+        return "factored"
+    if not all(isinstance(size, (int, float)) for size in (n_q, n_k, head_dim, value_dim, kv_ratio)):
+        return ""
+    groups = max(1, round(1 / kv_ratio))  # query heads per key/value head, as the op lays them out
+    direct = algorithm.uses_direct(n_q, n_k, head_dim, value_dim, groups, degree, site.is_causal, chunk,
+                                   site.device or "meta")
+    return "direct" if direct else "factored"
 
 
 def unmatched_patterns(policy: Policy, module_paths) -> list[str]:

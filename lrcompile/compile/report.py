@@ -42,7 +42,10 @@ class Site:
     score_range: float | None = None      # largest |score| measured on the example inputs
     error_bound: float | None = None      # bound on |out - exact| / max|v| at that range
     flops_exact: float | None = None      # forward + backward
-    flops_lowrank: float | None = None
+    flops_lowrank: float | None = None    # of `algorithm` where it is known; else of the factored algorithm
+    algorithm: str = ""                   # "direct" | "factored": which algorithm of the polynomial attention
+                                          # the op runs at this shape (lrcompile.ops.algorithm); "" when kept,
+                                          # or decided per call (symbolic lengths)
     notes: str = ""
     label: str = ""                       # "module:node", the key of lrcompile.stats()
     measured_error: float | None = None   # the guard's metric (lrcompile.ops.guard) on the example inputs, every row
@@ -190,7 +193,8 @@ def _sites_of(rewrite: Rewrite, compile_error: str | None = None) -> list[Site]:
             score_range=decision.score_range,
             error_bound=polynomial.output_error_factor if polynomial is not None else None,
             flops_exact=_number(decision.flops_exact),
-            flops_lowrank=_number(decision.flops_lowrank),
+            flops_lowrank=_number(decision.flops_direct if decision.algorithm == "direct" else decision.flops_lowrank),
+            algorithm=decision.algorithm if decision.rewrite and compile_error is None else "",
             notes=site.notes,
             label=site_label(site),
             implementation=(decision.kernel.label if decision.rewrite and decision.kernel is not None
@@ -234,7 +238,7 @@ def format_report(report: Report) -> str:
             f"{s.score_range:.3g}" if s.score_range is not None else "-",
             _bound(s.error_bound),
             f"{s.measured_error:.2g}" if s.measured_error is not None else "-",
-            _gflop(s.flops_exact), _gflop(s.flops_lowrank),
+            _gflop(s.flops_exact), " ".join(filter(None, (_gflop(s.flops_lowrank), s.algorithm))),
         ))
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     line = lambda row: "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -279,7 +283,9 @@ def format_report(report: Report) -> str:
                "range; measured error: the accuracy guard's metric, max over rows of "
                "||out_i - exact_i|| / rms_j ||out_j|| per head, measured on the example inputs, every row; "
                "implementation: the kernels a rewritten site runs (LRCOMPILE_KERNELS forces one); "
-               "GFLOP: forward + backward, whole call.")
+               "GFLOP: forward + backward, whole call; low-rank: of the algorithm the op runs at this shape, "
+               "named beside it (direct: the n x n polynomial block, at short lengths; factored: the feature "
+               "states; lrcompile.ops.algorithm), of the factored one for a kept site.")
     return "\n".join(out)
 
 

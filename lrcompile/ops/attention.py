@@ -83,22 +83,22 @@ def lowrank_attention(
     Low-precision inputs are computed in float32 and returned in their own dtype.
     """
     q, k, v = query, key, value
-    _check_tensors(q, k, v, enable_gqa)
-    _check_flags(dropout_p, is_causal)
+    check_tensors(q, k, v, enable_gqa)
+    check_flags(dropout_p, is_causal)
     if config is not None:
-        _check_config_alone(config, degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
-                            max_error=max_error, on_inaccurate=on_inaccurate, site_label=site_label)
+        check_config_alone(config, degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
+                           max_error=max_error, on_inaccurate=on_inaccurate, site_label=site_label)
         degree, chunk_size = config.degree, config.chunk_size
         max_error, on_inaccurate, site_label = config.max_error, config.on_inaccurate, config.site_label
     guard.check_settings(max_error, on_inaccurate)
-    _check_degree(degree)
+    check_degree(degree)
     head_dim = q.shape[-1]
-    scale = _check_scale(scale, head_dim)
+    scale = check_scale(scale, head_dim)
     if scale < 0:
         # s q.k = |s| q.(-k): the factored math takes sqrt(|s|) on both sides, the sign on the keys.
         k, scale = -k, -scale
-    mask = None if attn_mask is None else _key_padding_mask(attn_mask, q, k, v, enable_gqa)
-    layout = _Layout.of(q, k, v, mask, enable_gqa)
+    mask = None if attn_mask is None else key_padding_mask(attn_mask, q, k, v, enable_gqa)
+    layout = OperandLayout.of(q, k, v, mask, enable_gqa)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(head_dim, degree, is_causal)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -153,7 +153,7 @@ def _factored(config: KernelConfig, q, k, v, key_weight, scale: float, causal: b
     return out, denominator, exact
 
 
-def _check_config_alone(config, **settings):
+def check_config_alone(config, **settings):
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a lrcompile.kernels.interface.KernelConfig, got {type(config).__name__}")
     defaults = dict(degree=2, approximation="taylor", bound=None, chunk_size=None, max_error=0.01,
@@ -230,11 +230,11 @@ def measured_score_range(q, k, v, attn_mask=None, is_causal=False, scale=None, e
     """The largest |score| lowrank_attention would see on these inputs: max |s q_i . (k_j - mu)| over
     the pairs that attend (valid keys; j <= i if causal). Exact, in query chunks: O(n^2 d) work
     but O(n d) memory; meant for a one-time measurement, not the hot path."""
-    scale = _check_scale(scale, q.shape[-1])
+    scale = check_scale(scale, q.shape[-1])
     if scale < 0:
         k, scale = -k, -scale
-    mask = None if attn_mask is None else _key_padding_mask(attn_mask, q, k, v, enable_gqa)
-    layout = _Layout.of(q, k, v, mask, enable_gqa)
+    mask = None if attn_mask is None else key_padding_mask(attn_mask, q, k, v, enable_gqa)
+    layout = OperandLayout.of(q, k, v, mask, enable_gqa)
     if layout.is_empty:
         return 0.0
     q5, k4, _, mask3 = layout.apply(q, k, v, mask)
@@ -303,7 +303,7 @@ def _empty_attention(q, k, v, attn_mask, layout):
     return q.new_zeros(layout.out_shape) + zero.to(q.dtype)
 
 
-def _check_tensors(q, k, v, enable_gqa):
+def check_tensors(q, k, v, enable_gqa):
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -328,7 +328,7 @@ def _check_tensors(q, k, v, enable_gqa):
                     f"with enable_gqa, query heads ({q.shape[-3]}) must be a multiple of {name} heads ({t.shape[-3]})")
 
 
-def _check_flags(dropout_p, is_causal):
+def check_flags(dropout_p, is_causal):
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or dropout_p != 0:
@@ -338,12 +338,12 @@ def _check_flags(dropout_p, is_causal):
         )
 
 
-def _check_degree(degree):
+def check_degree(degree):
     if isinstance(degree, bool) or not isinstance(degree, int) or not 1 <= degree <= MAX_DEGREE:
         raise ValueError(f"degree must be an int in [1, {MAX_DEGREE}], got {degree!r}")
 
 
-def _check_scale(scale, head_dim) -> float:
+def check_scale(scale, head_dim) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim else 1.0  # d = 0: every score is 0 anyway
     scale = float(scale)
@@ -352,7 +352,7 @@ def _check_scale(scale, head_dim) -> float:
     return scale
 
 
-def _key_padding_mask(attn_mask, q, k, v, enable_gqa):
+def key_padding_mask(attn_mask, q, k, v, enable_gqa):
     """attn_mask checked against SDPA's rules and reduced to (..., 1, n_k or 1), or ValueError
     if it is not a key-padding mask."""
     if not isinstance(attn_mask, torch.Tensor):
@@ -404,7 +404,7 @@ def _output_lead(q_shape, k_shape, v_shape, enable_gqa) -> tuple[int, ...]:
         ) from None
 
 
-class _Layout:
+class OperandLayout:
     """How SDPA's broadcast operands map onto the kernel's q (B, 1, G, n_q, d), k (B, 1, n_k, d).
 
     Every leading output axis is a *key axis* (keys differ along it: one state each, B) or a

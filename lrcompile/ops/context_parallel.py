@@ -64,8 +64,8 @@ from lrcompile.math.features import feature_dim, is_tracing
 from lrcompile.math.memory_budget import check_memory_budget
 from lrcompile.math.polynomial import exp_polynomial, needs_bound, polynomial_without_bound
 # lowrank_attention's own argument checks and layout, so that both ops accept exactly the same calls
-from lrcompile.ops.attention import (_check_config_alone, _check_degree, _check_flags, _check_scale, _check_tensors,
-                                     _key_padding_mask, _Layout, default_chunk_size)
+from lrcompile.ops.attention import (OperandLayout, check_config_alone, check_degree, check_flags, check_scale,
+                                     check_tensors, default_chunk_size, key_padding_mask)
 
 _c10d = torch.ops._c10d_functional
 
@@ -279,15 +279,15 @@ def context_parallel_attention(
                         "group name), or query, key and value as DTensors sharded along the sequence axis")
     where = resolve_group(group)
     q, k, v = query, key, value
-    _check_tensors(q, k, v, enable_gqa)
-    _check_flags(dropout_p, is_causal)
+    check_tensors(q, k, v, enable_gqa)
+    check_flags(dropout_p, is_causal)
     if config is not None:
-        _check_config_alone(config, degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
-                            max_error=0.01, on_inaccurate="allow", site_label="lowrank_attention")
+        check_config_alone(config, degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
+                           max_error=0.01, on_inaccurate="allow", site_label="lowrank_attention")
         degree, chunk_size, coefficients = config.degree, config.chunk_size, tuple(config.coefficients)
         implementation = config.implementation
     else:
-        _check_degree(degree)
+        check_degree(degree)
         if bound is None and needs_bound(degree, approximation):
             raise ValueError(f"context parallelism with approximation={approximation!r}, degree={degree} needs an "
                              f"explicit bound=: every rank must use one polynomial (an even taylor degree needs none)")
@@ -295,11 +295,11 @@ def context_parallel_attention(
                       else polynomial_without_bound(degree, approximation))
         coefficients, implementation = tuple(polynomial.coefficients), None
     head_dim = q.shape[-1]
-    scale = _check_scale(scale, head_dim)
+    scale = check_scale(scale, head_dim)
     if scale < 0:
         k, scale = -k, -scale  # as lowrank_attention: the sign on the keys
-    mask = None if attn_mask is None else _key_padding_mask(attn_mask, q, k, v, enable_gqa)
-    layout = _Layout.of(q, k, v, mask, enable_gqa)
+    mask = None if attn_mask is None else key_padding_mask(attn_mask, q, k, v, enable_gqa)
+    layout = OperandLayout.of(q, k, v, mask, enable_gqa)
     if is_causal and layout.n_q != layout.n_k:
         raise ValueError(f"causal context parallelism needs each rank to hold the same positions of queries and "
                          f"keys (contiguous slices in rank order), got {layout.n_q} queries and {layout.n_k} keys "

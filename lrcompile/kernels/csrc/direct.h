@@ -254,38 +254,47 @@ static void SUFFIX(direct_backward_head)(const lrc_direct_problem* p, SUFFIX(dir
 
 /* ---- entry points: 0 on success, 1 when a thread could not allocate its buffers ---------- */
 
-static int SUFFIX(direct_run_heads)(const lrc_direct_problem* p, int backward)
+static void SUFFIX(direct_workspace_free)(SUFFIX(direct_workspace)* w)
 {
-    const int64_t tile_scores = p->tile * p->n_k + 1;  /* + 1: never malloc(0) */
-    int failed = 0;
-    #pragma omp parallel num_threads(p->threads)
-    {
-        SUFFIX(direct_workspace) w;
-        real** buffers[] = {&w.keys, &w.scores, &w.d_scores, &w.g, &w.delta, &w.weights, &w.dw, &w.value,
-                            &w.slope, &w.columns};
-        const int64_t sizes[] = {p->n_k * p->d, tile_scores, backward ? tile_scores : 0, p->tile * p->dv, p->tile,
-                                 p->n_k, p->n_k, p->n_k, p->n_k, p->d};
-        int ready = 1;
-        for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); ++b) {
-            *buffers[b] = malloc(sizeof(real) * (sizes[b] + 1));
-            ready = ready && *buffers[b];
-        }
-        if (!ready) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t h = 0; h < p->heads; ++h) {
-            if (!ready) continue;
-            if (backward)
-                SUFFIX(direct_backward_head)(p, &w, h);
-            else
-                SUFFIX(direct_forward_head)(p, &w, h);
-        }
-        for (size_t b = 0; b < sizeof(sizes) / sizeof(sizes[0]); ++b) free(*buffers[b]);
-    }
-    return failed;
+    free(w->keys);
+    free(w->scores);
+    free(w->d_scores);
+    free(w->g);
+    free(w->delta);
+    free(w->weights);
+    free(w->dw);
+    free(w->value);
+    free(w->slope);
+    free(w->columns);
 }
+
+static real* SUFFIX(direct_buffer)(int64_t size) { return malloc(sizeof(real) * (size + 1)); }  /* never malloc(0) */
+
+static int SUFFIX(direct_workspace_alloc)(SUFFIX(direct_workspace)* w, const lrc_direct_problem* p, int backward)
+{
+    const int64_t tile_scores = p->tile * p->n_k + 1;
+    w->keys = SUFFIX(direct_buffer)(p->n_k * p->d);
+    w->scores = SUFFIX(direct_buffer)(tile_scores);
+    w->d_scores = SUFFIX(direct_buffer)(backward ? tile_scores : 0);
+    w->g = SUFFIX(direct_buffer)(p->tile * p->dv);
+    w->delta = SUFFIX(direct_buffer)(p->tile);
+    w->weights = SUFFIX(direct_buffer)(p->n_k);
+    w->dw = SUFFIX(direct_buffer)(p->n_k);
+    w->value = SUFFIX(direct_buffer)(p->n_k);
+    w->slope = SUFFIX(direct_buffer)(p->n_k);
+    w->columns = SUFFIX(direct_buffer)(p->d);
+    return w->keys && w->scores && w->d_scores && w->g && w->delta && w->weights && w->dw && w->value && w->slope
+           && w->columns;
+}
+
+#define RUN_HEADS SUFFIX(direct_run_heads)
+#define HEADS_PROBLEM lrc_direct_problem
+#define HEADS_WORKSPACE SUFFIX(direct_workspace)
+#define HEADS_ALLOC SUFFIX(direct_workspace_alloc)
+#define HEADS_FREE SUFFIX(direct_workspace_free)
+#define HEADS_FORWARD SUFFIX(direct_forward_head)
+#define HEADS_BACKWARD SUFFIX(direct_backward_head)
+#include "heads.h"
 
 int SUFFIX(lrc_direct_forward)(const lrc_direct_problem* p) { return SUFFIX(direct_run_heads)(p, 0); }
 

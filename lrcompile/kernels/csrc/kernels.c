@@ -4,9 +4,10 @@
  * monomial feature maps, their vector-Jacobian product and the causal in-chunk polynomial;
  * sweeps.h the chunk loops of the forward and backward, with the matrix products done by the
  * BLAS torch itself links (its ?gemm_, passed in by address); direct.h the direct (n x n block)
- * algorithm of short sequences, lrcompile/ops/algorithm.py. All are written once for a type
- * `real` and included here for each type. The torch evaluations in lrcompile/math/features.py and
- * lrcompile/kernels/reference.py compute the same values and are the reference in the tests.
+ * algorithm of short sequences, lrcompile/ops/algorithm.py; heads.h the parallel loop over heads
+ * both run a call with. All are written once for a type `real` and included here for each type.
+ * The torch evaluations in lrcompile/math/features.py and lrcompile/kernels/reference.py compute
+ * the same values and are the reference in the tests.
  */
 #include <stdint.h>
 #include <stdlib.h>

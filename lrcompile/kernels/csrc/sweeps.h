@@ -209,29 +209,14 @@ static void SUFFIX(backward_head)(const lrc_problem* p, SUFFIX(workspace)* w, in
 
 /* ---- entry points: 0 on success, 1 when a thread could not allocate its buffers ---------- */
 
-static int SUFFIX(run_heads)(const lrc_problem* p, int backward)
-{
-    int failed = 0;
-    #pragma omp parallel num_threads(p->threads)
-    {
-        SUFFIX(workspace) w;
-        const int ready = SUFFIX(workspace_alloc)(&w, p);
-        if (!ready) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t h = 0; h < p->heads; ++h) {
-            if (!ready) continue;
-            if (backward)
-                SUFFIX(backward_head)(p, &w, h);
-            else
-                SUFFIX(forward_head)(p, &w, h);
-        }
-        SUFFIX(workspace_free)(&w);
-    }
-    return failed;
-}
+#define RUN_HEADS SUFFIX(run_heads)
+#define HEADS_PROBLEM lrc_problem
+#define HEADS_WORKSPACE SUFFIX(workspace)
+#define HEADS_ALLOC(w, p, backward) SUFFIX(workspace_alloc)(w, p)  /* the same buffers both ways */
+#define HEADS_FREE SUFFIX(workspace_free)
+#define HEADS_FORWARD SUFFIX(forward_head)
+#define HEADS_BACKWARD SUFFIX(backward_head)
+#include "heads.h"
 
 int SUFFIX(lrc_forward)(const lrc_problem* p) { return SUFFIX(run_heads)(p, 0); }
 
