@@ -25,7 +25,8 @@ stops the next; a step that would start after --budget-s seconds is recorded as 
    LRCOMPILE_TRITON_TUNING at it, and the kernels use it on that GPU).
 4. timings: forward + backward of our kernels (the launchers the op calls) against SDPA's flash
    backend, bfloat16, B = 1, H = 16 and 8, n = 16384 and 65536, d = 64 degree 2 and d = 32
-   degree 3, causal and not; speed-up = flash ms / ours ms (issue P9's targets).
+   degree 3, causal and not; speed-up = flash ms / ours ms, each row with issue P9's target for
+   it and whether this run meets it (`target`).
 
 Times on CUDA are triton.testing.do_bench medians (CUDA events); on the CPU, medians of a few
 perf_counter runs of the CPU op (lrcompile::factored_attention) and SDPA's math kernel, which only
@@ -342,6 +343,26 @@ def autotune(run: Run, log_path: Path) -> dict:
     return {"rows": rows, "table": str(table)}
 
 
+# Issue P9's targets for these timings (bfloat16, B = 1): speed-up over flash at H = 16, d = 64,
+# degree 2 (also what op_speed.py --device cuda checks), a time at H = 8, and degree 3 at d = 32
+# ahead of flash from n = 16384, causal.
+SPEED_UP_TARGETS = {(False, 16384): 4.0, (False, 65536): 20.0, (True, 16384): 1.5, (True, 65536): 8.0}
+CAUSAL_H8_65536_MS = 8.0
+
+
+def target(row: dict) -> dict | None:
+    """{"target": what P9 asks of this row, "met": whether this run meets it}, or None where it asks nothing."""
+    key = (row["head_dim"], row["degree"], row["causal"], row["heads"], row["n"])
+    if key[:2] == (64, 2) and row["heads"] == 16 and (row["causal"], row["n"]) in SPEED_UP_TARGETS:
+        wanted = SPEED_UP_TARGETS[row["causal"], row["n"]]
+        return {"target": f"speed-up >= {wanted:g}x", "met": row["speed_up"] >= wanted}
+    if key == (64, 2, True, 8, 65536):
+        return {"target": f"<= {CAUSAL_H8_65536_MS:g} ms", "met": row["ours_ms"] <= CAUSAL_H8_65536_MS}
+    if key[:3] == (32, 3, True) and row["n"] >= 16384:
+        return {"target": "faster than flash", "met": row["speed_up"] > 1.0}
+    return None
+
+
 def timings(run: Run, log_path: Path) -> dict:
     sizes = SIZES[run.device]
     rows = []
@@ -358,11 +379,14 @@ def timings(run: Run, log_path: Path) -> dict:
                     ours_ms = _time_ms(run.device, ours_forward_backward(run.device, q, k, v, grad_out, degree,
                                                                          causal))
                     flash_ms = _time_ms(run.device, flash_forward_backward(run.device, q, k, v, grad_out, causal))
-                    rows.append({"head_dim": head_dim, "degree": degree, "causal": causal, "heads": heads, "n": n,
-                                 "dtype": str(sizes["dtype"]), "ours_ms": round(ours_ms, 3),
-                                 "flash_ms": round(flash_ms, 3), "speed_up": round(flash_ms / ours_ms, 3)})
+                    row = {"head_dim": head_dim, "degree": degree, "causal": causal, "heads": heads, "n": n,
+                           "dtype": str(sizes["dtype"]), "ours_ms": round(ours_ms, 3),
+                           "flash_ms": round(flash_ms, 3), "speed_up": round(flash_ms / ours_ms, 3)}
+                    row.update(target(row) or {})
+                    rows.append(row)
+                    verdict = f"  {row['target']}: {'met' if row['met'] else 'NOT met'}" if "target" in row else ""
                     print(f"{head_dim:>3} {degree:>3} {str(causal):>6} {heads:>3} {n:>6} {ours_ms:>9.2f} "
-                          f"{flash_ms:>9.2f} {flash_ms / ours_ms:>8.2f}", flush=True)
+                          f"{flash_ms:>9.2f} {flash_ms / ours_ms:>8.2f}{verdict}", flush=True)
                     del q, k, v, grad_out
     return {"rows": rows}
 

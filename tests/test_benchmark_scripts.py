@@ -48,12 +48,16 @@ def test_the_gpu_methods_run_at_tiny_sizes_on_the_cpu_and_triton_is_skipped_with
 
 def test_targets_are_the_speed_ups_over_sdpa_in_the_same_run(op_speed):
     rows = [{"method": "sdpa", "n": 16384, "causal": False, "total_s": 1.0, "skipped": ""},
-            {"method": "lowrank_triton", "n": 16384, "causal": False, "total_s": 0.4, "skipped": "",
-             "product_flops": 0.3e12}]
+            {"method": "lowrank_triton", "n": 16384, "causal": False, "total_s": 0.2, "skipped": "",
+             "product_flops": 0.05e12},
+            {"method": "sdpa", "n": 16384, "causal": True, "total_s": 1.0, "skipped": ""},
+            {"method": "lowrank_triton", "n": 16384, "causal": True, "total_s": 0.8, "skipped": "",
+             "product_flops": 0.05e12}]
     result = {"settings": {"dtype": "bfloat16", "methods": ["sdpa", "lowrank_triton"]},
               "matmul": {"gflops": 1000.0}, "rows": rows}
     lines = op_speed.target_lines([result])
-    assert "| bfloat16 | lowrank_triton | non-causal | 16384 | 2.50x | 2x | yes | 75% (>= 50%) |" in lines
+    assert "| bfloat16 | lowrank_triton | non-causal | 16384 | 5.00x | 4x | yes | 25% (< 30%) |" in lines
+    assert "| bfloat16 | lowrank_triton | causal | 16384 | 1.25x | 1.5x | no | 6% (< 30%) |" in lines  # P9's, not P5's 1.2x
     assert any("| causal | 65536 |" in line and "not measured" in line for line in lines)
 
 
@@ -111,3 +115,38 @@ def test_gpu_check_without_cuda_says_so_and_writes_nothing(gpu_check, tmp_path, 
         pytest.skip("CUDA is here")
     assert gpu_check.main(["--out", str(tmp_path / "run")]) == 2
     assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_gpu_check_holds_each_timing_to_the_target_p9_sets_for_it(gpu_check):
+    def row(head_dim, degree, causal, heads, n, ours_ms, flash_ms):
+        return dict(head_dim=head_dim, degree=degree, causal=causal, heads=heads, n=n, ours_ms=ours_ms,
+                    flash_ms=flash_ms, speed_up=flash_ms / ours_ms)
+
+    assert gpu_check.target(row(64, 2, False, 16, 65536, 1.0, 21.0)) == {"target": "speed-up >= 20x", "met": True}
+    assert gpu_check.target(row(64, 2, True, 16, 16384, 2.0, 2.5)) == {"target": "speed-up >= 1.5x", "met": False}
+    assert gpu_check.target(row(64, 2, True, 8, 65536, 8.5, 50.0)) == {"target": "<= 8 ms", "met": False}
+    assert gpu_check.target(row(32, 3, True, 16, 16384, 2.0, 2.5)) == {"target": "faster than flash", "met": True}
+    assert gpu_check.target(row(32, 3, False, 16, 16384, 2.0, 2.5)) is None  # P9 asks nothing of it
+
+
+
+@pytest.mark.slow
+def test_kernel_registers_tabulates_every_launched_kernel_compiled_for_sm90(tmp_path, capsys):
+    """Without a GPU: every kernel one call launches, compiled for sm_90 with Inductor's types, with
+    the registers and spills ptxas reports and its bf16 tensor-core products, into its section."""
+    from lrcompile.kernels import triton as triton_kernels
+
+    if not isinstance(triton_kernels.state_kernel, __import__("triton").runtime.JITFunction):
+        pytest.skip("the kernels are interpreted in this process: nothing to compile")
+    kernel_registers = script("kernel_registers")
+    results = tmp_path / "R.md"
+    kernel_registers.main(["--configurations", "16:2", "--results", str(results)])
+    section = results.read_text()
+    assert "<!-- kernel-registers:start -->" in section
+    rows = [line for line in section.splitlines() if line.startswith("| 16, 2 |")]
+    kernels = {row.split("|")[2].strip().strip("`").split("(")[0] for row in rows}
+    assert kernels == {"state_kernel", "apply_state_kernel", "chunk_states_kernel", "block_forward_kernel",
+                       "block_query_backward_kernel", "block_key_backward_kernel"}
+    for row in rows:  # registers counted, and every kernel's products on the tensor cores
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert int(cells[4]) > 0 and int(cells[6]) + int(cells[7]) > 0, row

@@ -37,6 +37,7 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
+from lrcompile.bench import triton_compile  # noqa: E402
 from lrcompile.kernels import operands  # noqa: E402
 from lrcompile.kernels import triton as triton_kernels  # noqa: E402
 from lrcompile.ops import factored_op  # noqa: E402
@@ -448,103 +449,33 @@ def test_kernels_compile_to_cubin_for_sm90():
         assert compiled.asm["cubin"], kernel.fn.__name__
 
 
-class _LaunchRecorder:
-    """Stands in for wrap_triton: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
-
-    def __init__(self, launches):
-        self.launches = launches
-
-    def __call__(self, kernel):
-        return _RecordedKernel(kernel, self.launches)
-
-
-class _RecordedKernel:
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
-
-
-def _launches_of_one_call(monkeypatch, dtype, degree, causal, groups):
-    """Every kernel launch (kernel, args, kwargs) of one forward and one backward on CUDA-sized tiles,
-    recorded from the launchers on meta tensors (sizes only: nothing runs)."""
-    launches = []
-    monkeypatch.setattr(triton_kernels, "wrap_triton", _LaunchRecorder(launches))
-    head_dim = CUDA_HEAD_DIM[degree]
-    n, value_dim = 300, 64
-    q = torch.empty(1, 2, groups, n, head_dim, device="meta", dtype=dtype)
-    k, v = torch.empty(1, 2, n, head_dim, device="meta", dtype=dtype), torch.empty(1, 2, n, value_dim, device="meta",
-                                                                                   dtype=dtype)
-    key_weight = torch.empty(1, 2, n, device="meta", dtype=dtype)
-    block = triton_kernels._block_size(torch.device("cuda"), head_dim, value_dim)
-    coefficients, scale = POLYNOMIALS[degree], 1 / math.sqrt(head_dim)
-    out, denominator, state = triton_kernels.forward(q, k, v, key_weight, coefficients, scale, causal, 64, block)
-    triton_kernels.backward(torch.empty_like(out), q, k, v, key_weight, out, denominator, state, coefficients, scale,
-                            causal, 64, True, block)
-    return launches
-
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-                 torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
-
-
-def inductor_signature(kernel, args, kwargs):
-    """(signature, constexprs) as Inductor types a user-defined kernel's arguments when it compiles
-    a graph holding it (torch._inductor.codegen.triton_utils.signature_of): tensors as pointers to
-    their dtype, Python floats as fp64, bools as i1, an int equal to 1 as a constexpr, other ints
-    as i32, and the launch's keyword constants as constexprs."""
-    signature, constexprs = {}, {}
-    for name, value in inspect.signature(kernel.fn).bind(*args, **kwargs).arguments.items():
-        if name in kwargs:
-            signature[name], constexprs[name] = "constexpr", kwargs[name]
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, float):
-            signature[name] = "fp64"
-        elif isinstance(value, int) and value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        elif isinstance(value, int):
-            signature[name] = "i32"
-        else:
-            raise TypeError(f"{kernel.fn.__name__}: argument {name} = {value!r}")
-    return signature, constexprs
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available() and KERNELS_RUN_HERE,
                     reason="the kernels are interpreted in this process: nothing to compile")
 @pytest.mark.parametrize("causal", [False, True], ids=["non_causal", "causal"])
 @pytest.mark.parametrize("dtype, degree", [(torch.bfloat16, 2), (torch.float32, 3)], ids=["bfloat16_degree_2",
                                                                                          "float32_degree_3"])
-def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inductor_gives(monkeypatch, dtype, degree,
-                                                                                        causal):
+def test_every_launched_kernel_compiles_for_sm90_with_the_argument_types_inductor_gives(dtype, degree, causal):
     """Inductor compiles our kernels with its own signature: Python floats typed fp64 (on a device
     with fp64), pointers typed by their tensors' dtype. A float argument then makes fp64 products
     that tl.dot refuses ("Both operands must be same dtype"), which only a compile with those types
     shows: every kernel a GQA call launches, forward and backward, with the arguments it gets.
     With bfloat16 inputs every kernel's products run on the tensor cores (mma/wgmma on bf16)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    launches = _launches_of_one_call(monkeypatch, dtype, degree, causal, groups=2)
+    launches = triton_compile.launches_of_one_call(dtype, degree, causal, groups=2, head_dim=CUDA_HEAD_DIM[degree])
     assert {kernel.fn.__name__ for kernel, _, _ in launches} >= set(FORWARD_KERNELS[causal] + BACKWARD_KERNELS[causal])
     failures = []
     for kernel, args, kwargs in launches:
-        signature, constexprs = inductor_signature(kernel, args, kwargs)
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32))
+            compiled = triton_compile.compile_for_gpu(kernel, args, kwargs, arch=90)
         except Exception as error:  # noqa: BLE001 - collect every kernel's failure
             failures.append(f"{kernel.fn.__name__}: {type(error).__name__}: {str(error)[-300:]}")
             continue
         # half operands reach the tensor cores: Hopper's wgmma (or mma.sync) on bf16, not FMA loops
-        if dtype == torch.bfloat16 and not re.search(r"mma[\w.]*\.bf16", compiled.asm["ptx"]):
+        if dtype == torch.bfloat16 and not any(triton_compile.tensor_core_products(compiled.asm["ptx"], dtype).values()):
             failures.append(f"{kernel.fn.__name__}: no bf16 tensor-core product in the PTX")
     assert not failures, "\n".join(failures)
-    typed = {kernel.fn.__name__: inductor_signature(kernel, args, kwargs)[0] for kernel, args, kwargs in launches}
+    typed = {kernel.fn.__name__: triton_compile.inductor_signature(kernel, args, kwargs)[0]
+             for kernel, args, kwargs in launches}
     assert not [name for name, signature in typed.items() if "fp64" in signature.values()]  # no Python float
 
 

@@ -189,6 +189,11 @@ def _block_size(device: torch.device, head_dim: int, value_dim: int) -> int:
 # to 8) then span several blocks and off-diagonal slabs; degree-3 slabs of 4^3 = 64.
 SLAB_WIDTH = {2: 8, 3: 4}
 INTERPRETED_SLAB_WIDTH = {2: 4, 3: 4}
+# Warps of the state kernels (triton_slabs). Compiled for sm_90 with bf16 operands at d = 64 (ptxas
+# -v), 4 warps spill up to 1.1 KB a thread in the apply kernel that forms U and dk' together (its U,
+# dx and Y accumulators beside a slab's features and state) and 48-132 B in the chunk walks; 8
+# warps spill 0.2 KB there and nothing elsewhere. The block kernels spill nothing at the default 4.
+STATE_KERNEL_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,7 @@ def _features_state(x, y, launch: _Launch):
         _launcher(state_kernel)[(heads, launch.slab_count(power), splits)](
             x, y, partial, n, d, d_v, launch.column_blocks(power), rows_per_split,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), partial.stride(0), partial.stride(1),
-            **launch.power_constants(power))
+            **launch.power_constants(power), num_warps=STATE_KERNEL_WARPS)
     return partial[:, 0] if splits == 1 else partial.sum(1)
 
 
@@ -319,7 +324,8 @@ def _apply_state(x, state, y, launch: _Launch, store_u=True, gradient=False, gro
         x, state, y, u_arg, dx_arg, n, d, d_v, launch.column_blocks(2), launch.column_blocks(3), groups,
         chunk_size or 1, n_chunks, x.stride(0), x.stride(1), state.stride(0), chunk_stride, y.stride(0), y.stride(1),
         u_arg.stride(0), u_arg.stride(1), dx_arg.stride(0), dx_arg.stride(1),
-        **launch.apply_constants(), STORE_U=store_u, GRADIENT=gradient, CHUNKED=chunked, ACCUMULATE=accumulate)
+        **launch.apply_constants(), STORE_U=store_u, GRADIENT=gradient, CHUNKED=chunked, ACCUMULATE=accumulate,
+        num_warps=STATE_KERNEL_WARPS)
     return (u if store_u else None), (dx if gradient else None)
 
 
@@ -336,7 +342,8 @@ def _chunk_states(x, y, n_q, launch: _Launch, chunk_size, reverse=False, total=N
         _launcher(chunk_states_kernel)[(heads, launch.slab_count(power))](
             x, y, states, total_arg, min(n_q, n), groups, d, d_v, chunk_size, states.shape[1],
             launch.column_blocks(power), *x.stride()[:3], *y.stride()[:3], states.stride(0), states.stride(1),
-            total_arg.stride(0), **launch.power_constants(power), REVERSE=reverse, STORE_TOTAL=total is not None)
+            total_arg.stride(0), **launch.power_constants(power), REVERSE=reverse, STORE_TOTAL=total is not None,
+            num_warps=STATE_KERNEL_WARPS)
     return states
 
 
