@@ -87,6 +87,8 @@ class Replacement:
     enable_gqa: bool
     output_permute: tuple[int, ...] | None  # canonical (..., n_q, d_v) -> the original output layout
     output_dtype: torch.dtype | None        # cast the result to this when it differs from q's dtype
+    compute_dtype: torch.dtype | None = None  # cast q, k, v to this first: the dtype autocast computed
+                                              # the site in, where they arrive in different dtypes
 
 
 @dataclass
@@ -588,7 +590,7 @@ class _SiteFinder:
             problems.append("the matched subgraph is not convex (a value leaves it and flows back in)")
         if mask.kind == "general":
             problems.append(mask.reason)
-        notes = []
+        notes = [mask.note] if mask.note else []
         if factors:
             names = ", ".join(describe(node) for node, _ in factors)
             notes.append(f"run-time scale {names} folded into q")
@@ -603,19 +605,20 @@ class _SiteFinder:
                 if enable_gqa:
                     notes.append(f"k/v have {size_label(keys.shape()[-3])} heads broadcast over "
                                  f"{size_label(queries.shape()[-3])} query heads: enable_gqa=True")
-            dtypes = {dtype_of(queries.node), dtype_of(keys.node), dtype_of(values.node)}
-            if len(dtypes) > 1:
-                problems.append(f"q, k, v have different dtypes ({', '.join(sorted(map(str, dtypes)))})")
+            compute_dtype, dtype_problem, dtype_note = _compute_dtype(queries, keys, values, output)
+            problems += dtype_problem
+            notes += dtype_note
 
         supported = not problems
         replacement = None
         if supported:
             output_dtype = dtype_of(output)
+            input_dtype = compute_dtype or dtype_of(queries.node)
             replacement = Replacement(
                 q=queries, k=keys, v=values, q_factors=factors, mask_terms=mask.key_padding,
                 is_causal=mask.is_causal, scale=None if scale_is_default else float(scale),
                 enable_gqa=enable_gqa, output_permute=output_permute,
-                output_dtype=output_dtype if output_dtype != dtype_of(queries.node) else None,
+                output_dtype=output_dtype if output_dtype != input_dtype else None, compute_dtype=compute_dtype,
             )
         return AttentionSite(
             name=name,
@@ -635,6 +638,25 @@ class _SiteFinder:
             device=device_type_of(queries.node) if queries is not None else "",
             replacement=replacement,
         )
+
+
+def _compute_dtype(queries: TensorRecipe, keys: TensorRecipe, values: TensorRecipe, output: torch.fx.Node
+                   ) -> tuple[torch.dtype | None, list[str], list[str]]:
+    """(the dtype to cast q, k, v to, problems, notes) where they arrive in different dtypes.
+
+    Products of different dtypes trace only under autocast, which casts every operand of SDPA and
+    of the matmuls to its dtype and computes the site in it: the site's output dtype. (Llama's
+    rotary embedding, for one, turns bfloat16 projections into float32 q and k while v stays
+    bfloat16.) The replacement casts q, k, v to that dtype, as autocast did; any other mix is kept.
+    """
+    dtypes = {dtype_of(queries.node), dtype_of(keys.node), dtype_of(values.node)}
+    if len(dtypes) == 1:
+        return None, [], []
+    listed = ", ".join(sorted(map(str, dtypes)))
+    computed = dtype_of(output)
+    if computed in dtypes and computed is not None and computed.is_floating_point:
+        return computed, [], [f"q, k, v in {listed} under autocast: cast to {computed}, the dtype it computed the site in"]
+    return None, [f"q, k, v have different dtypes ({listed})"], []
 
 
 def _softmax_axis_problem(dim: Any, ndim: int) -> list[str]:

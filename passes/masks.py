@@ -85,6 +85,7 @@ class MaskClassification:
     is_causal: bool
     key_padding: tuple[MaskTerm, ...]  # leaves constant along the query axis, for the replacement
     reason: str = ""                   # why the mask is general ("" otherwise)
+    note: str = ""                     # what the replacement does differently on rows the math leaves open
 
 
 def is_very_negative(value: Any, folder: ConstantFolder) -> bool:
@@ -397,7 +398,33 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
         kind = f"causal+{keys}" if causal else keys
     else:
         kind = "causal" if causal else "none"
-    return MaskClassification(kind, causal, tuple(key_padding))
+    note = FINITE_CAUSAL_FILL_NOTE if causal and key_padding and _removes_finitely(constant, folder) else ""
+    return MaskClassification(kind, causal, tuple(key_padding), note=note)
+
+
+FINITE_CAUSAL_FILL_NOTE = (
+    "a causal row whose every key is padding (left padding) averages the values of the keys it sees; the mask's "
+    "finite causal fill averages every key's, later ones included: only such rows differ (e.g. the last padding "
+    "position's prediction of the first token), forward and backward")
+
+
+def _removes_finitely(constant: list[MaskTerm], folder: ConstantFolder) -> bool:
+    """Does the constant (causal) part remove keys with a finite score (finfo.min) rather than -inf?
+    Then a row whose visible keys are all padding sees every key at the same score, later ones
+    included, and softmax averages them all; is_causal's -inf keeps only the visible ones."""
+    for leaf in constant:
+        if leaf.form in (ATTEND, MASKED):
+            if leaf.fill is not None:
+                return True
+            continue
+        try:
+            value = folder.evaluate(leaf.node)
+        except (CannotEvaluate, RuntimeError):
+            continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(
+                ((value <= MASKED_BELOW) & torch.isfinite(value)).any()):
+            return True
+    return False
 
 
 def _mutation_across_bodies(node: torch.fx.Node, folder: ConstantFolder) -> str:

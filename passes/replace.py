@@ -96,7 +96,9 @@ def _emit(graph: torch.fx.Graph, plan: Replacement, attention_fn: Callable, fn_k
         q = graph.call_function(operator.mul if op == "mul" else operator.truediv, (q, _current(factor)))
     k = _canonical(graph, plan.k)
     v = _canonical(graph, plan.v)
-    attn_mask = _key_padding_mask(graph, plan, dtype_of(plan.q.node))
+    if plan.compute_dtype is not None:  # what autocast did to the site's operands
+        q, k, v = (graph.call_method("to", (x, plan.compute_dtype)) for x in (q, k, v))
+    attn_mask = _key_padding_mask(graph, plan, plan.compute_dtype or dtype_of(plan.q.node))
     attention = graph.call_function(attention_fn, (q, k, v), {
         "attn_mask": attn_mask, "is_causal": plan.is_causal, "scale": plan.scale,
         "enable_gqa": plan.enable_gqa, **fn_kwargs,

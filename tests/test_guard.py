@@ -425,3 +425,33 @@ def test_the_guard_op_of_the_triton_path_returns_exact_attention_with_the_bias_t
     wanted = torch.autograd.grad(expected, reference, grad_out)
     for name, a, b in zip("qkvm", got, wanted):
         assert max_error(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e9], ids=["finfo_min", "minus_1e9"])
+def test_left_padded_causal_rows_under_a_finite_mask_do_not_send_the_call_to_exact(fill):
+    """transformers' eager spelling pads with a finite fill: the first rows of a left-padded sequence
+    then see only keys of weight e^{m - peak} = 0. The kernels return 0 there and lowrank_attention
+    gives those rows the average of their visible keys, as exact attention does; the guard used to
+    measure the kernels' 0 (an error of 3) and return exact attention for every such batch. The loss
+    reads the token rows only, as training does (the padded rows' q gets softmax's gradient through
+    rounded-away scores in exact attention, none here)."""
+    generator = torch.Generator().manual_seed(21)
+    q, k, v = (0.1 * torch.randn(2, 2, 64, 16, generator=generator) for _ in range(3))  # scores within 0.2
+    mask = torch.zeros(2, 1, 1, 64)
+    mask[1, ..., :5] = fill
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    tokens = (mask[:, 0, 0] == 0)[:, None, :, None]  # (B, 1, n, 1)
+    out = lowrank_attention(*leaves, attn_mask=mask, is_causal=True, degree=4, on_inaccurate="error",
+                            site_label="left_padded")
+    (out * tokens).square().sum().backward()
+    stats = lrcompile.stats()["left_padded"]
+    assert stats.fallbacks == 0 and stats.largest_error < 1e-4 and stats.backward_fallbacks == 0
+    exact_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    exact = exact_attention(*exact_leaves, attn_mask=mask.double(), is_causal=True)
+    (exact * tokens).square().sum().backward()
+    assert ((out - exact) * tokens).abs().max() < 1e-5
+    # a padded row i averages the values of keys 0..i, as float32 softmax does once x + m rounds x away
+    average = v[1].cumsum(-2)[:, :5] / torch.arange(1, 6)[:, None]
+    assert (out[1, :, :5] - average).abs().max() < 1e-6
+    for leaf, exact_leaf in zip(leaves, exact_leaves):
+        assert (leaf.grad - exact_leaf.grad).abs().max() < 1e-4 * exact_leaf.grad.abs().max()

@@ -73,3 +73,19 @@ def test_batched_generate_with_left_padding_gives_the_exact_tokens():
         model.forward = compiled(model.forward)
         rewritten = model.generate(ids, **settings)
     assert torch.equal(rewritten, exact)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_explain_says_how_fully_padded_rows_differ_under_the_eager_masks_finite_causal_fill(implementation):
+    """transformers' eager mask removes later keys with finfo.min, not -inf: a left-padded row, which
+    sees only padding, then averages every key of the sequence; the rewrite (is_causal) averages the
+    keys it sees. Only those rows differ, and explain says so for the eager spelling alone."""
+    from passes.masks import FINITE_CAUSAL_FILL_NOTE
+
+    model = llama(implementation)
+    ids, attention_mask = left_padded_batch()
+    report = lrcompile.explain(model, input_ids=ids, attention_mask=attention_mask,
+                               policy=lrcompile.Policy(degree=4, cost_model=False))
+    assert report.sites and all(site.rewritten for site in report.sites)
+    assert all((FINITE_CAUSAL_FILL_NOTE in site.notes) == (implementation == "eager") for site in report.sites)
+

@@ -158,6 +158,8 @@ def check(site, out, q, k, v, key_weight, scale, causal, max_error, on_inaccurat
     inaccurate = not error <= max_error  # NaN counts as inaccurate
     if _MEASURING:
         exact = exact_attention(q, k, v, key_weight, scale, causal, log_weight=log_weight)
+        every_row = torch.arange(q.shape[-2], device=q.device).expand(q.shape[:-1])
+        exact = _caller_defines_unweighted_rows(out, exact, every_row, key_weight, causal)
         _MEASURING[-1][site] = Measurement(_finite_or_inf(relative_error(out, exact, v)), _finite_or_inf(error),
                                            inaccurate)
         return False
@@ -310,9 +312,32 @@ guarded_output.register_autograd(_guard_backward, setup_context=_guard_setup_con
 def estimate_error(out, q, k, v, key_weight, scale, causal, log_weight=None) -> float:
     """The guard's estimate: `relative_error` on the sampled rows (see the module docstring)."""
     rows = sampled_rows(q, SAMPLED_ROWS, k, key_weight, causal)  # (B, H, G, m)
-    q_rows = _gather_rows(q, rows)
+    q_rows, out_rows = _gather_rows(q, rows), _gather_rows(out, rows)
     exact = exact_attention(q_rows, k, v, key_weight, scale, causal, positions=rows, log_weight=log_weight)
-    return relative_error(_gather_rows(out, rows), exact, v, scale_of=out)
+    exact = _caller_defines_unweighted_rows(out_rows, exact, rows, key_weight, causal)
+    return relative_error(out_rows, exact, v, scale_of=out)
+
+
+def _caller_defines_unweighted_rows(out_rows, exact, rows, key_weight, causal):
+    """`exact` with the rows that see no key of positive weight taken from `out_rows`: not the polynomial's.
+
+    Such a row (a left-padded causal row under a finite additive mask: every key it sees has
+    e^{m_j - peak} = 0) has a zero denominator in every kernel, which returns 0 there, and
+    lowrank_attention then gives it the plain average of its visible keys' values, as softmax does
+    when x + m rounds x away (ops.attention). Exact attention with the true log weights averages
+    them too, so the guard measuring the kernel's 0 against it would send every left-padded batch
+    to exact attention. Rows whose keys sit between e^-WEIGHT_RANGE and removal are not these:
+    `weights_underflow` returns exact attention for them. (The backward's estimate already agrees
+    on such rows: 0 in both.)"""
+    if key_weight is None or key_weight.shape[-1] == 0:
+        return exact
+    positive = (key_weight > 0).to(torch.int32)  # (B, H, n_k)
+    if causal:
+        seen = positive.cumsum(-1).unsqueeze(2).expand(*rows.shape[:-1], -1)  # (B, H, G, n_k): keys 0..j
+        weighted = seen.gather(-1, rows.clamp_max(key_weight.shape[-1] - 1)) > 0  # query i sees keys 0..i
+    else:
+        weighted = (positive.sum(-1) > 0)[:, :, None, None].expand(rows.shape)
+    return torch.where(weighted.unsqueeze(-1), exact, out_rows.to(exact.dtype))
 
 
 def relative_error(out, exact, v, scale_of=None) -> float:
