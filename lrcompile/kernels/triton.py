@@ -87,7 +87,7 @@ def unsupported_reason(q: torch.Tensor, v: torch.Tensor, coefficients) -> str | 
     degree, head_dim, value_dim = len(coefficients) - 1, q.shape[-1], v.shape[-1]
     accepted = ", ".join(f"d <= {d} at degree {g}" for g, d in MAX_HEAD_DIM.items())
     if degree not in MAX_HEAD_DIM:
-        return f"degree {degree}; the Triton kernels accept degree 1 to {MAX_DEGREE}"
+        return f"degree {degree}; the Triton kernels accept 1 <= degree <= {MAX_DEGREE}"
     if head_dim > MAX_HEAD_DIM[degree]:
         return f"head dim d = {head_dim} at degree {degree}; the Triton kernels accept {accepted}"
     if value_dim > MAX_VALUE_DIM:

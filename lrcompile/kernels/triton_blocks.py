@@ -15,6 +15,19 @@ from lrcompile.kernels.triton_tiles import dot, head_id, load_rows
 
 
 @triton.jit
+def _key_tile(k_ptr, w_ptr, start, n_k, d, d_v, stride_k_row, stride_w_row, BLOCK_N: tl.constexpr, D: tl.constexpr,
+              DV: tl.constexpr):
+    """(keys, k' (BLOCK_N, D), W^ (BLOCK_N, DV) and its last column) of the key tile from `start`, zero
+    past n_k."""
+    keys = start + tl.arange(0, BLOCK_N)
+    key_mask = keys < n_k
+    k = load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
+    w_v = load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
+    w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+    return keys, k, w_v, w_1
+
+
+@triton.jit
 def _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION: tl.constexpr):
     """(X, visible) for a (BLOCK_M, BLOCK_N) tile: X = q' k'^T, visible the in-chunk causal mask."""
     scores = dot(q, tl.trans(k), DOT_PRECISION)
@@ -73,11 +86,7 @@ def block_forward_kernel(q_ptr, k_ptr, w_ptr, out_ptr, n_q, n_k, d, d_v, chunk_s
     first_key = block * BLOCK_M // chunk_size * chunk_size
     last_key = tl.minimum((block + 1) * BLOCK_M, n_k)
     for start in range(first_key, last_key, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_mask = keys < n_k
-        k = load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
-        w_v = load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
-        w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+        keys, k, w_v, w_1 = _key_tile(k_ptr, w_ptr, start, n_k, d, d_v, stride_k_row, stride_w_row, BLOCK_N, D, DV)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
         block_weights = tl.where(visible, _polynomial(scores, C0, C1, C2, C3), 0.0)
         out_v += dot(block_weights, w_v, DOT_PRECISION)
@@ -117,11 +126,7 @@ def block_query_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, n_q, n_k, d,
     first_key = block * BLOCK_M // chunk_size * chunk_size
     last_key = tl.minimum((block + 1) * BLOCK_M, n_k)
     for start in range(first_key, last_key, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_mask = keys < n_k
-        k = load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
-        w_v = load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
-        w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+        keys, k, w_v, w_1 = _key_tile(k_ptr, w_ptr, start, n_k, d, d_v, stride_k_row, stride_w_row, BLOCK_N, D, DV)
         scores, visible = _polynomial_block(q, k, rows, keys, n_q, n_k, chunk_size, DOT_PRECISION)
         d_weights = dot(g_v, tl.trans(w_v), DOT_PRECISION) + g_1[:, None] * w_1[None, :]
         d_scores = tl.where(visible, d_weights * _polynomial_derivative(scores, C1, C2, C3), 0.0)
@@ -147,16 +152,13 @@ def block_key_backward_kernel(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, u_ptr, n_q, n_
     query sees (j >= n_q) get zeros. Per call: at most 2 G n_k (C + BLOCK_N) (2 d + 2 d_v + 2) FLOPs.
     """
     head, block = head_id(), tl.program_id(1)
-    keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_mask = keys < n_k
     columns, values = tl.arange(0, D), tl.arange(0, DV)
     q_ptr += head * stride_q_head
     g_ptr += head * stride_g_head
     k_ptr += head * stride_k_head
     w_ptr += head * stride_w_head
-    k = load_rows(k_ptr + keys[:, None] * stride_k_row, keys, key_mask, d, D)
-    w_v = load_rows(w_ptr + keys[:, None] * stride_w_row, keys, key_mask, d_v, DV)
-    w_1 = tl.load(w_ptr + keys * stride_w_row + d_v, mask=key_mask, other=0.0).to(tl.float32)
+    keys, k, w_v, w_1 = _key_tile(k_ptr, w_ptr, block * BLOCK_N, n_k, d, d_v, stride_k_row, stride_w_row, BLOCK_N, D, DV)
+    key_mask = keys < n_k
     dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     u_v = tl.zeros((BLOCK_N, DV), dtype=tl.float32)
     u_1 = tl.zeros((BLOCK_N,), dtype=tl.float32)

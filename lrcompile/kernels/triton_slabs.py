@@ -181,6 +181,13 @@ def store_slab(state_ptr, rows, owned, d_v, slab_v, slab_1, constant_v, constant
 
 
 @triton.jit
+def _empty_slab(POWER: tl.constexpr, S: tl.constexpr, DV: tl.constexpr):
+    """A slab's float32 accumulators, zero: (F, DV) and (F,) for its features, (DV,) and (1,) for the constant's."""
+    return (tl.zeros((S ** POWER, DV), dtype=tl.float32), tl.zeros((S ** POWER,), dtype=tl.float32),
+            tl.zeros((DV,), dtype=tl.float32), tl.zeros((1,), dtype=tl.float32))
+
+
+@triton.jit
 def add_rows_to_slab(x_rows, y_rows, row_mask, I, J, L, d, d_v, slab_v, slab_1, constant_v, constant_1,
                      POWER: tl.constexpr, S: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
@@ -217,10 +224,7 @@ def state_kernel(x_ptr, y_ptr, state_ptr, n_rows, d, d_v, n_blocks, rows_per_spl
     I, J, L = slab_blocks(slab, n_blocks, POWER, NBP)
     x_ptr += head * stride_x_head
     y_ptr += head * stride_y_head
-    slab_v = tl.zeros((S ** POWER, DV), dtype=tl.float32)
-    slab_1 = tl.zeros((S ** POWER,), dtype=tl.float32)
-    constant_v = tl.zeros((DV,), dtype=tl.float32)
-    constant_1 = tl.zeros((1,), dtype=tl.float32)
+    slab_v, slab_1, constant_v, constant_1 = _empty_slab(POWER, S, DV)
     first_row = split * rows_per_split
     end_row = tl.minimum(first_row + rows_per_split, n_rows)
     for start in range(first_row, end_row, BLOCK_N):
@@ -257,10 +261,7 @@ def chunk_states_kernel(x_ptr, y_ptr, states_ptr, total_ptr, row_limit, groups, 
     x_ptr += head * stride_x_head
     y_ptr += head * stride_y_head
     states_ptr += head * stride_states_head
-    slab_v = tl.zeros((S ** POWER, DV), dtype=tl.float32)
-    slab_1 = tl.zeros((S ** POWER,), dtype=tl.float32)
-    constant_v = tl.zeros((DV,), dtype=tl.float32)
-    constant_1 = tl.zeros((1,), dtype=tl.float32)
+    slab_v, slab_1, constant_v, constant_1 = _empty_slab(POWER, S, DV)
     for step in range(0, n_chunks):
         if REVERSE:
             chunk = n_chunks - 1 - step
