@@ -110,6 +110,9 @@ class AttentionSite:
     notes: str = ""           # facts a report may show: run-time scales folded into q, GQA
     device: str = ""          # device type of q ("cpu", "cuda", ...); "" when unknown
     replacement: Replacement | None = field(default=None, repr=False, compare=False)
+    masked_rows: str = "visible"  # passes.masks.MaskClassification.masked_rows: "all" where a left-padded
+                                  # causal row averages every key (a finite causal fill), which a
+                                  # replacement with SDPA's signature alone cannot say
 
 
 def find_attention_sites(gm: torch.fx.GraphModule, folder: ConstantFolder | None = None) -> list[AttentionSite]:
@@ -590,7 +593,7 @@ class _SiteFinder:
             problems.append("the matched subgraph is not convex (a value leaves it and flows back in)")
         if mask.kind == "general":
             problems.append(mask.reason)
-        notes = [mask.note] if mask.note else []
+        notes = []
         if factors:
             names = ", ".join(describe(node) for node, _ in factors)
             notes.append(f"run-time scale {names} folded into q")
@@ -637,6 +640,7 @@ class _SiteFinder:
             notes="; ".join(notes),
             device=device_type_of(queries.node) if queries is not None else "",
             replacement=replacement,
+            masked_rows=mask.masked_rows,
         )
 
 

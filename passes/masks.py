@@ -85,7 +85,10 @@ class MaskClassification:
     is_causal: bool
     key_padding: tuple[MaskTerm, ...]  # leaves constant along the query axis, for the replacement
     reason: str = ""                   # why the mask is general ("" otherwise)
-    note: str = ""                     # what the replacement does differently on rows the math leaves open
+    # which keys a causal row averages when every key it sees is removed by a finite fill: "visible"
+    # (the causal part is -inf, or SDPA's is_causal), or "all" (the causal part has a finite fill too,
+    # as transformers' eager masks: every key then has the same score); SDPA's signature says "visible"
+    masked_rows: str = "visible"
 
 
 def is_very_negative(value: Any, folder: ConstantFolder) -> bool:
@@ -398,14 +401,8 @@ def classify_mask(terms: list[MaskTerm], scores_shape: tuple, folder: ConstantFo
         kind = f"causal+{keys}" if causal else keys
     else:
         kind = "causal" if causal else "none"
-    note = FINITE_CAUSAL_FILL_NOTE if causal and key_padding and _removes_finitely(constant, folder) else ""
-    return MaskClassification(kind, causal, tuple(key_padding), note=note)
-
-
-FINITE_CAUSAL_FILL_NOTE = (
-    "a causal row whose every key is padding (left padding) averages the values of the keys it sees; the mask's "
-    "finite causal fill averages every key's, later ones included: only such rows differ (e.g. the last padding "
-    "position's prediction of the first token), forward and backward")
+    masked_rows = "all" if causal and key_padding and _removes_finitely(constant, folder) else "visible"
+    return MaskClassification(kind, causal, tuple(key_padding), masked_rows=masked_rows)
 
 
 def _removes_finitely(constant: list[MaskTerm], folder: ConstantFolder) -> bool:

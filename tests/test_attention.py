@@ -417,3 +417,32 @@ def test_empty_axes_give_sdpa_results_and_gradients(shapes):
     assert out.shape == sdpa.shape and torch.equal(out, sdpa)
     for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(sdpa.sum(), (q, k, v))):
         assert torch.equal(a, b)
+
+
+def test_masked_rows_all_averages_every_key_with_softmaxs_gradient_as_the_eager_spelling():
+    """A causal mask with a finite fill (transformers' eager masks: where(causal & padding, 0, finfo.min))
+    leaves a left-padded row every key at one score: its output averages all values, and autograd
+    gives softmax's gradient through the rounded-away scores. Against float64 of that very spelling,
+    every row in the loss; masked_rows="visible" (SDPA's is_causal) averages the visible keys."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (0.1 * torch.randn(2, 2, 40, 8, generator=generator) for _ in range(3))  # |s q.k| <= ~0.1
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :6] = False  # left padding: rows 0..5 of sequence 1 see only padding
+    fill = torch.finfo(torch.float32).min
+    key_mask = torch.where(valid, 0.0, fill)[:, None, None, :]
+    eager_mask = torch.where(torch.ones(40, 40, dtype=torch.bool).tril() & valid[:, None, None, :], 0.0, fill)
+    grad_out = torch.randn(2, 2, 40, 8, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = lowrank_attention(*leaves, attn_mask=key_mask, is_causal=True, degree=6, masked_rows="all")
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    exact_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    scores = exact_leaves[0] @ exact_leaves[1].mT / math.sqrt(8) + eager_mask.double()  # finfo.min: scores round away
+    exact = torch.softmax(scores, -1) @ exact_leaves[2]
+    exact_grads = torch.autograd.grad(exact, exact_leaves, grad_out.double())
+    assert max_error(out, exact) < 1e-6
+    for name, grad, exact_grad in zip("qkv", grads, exact_grads):
+        assert max_error(grad, exact_grad) < 1e-5, name
+    visible = lowrank_attention(q, k, v, attn_mask=key_mask, is_causal=True, degree=6)
+    assert max_error(visible[1, :, :6], v[1].cumsum(-2)[:, :6] / torch.arange(1, 7)[:, None]) < 1e-6
+    with pytest.raises(ValueError, match="masked_rows must be one of"):
+        lowrank_attention(q, k, v, is_causal=True, masked_rows="none")

@@ -14,7 +14,8 @@ def long_site(n=10**6, heads=2):
     """A non-causal site on the CPU where low-rank is far cheaper by FLOPs (d = 64)."""
     shape = (1, heads, n, 64)
     return SimpleNamespace(name="softmax", module_path="attn", supported=True, reason="", replacement=None,
-                           is_causal=False, query_shape=shape, key_shape=shape, value_shape=shape, device="cpu")
+                           is_causal=False, query_shape=shape, key_shape=shape, value_shape=shape, device="cpu",
+                           masked_rows="visible")
 
 
 def synthetic_result(crossovers, head_dim=64, degree=2, ns=(1024, 2048, 4096, 8192), method="lowrank"):

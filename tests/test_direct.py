@@ -213,6 +213,7 @@ def site(n, causal=False, device="cpu"):
     return SimpleNamespace(
         name="softmax", module_path="h.0.attn", supported=True, reason="", replacement=None, is_causal=causal,
         query_shape=(2, 4, n, 64), key_shape=(2, 4, n, 64), value_shape=(2, 4, n, 64), device=device,
+        masked_rows="visible",
     )
 
 

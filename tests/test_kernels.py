@@ -305,7 +305,7 @@ def test_the_cost_model_keeps_cpu_sites_that_would_run_the_torch_sweep(monkeypat
     monkeypatch.setenv("LRCOMPILE_KERNELS", "torch")
     site = SimpleNamespace(name="softmax", module_path="h.0", supported=True, reason="", replacement=None,
                            is_causal=False, query_shape=(2, 4, 8192, 64), key_shape=(2, 4, 8192, 64),
-                           value_shape=(2, 4, 8192, 64), device="cpu")
+                           value_shape=(2, 4, 8192, 64), device="cpu", masked_rows="visible")
     decision = decide(site, Policy())
     assert not decision.rewrite and "not calibrated for this machine and kernel path (torch (LRCOMPILE_KERNELS=torch))" \
         in decision.reason
@@ -316,7 +316,7 @@ def _site(device, n=4096, d=64):
 
     return SimpleNamespace(name="softmax", module_path="h.0", supported=True, reason="", replacement=None,
                            is_causal=True, query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d),
-                           device=device)
+                           device=device, masked_rows="visible")
 
 
 @needs_c

@@ -12,6 +12,7 @@ def site(n=4096, d=64, causal=False, path="h.0.attn", supported=True, reason="",
     return SimpleNamespace(
         name="softmax", module_path=path, supported=supported, reason=reason, replacement=None, is_causal=causal,
         query_shape=(2, 4, n, d), key_shape=(2, 4, n, d), value_shape=(2, 4, n, d), device=device,
+        masked_rows="visible",
     )
 
 

@@ -147,6 +147,11 @@ class Decision:
     calibration: str = ""  # which cost-model calibration decided, or why none applies ("" : cost model off)
 
 
+CONTEXT_PARALLEL_MASKED_ROWS = (
+    "the mask's causal part removes keys with a finite fill (transformers' eager masks), so a left-padded row "
+    "averages every key of the sequence; context parallelism averages the keys it sees (use the sdpa spelling)")
+
+
 def decide(site, policy: Policy, measured_range: float | None = None) -> Decision:
     """The decision for one `passes.AttentionSite` under `policy`."""
     path = site.module_path or "<root>"
@@ -200,6 +205,11 @@ def decide(site, policy: Policy, measured_range: float | None = None) -> Decisio
     decision.config = KernelConfig(decision.kernel.implementation, tuple(polynomial.coefficients), int(chunk),
                                    float(policy.max_error), policy.on_inaccurate, site_label(site))
     decision.lowrank_kwargs = dict(config=decision.config, memory_budget=policy.memory_budget)
+    if site.masked_rows != "visible":
+        if policy.context_parallel is not None:
+            decision.rewrite, decision.reason = False, CONTEXT_PARALLEL_MASKED_ROWS
+            return decision
+        decision.lowrank_kwargs["masked_rows"] = site.masked_rows
     if policy.context_parallel is not None:
         decision.context_parallel = resolve_group(policy.context_parallel)
         # the group by name: a string is what an FX graph (and a functional collective) can hold

@@ -47,6 +47,7 @@ def lowrank_attention(
     site_label: str = "lowrank_attention",
     memory_budget: int | None = None,
     config: KernelConfig | None = None,
+    masked_rows: str = "visible",
 ) -> torch.Tensor:
     """Softmax attention with exp replaced by a degree-`degree` polynomial, in O(n r d).
 
@@ -60,7 +61,11 @@ def lowrank_attention(
         vary along the query axis raise ValueError. A row with no key to attend to gives zeros,
         as SDPA does; an additive mask whose rows are so negative that the scores no longer
         change `score + mask` in floating point (finfo.min) gives, as in the eager spelling,
-        the plain average of the values its finite entries keep.
+        the plain average of the values its finite entries keep: with `is_causal`, the keys the
+        row sees (masked_rows="visible", SDPA's -inf above the diagonal), or every key
+        (masked_rows="all": a causal mask with a finite fill too, as transformers' eager masks
+        have, leaves such a row every key at the same score), with softmax's gradient through
+        the rounded-away scores in the second case, as the eager spelling's autograd gives it.
     dropout_p: only 0.0; dropout on the attention weights cannot be factored (ValueError).
     scale: any finite number (zero gives uniform weights); default 1/sqrt(d).
     degree, approximation: the polynomial ("taylor" or "chebyshev", see lrcompile.math.polynomial).
@@ -85,6 +90,8 @@ def lowrank_attention(
     q, k, v = query, key, value
     check_tensors(q, k, v, enable_gqa)
     check_flags(dropout_p, is_causal)
+    if masked_rows not in MASKED_ROWS:
+        raise ValueError(f"masked_rows must be one of {MASKED_ROWS}, got {masked_rows!r}")
     if config is not None:
         check_config_alone(config, degree=degree, approximation=approximation, bound=bound, chunk_size=chunk_size,
                            max_error=max_error, on_inaccurate=on_inaccurate, site_label=site_label)
@@ -130,7 +137,10 @@ def lowrank_attention(
         selector.check(config.implementation, q5.device, compute_dtype, degree, q5.shape[-1], v4.shape[-1])
 
     out, denominator, exact = _factored(config, q5, k4, v4, key_weight, scale, bool(is_causal), log_key_weight)
-    if is_causal and mask3 is not None and mask3.is_floating_point():
+    if is_causal and mask3 is not None and mask3.is_floating_point() and masked_rows == "all":
+        # exact attention (the guard's fallback) averages the visible keys only: these rows, both ways
+        out = _rows_averaging_every_key(out, denominator, q5, k4, v4, torch.isfinite(mask3), scale)
+    elif is_causal and mask3 is not None and mask3.is_floating_point():
         # exact attention already averages such rows; the kernel's denominator says nothing about them
         out = torch.where(exact, out, _rows_without_weight(out, denominator, v4, torch.isfinite(mask3)))
     return layout.restore(out).to(q.dtype)
@@ -295,6 +305,31 @@ def _rows_without_weight(out, denominator, v4, finite):
     return torch.where((denominator == 0).unsqueeze(-1), average.unsqueeze(2), out)
 
 
+def _rows_averaging_every_key(out, denominator, q5, k4, v4, finite, scale):
+    """Causal rows whose visible keys all have weight 0, under a mask whose causal part has the same
+    finite fill (masked_rows="all"): every key j with a finite m_j sits at the same score there, so
+    softmax(x + m) averages all their values, and its gradient is softmax's at those uniform weights,
+    dX_ij = (g_i.v_j - g_i.o_i) / c over the c keys, which reaches q and k through scores the forward
+    rounded away. Formed as  o_i = v_bar + s q_i (K^T V / c) - s (q_i . k_bar) v_bar  minus the same
+    with q and k detached: zero in value, that gradient in the backward, in O(n d d_v) per head.
+
+    out (B, H, G, n_q, d_v), denominator (B, H, G, n_q), q5 (B, H, G, n_q, d), k4 (B, H, n_k, d),
+    v4 (B, H, n_k, d_v), finite (B, H, n_k).
+    """
+    weights = finite.to(v4.dtype).unsqueeze(-1)  # (B, H, n_k, 1)
+    count = weights.sum(-2).clamp_min(1)  # (B, H, 1)
+    v_mean = (weights * v4).sum(-2) / count  # (B, H, d_v)
+
+    def through_scores(q, k):  # s q_i (K^T V / c) - s (q_i . k_bar) v_bar
+        k_v = (weights * k).mT @ v4 / count.unsqueeze(-1)  # (B, H, d, d_v)
+        k_mean = (weights * k).sum(-2) / count  # (B, H, d)
+        along_keys = (q * k_mean[:, :, None, None]).sum(-1, keepdim=True)  # (B, H, G, n_q, 1)
+        return scale * (q @ k_v.unsqueeze(2) - along_keys * v_mean[:, :, None, None])
+
+    average = v_mean[:, :, None, None] + through_scores(q5, k4) - through_scores(q5.detach(), k4.detach())
+    return torch.where((denominator == 0).unsqueeze(-1), average, out)
+
+
 def _empty_attention(q, k, v, attn_mask, layout):
     """SDPA's result when an axis is empty: nothing, or zeros where there are no keys, still
     connected to every input so that gradients (zeros, or empty) come back as SDPA's do."""
@@ -326,6 +361,9 @@ def check_tensors(q, k, v, enable_gqa):
             if t.dim() >= 3 and q.shape[-3] % t.shape[-3]:
                 raise ValueError(
                     f"with enable_gqa, query heads ({q.shape[-3]}) must be a multiple of {name} heads ({t.shape[-3]})")
+
+
+MASKED_ROWS = ("visible", "all")
 
 
 def check_flags(dropout_p, is_causal):
