@@ -556,7 +556,9 @@ class _SiteFinder:
         problems = []
         dropout_p, is_causal, scale = bound["dropout_p"], bound["is_causal"], bound["scale"]
         if isinstance(dropout_p, torch.fx.Node):
-            problems.append(f"dropout_p is computed at run time ({describe(dropout_p)}); supported: 0.0")
+            problems.append(f"dropout_p is computed at run time ({describe(dropout_p)}); supported: 0.0"
+                            + (DYNAMIC_FLOAT_HINT if dropout_p.target in ("item", torch.ops.aten.item.default)
+                               or dropout_p.op == "placeholder" else ""))
         elif dropout_p:
             problems.append(f"dropout_p={dropout_p} drops attention weights; the fused replacement cannot "
                             "(supported: 0.0, e.g. the model in eval mode)")
@@ -642,6 +644,12 @@ class _SiteFinder:
             replacement=replacement,
             masked_rows=mask.masked_rows,
         )
+
+
+# transformers passes dropout=0.0 as a float attribute; with dynamic shapes Dynamo may make such a
+# float a graph input (a tensor read by .item()), so the number is gone from the graph
+DYNAMIC_FLOAT_HINT = ("; with dynamic shapes Dynamo passed a float attribute as a tensor: "
+                      "torch._dynamo.config.specialize_float = True keeps it a number")
 
 
 def _compute_dtype(queries: TensorRecipe, keys: TensorRecipe, values: TensorRecipe, output: torch.fx.Node
