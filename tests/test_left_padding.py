@@ -98,24 +98,25 @@ def test_a_left_padded_training_step_matches_exact_including_the_padding_rows_in
             assert (parameter.grad - exact.grad).abs().max() <= 1e-4 * exact.grad.abs().max() + 1e-9
 
 
-def test_checkpointed_layers_under_dynamic_shapes_say_how_to_keep_dropout_a_number(monkeypatch):
+def test_checkpointed_layers_under_dynamic_shapes_say_how_to_keep_dropout_a_number():
     """With dynamic=True and activation checkpointing, Dynamo passes Llama's dropout (0.0) into each
     layer as a tensor read by .item(): the site cannot see a 0 and is kept, naming the Dynamo setting
-    that keeps the float a number; with it, both sites are rewritten."""
+    that keeps the float a number; with it, both sites are rewritten. (torch's config.patch, not
+    monkeypatch: undoing an attribute a config module does not hold in its __dict__ deletes it.)"""
     from lrcompile.compile.backend import compile_graph
 
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     ids, attention_mask = left_padded_batch()
     policy = lrcompile.Policy(degree=4, cost_model=False)
     for specialize in (False, True):
-        monkeypatch.setattr(torch._dynamo.config, "specialize_float", specialize)
         model = llama("sdpa").train()
         model.gradient_checkpointing_enable()
         decisions = []
         torch._dynamo.reset()
         compiled = torch.compile(model, dynamic=True, backend=lambda gm, example_inputs: compile_graph(
             gm, example_inputs, policy, on_rewrite=lambda result: decisions.extend(result.decisions)))
-        compiled(input_ids=ids, attention_mask=attention_mask, labels=ids)
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True,
+                                        specialize_float=specialize):
+            compiled(input_ids=ids, attention_mask=attention_mask, labels=ids)
         assert len(decisions) >= 2
         if specialize:
             assert all(decision.rewrite for _, decision in decisions)
