@@ -173,7 +173,7 @@ def test_warn_returns_the_low_rank_result_and_warns_once_per_site():
 
 def test_error_raises_naming_the_site_the_estimate_and_the_field():
     q, k, v = attention_inputs(1, 2, 40, 40, 8, score_range=8.0, requires_grad=False)
-    with pytest.raises(lrcompile.InaccurateAttentionError, match=r"site h\.0\.attn:sdpa .*error of \d+\.\d+ .*max_error=0\.01"):
+    with pytest.raises(lrcompile.InaccurateAttentionError, match=r"site h\.0\.attn:sdpa .*error of [\d.e+-]+ .*max_error=0\.01"):
         lowrank_attention(q, k, v, on_inaccurate="error", site_label="h.0.attn:sdpa")
 
 
